@@ -1,0 +1,15 @@
+"""hf_distill: knowledge distillation for Hugging Face transformers."""
+
+from .args import DistillationTrainingArguments, Seq2SeqDistillationTrainingArguments
+from .student import create_student
+from .trainer import DistillationTrainer, Seq2SeqDistillationTrainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DistillationTrainer",
+    "DistillationTrainingArguments",
+    "Seq2SeqDistillationTrainer",
+    "Seq2SeqDistillationTrainingArguments",
+    "create_student",
+]

@@ -1,0 +1,114 @@
+"""Training arguments for distillation: every `TrainingArguments` field plus the distillation knobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import Seq2SeqTrainingArguments, TrainingArguments
+
+KD_LOSSES = ("forward_kl", "reverse_kl", "jsd", "mse")
+HIDDEN_LOSSES = ("mse", "cosine")
+TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class DistillationTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with the settings of knowledge distillation.
+
+    The training objective is
+    `(1 - alpha) * task_loss + alpha * kd_loss + hidden_weight * hidden_loss + attention_weight * attention_loss`;
+    a batch without labels trains on the distillation terms alone.
+    """
+
+    temperature: float = field(
+        default=2.0,
+        metadata={"help": "Softmax temperature applied to teacher and student logits for the KD term (> 0)."},
+    )
+    alpha: float = field(
+        default=0.5,
+        metadata={"help": "Weight of the soft KD term in [0, 1]; the hard-label task loss gets 1 - alpha."},
+    )
+    kd_loss: str = field(
+        default="forward_kl",
+        metadata={"help": f"Divergence between teacher and student outputs, one of {KD_LOSSES}."},
+    )
+    jsd_beta: float = field(
+        default=0.5,
+        metadata={"help": "Interpolation beta of the generalised Jensen-Shannon divergence (kd_loss=jsd), in [0, 1]."},
+    )
+    kd_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "Compute the KD loss over this many positions at a time to bound memory (same result)."},
+    )
+    fused_kd_loss: bool = field(
+        default=False,
+        metadata={
+            "help": "Causal LMs: compute student and teacher logits chunk by chunk inside the KD loss so the full "
+            "(batch, seq, vocab) logits are never formed."
+        },
+    )
+    hidden_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the hidden-state matching loss (0 turns it off)."}
+    )
+    hidden_loss: str = field(
+        default="mse", metadata={"help": f"Distance used for hidden-state matching, one of {HIDDEN_LOSSES}."}
+    )
+    layer_map: str = field(
+        default="uniform",
+        metadata={
+            "help": "Which student layer matches which teacher layer: 'uniform' or explicit pairs "
+            "'student:teacher,...' where 0 is the embedding output and k the output of layer k. For "
+            "encoder-decoder models this is the encoder's map."
+        },
+    )
+    decoder_layer_map: str = field(
+        default="uniform",
+        metadata={"help": "Encoder-decoder models: the layer map of the decoder, in the format of layer_map."},
+    )
+    attention_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of attention-map matching (0 turns it off). Needs equal head counts and eager attention."
+        },
+    )
+    teacher_dtype: str = field(
+        default="auto",
+        metadata={"help": f"dtype the teacher runs in, one of {TEACHER_DTYPES}; 'auto' keeps the loaded dtype."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}; a typical value is 1.0 to 4.0.")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(
+                f"alpha must be in [0, 1] (weight of the KD term; the task loss gets 1 - alpha), got {self.alpha}."
+            )
+        if self.kd_loss not in KD_LOSSES:
+            raise ValueError(f"kd_loss must be one of {KD_LOSSES}, got {self.kd_loss!r}.")
+        if not 0.0 <= self.jsd_beta <= 1.0:
+            raise ValueError(f"jsd_beta must be in [0, 1], got {self.jsd_beta}.")
+        if self.kd_chunk_size is not None and self.kd_chunk_size < 1:
+            raise ValueError(f"kd_chunk_size must be a positive number of positions, got {self.kd_chunk_size}.")
+        if self.hidden_weight < 0:
+            raise ValueError(f"hidden_weight must be >= 0 (0 turns hidden matching off), got {self.hidden_weight}.")
+        if self.attention_weight < 0:
+            raise ValueError(
+                f"attention_weight must be >= 0 (0 turns attention matching off), got {self.attention_weight}."
+            )
+        if self.hidden_loss not in HIDDEN_LOSSES:
+            raise ValueError(f"hidden_loss must be one of {HIDDEN_LOSSES}, got {self.hidden_loss!r}.")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}.")
+        # Parsed here so that a malformed map fails before any model is loaded; ranges are checked by the
+        # trainer once the layer counts are known.
+        from .matching import parse_layer_map
+
+        parse_layer_map(self.layer_map)
+        parse_layer_map(self.decoder_layer_map)
+
+
+@dataclass
+class Seq2SeqDistillationTrainingArguments(DistillationTrainingArguments, Seq2SeqTrainingArguments):
+    """Distillation arguments with the generation settings of `Seq2SeqTrainingArguments`
+    (`predict_with_generate`, `generation_max_length`, `generation_num_beams`)."""

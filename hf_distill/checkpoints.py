@@ -1,0 +1,40 @@
+"""Which checkpoints can be resumed from.
+
+`Trainer` writes a checkpoint file by file, so a run killed while saving leaves a `checkpoint-N` folder that
+looks like the newest one but is missing pieces. `trainer_state.json` is written after the weights, optimizer,
+scheduler and RNG states, so a checkpoint whose state file parses is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+TRAINER_STATE = "trainer_state.json"
+_CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+def is_complete_checkpoint(path: str) -> bool:
+    state_file = os.path.join(path, TRAINER_STATE)
+    try:
+        with open(state_file, encoding="utf-8") as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The complete checkpoint with the highest step in `output_dir`, or None."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = []
+    for name in os.listdir(output_dir):
+        match = _CHECKPOINT.match(name)
+        path = os.path.join(output_dir, name)
+        if match and os.path.isdir(path) and is_complete_checkpoint(path):
+            steps.append((int(match.group(1)), path))
+    return max(steps)[1] if steps else None

@@ -1,0 +1,135 @@
+"""The model card of a distilled student: what it was distilled from, how, and what it kept."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import torch
+import transformers
+
+from .teacher import unwrap_model
+
+DISTILLATION_SETTINGS = (
+    "temperature",
+    "alpha",
+    "kd_loss",
+    "jsd_beta",
+    "hidden_weight",
+    "hidden_loss",
+    "layer_map",
+    "decoder_layer_map",
+    "attention_weight",
+    "teacher_dtype",
+)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """All parameters, counting ZeRO-3 partitioned ones at their full size."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in unwrap_model(model).parameters())
+
+
+def model_name_or_path(model: torch.nn.Module) -> str:
+    config = getattr(unwrap_model(model), "config", None)
+    return getattr(config, "_name_or_path", "") or type(unwrap_model(model)).__name__
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write through a temporary file in the same folder and rename it, so a reader never sees half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def build_model_card(trainer: Any, model_name: str | None = None, tags: list[str] | str | None = None, **_: Any) -> str:
+    """Markdown with Hub metadata for `trainer.model`, distilled from `trainer.teacher_model`."""
+    args = trainer.args
+    student, teacher = unwrap_model(trainer.model), unwrap_model(trainer.teacher_model)
+    teacher_name = model_name_or_path(teacher)
+    model_name = model_name or (args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
+    student_params, teacher_params = count_parameters(student), count_parameters(teacher)
+
+    all_tags = ["hf-distill", "distillation", "knowledge-distillation"]
+    for tag in [tags] if isinstance(tags, str) else tags or []:
+        if tag not in all_tags:
+            all_tags.append(tag)
+    front_matter = ["---", "library_name: transformers"]
+    if teacher_name and not os.path.isabs(teacher_name):
+        front_matter.append(f"base_model: {teacher_name}")
+    front_matter += ["tags:"] + [f"- {tag}" for tag in all_tags] + ["---", ""]
+
+    lines = [
+        f"# {model_name}",
+        "",
+        f"This model was distilled from **{teacher_name}** with [hf_distill](https://pypi.org/project/hf-distill/): "
+        f"it has {_millions(student_params)} parameters, {student_params / max(teacher_params, 1):.1%} of the "
+        f"teacher's {_millions(teacher_params)}.",
+        "",
+        "## Teacher and student",
+        "",
+        "| | Teacher | Student |",
+        "|---|---|---|",
+        f"| Model | {teacher_name} | {model_name} |",
+        f"| Architecture | {type(teacher).__name__} | {type(student).__name__} |",
+        f"| Parameters | {teacher_params:,} | {student_params:,} |",
+    ]
+    for label, attribute in (("Layers", "num_hidden_layers"), ("Hidden size", "hidden_size")):
+        teacher_value = getattr(teacher.config, attribute, None)
+        student_value = getattr(student.config, attribute, None)
+        if teacher_value is not None and student_value is not None:
+            lines.append(f"| {label} | {teacher_value} | {student_value} |")
+    lines += ["", "## Distillation settings", "", "| Setting | Value |", "|---|---|"]
+    lines += [f"| {name} | {getattr(args, name)} |" for name in DISTILLATION_SETTINGS if hasattr(args, name)]
+
+    metrics = _last_eval_metrics(trainer)
+    if metrics:
+        lines += ["", "## Evaluation of the student", "", "| Metric | Value |", "|---|---|"]
+        lines += [f"| {name} | {_format(value)} |" for name, value in sorted(metrics.items())]
+    report = getattr(trainer, "distillation_report", None)
+    if report:
+        from .report import report_to_markdown
+
+        lines += ["", "## Student against teacher", "", report_to_markdown(report)]
+    lines += [
+        "",
+        "## Training",
+        "",
+        f"- learning rate {args.learning_rate}, per-device batch {args.per_device_train_batch_size}, "
+        f"gradient accumulation {args.gradient_accumulation_steps}, seed {args.seed}",
+        f"- steps {trainer.state.global_step}, epochs {_format(trainer.state.epoch or 0)}, "
+        f"bf16 {args.bf16}, fp16 {args.fp16}",
+        f"- transformers {transformers.__version__}, torch {torch.__version__}",
+        "",
+    ]
+    return "\n".join(front_matter + lines)
+
+
+def write_model_card(trainer: Any, output_dir: str, *args: Any, **kwargs: Any) -> str:
+    path = os.path.join(output_dir, "README.md")
+    write_atomic(path, build_model_card(trainer, *args, **kwargs))
+    return path
+
+
+def _last_eval_metrics(trainer: Any) -> dict[str, float]:
+    for entry in reversed(trainer.state.log_history):
+        metrics = {k: v for k, v in entry.items() if k.startswith("eval_") and isinstance(v, (int, float))}
+        if metrics:
+            return {k: v for k, v in metrics.items() if not k.endswith(("_runtime", "_per_second"))}
+    return {}
+
+
+def _millions(count: int) -> str:
+    return f"{count / 1e6:.1f}M" if count >= 1e5 else f"{count:,}"
+
+
+def _format(value: float) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
