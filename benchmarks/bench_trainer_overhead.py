@@ -18,7 +18,12 @@ import time
 
 import torch
 import torch.nn.functional as F
-from transformers import BertConfig, BertForSequenceClassification, TrainerCallback, get_linear_schedule_with_warmup
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    TrainerCallback,
+    get_linear_schedule_with_warmup,
+)
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments
 from hf_distill.losses import logit_distillation_loss
@@ -29,7 +34,11 @@ WARMUP = 3
 def build_models(seed: int = 0):
     torch.manual_seed(seed)
     common = dict(
-        vocab_size=4000, hidden_size=256, num_attention_heads=4, intermediate_size=1024, max_position_embeddings=256
+        vocab_size=4000,
+        hidden_size=256,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        max_position_embeddings=256,
     )
     teacher = BertForSequenceClassification(BertConfig(num_hidden_layers=4, **common)).eval()
     student = BertForSequenceClassification(BertConfig(num_hidden_layers=2, **common))
@@ -125,7 +134,9 @@ def main() -> None:
             run_trainer(student, teacher, rows, options.steps, options.batch_size, 0.5, 2.0)
         )
         student, teacher = build_models(seed=round_index)
-        loop_time = statistics.median(run_loop(student, teacher, rows, options.steps, options.batch_size, 0.5, 2.0))
+        loop_time = statistics.median(
+            run_loop(student, teacher, rows, options.steps, options.batch_size, 0.5, 2.0)
+        )
         trainer_medians.append(trainer_time)
         loop_medians.append(loop_time)
         print(f"{round_index:>5} {trainer_time:>15.4f} {loop_time:>12.4f} {trainer_time / loop_time:>7.3f}")

@@ -34,11 +34,15 @@ class DistillationTrainingArguments(TrainingArguments):
     )
     jsd_beta: float = field(
         default=0.5,
-        metadata={"help": "Interpolation beta of the generalised Jensen-Shannon divergence (kd_loss=jsd), in [0, 1]."},
+        metadata={
+            "help": "Interpolation beta of the generalised Jensen-Shannon divergence (kd_loss=jsd), in [0, 1]."
+        },
     )
     kd_chunk_size: int | None = field(
         default=None,
-        metadata={"help": "Compute the KD loss over this many positions at a time to bound memory (same result)."},
+        metadata={
+            "help": "Compute the KD loss over this many positions at a time to bound memory (same result)."
+        },
     )
     fused_kd_loss: bool = field(
         default=False,
@@ -63,7 +67,9 @@ class DistillationTrainingArguments(TrainingArguments):
     )
     decoder_layer_map: str = field(
         default="uniform",
-        metadata={"help": "Encoder-decoder models: the layer map of the decoder, in the format of layer_map."},
+        metadata={
+            "help": "Encoder-decoder models: the layer map of the decoder, in the format of layer_map."
+        },
     )
     attention_weight: float = field(
         default=0.0,
@@ -71,15 +77,40 @@ class DistillationTrainingArguments(TrainingArguments):
             "help": "Weight of attention-map matching (0 turns it off). Needs equal head counts and eager attention."
         },
     )
+    teacher_logits_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "Directory of cached teacher top-k log-probabilities (scripts/cache_teacher_logits.py). Training "
+            "then needs no teacher in memory; batches carry teacher_topk_logprobs/teacher_topk_indices."
+        },
+    )
+    lmbda: float = field(
+        default=0.0,
+        metadata={
+            "help": "On-policy distillation (GKD): the fraction of optimizer steps whose completions are sampled "
+            "from the student and scored by the teacher. Needs prompt/completion data."
+        },
+    )
+    on_policy_max_new_tokens: int = field(
+        default=64,
+        metadata={"help": "Tokens the student samples per prompt for on-policy steps (lmbda > 0)."},
+    )
+    on_policy_temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature of the student for on-policy steps (lmbda > 0)."}
+    )
     teacher_dtype: str = field(
         default="auto",
-        metadata={"help": f"dtype the teacher runs in, one of {TEACHER_DTYPES}; 'auto' keeps the loaded dtype."},
+        metadata={
+            "help": f"dtype the teacher runs in, one of {TEACHER_DTYPES}; 'auto' keeps the loaded dtype."
+        },
     )
 
     def __post_init__(self):
         super().__post_init__()
         if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}; a typical value is 1.0 to 4.0.")
+            raise ValueError(
+                f"temperature must be > 0, got {self.temperature}; a typical value is 1.0 to 4.0."
+            )
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(
                 f"alpha must be in [0, 1] (weight of the KD term; the task loss gets 1 - alpha), got {self.alpha}."
@@ -89,15 +120,36 @@ class DistillationTrainingArguments(TrainingArguments):
         if not 0.0 <= self.jsd_beta <= 1.0:
             raise ValueError(f"jsd_beta must be in [0, 1], got {self.jsd_beta}.")
         if self.kd_chunk_size is not None and self.kd_chunk_size < 1:
-            raise ValueError(f"kd_chunk_size must be a positive number of positions, got {self.kd_chunk_size}.")
+            raise ValueError(
+                f"kd_chunk_size must be a positive number of positions, got {self.kd_chunk_size}."
+            )
         if self.hidden_weight < 0:
-            raise ValueError(f"hidden_weight must be >= 0 (0 turns hidden matching off), got {self.hidden_weight}.")
+            raise ValueError(
+                f"hidden_weight must be >= 0 (0 turns hidden matching off), got {self.hidden_weight}."
+            )
         if self.attention_weight < 0:
             raise ValueError(
                 f"attention_weight must be >= 0 (0 turns attention matching off), got {self.attention_weight}."
             )
         if self.hidden_loss not in HIDDEN_LOSSES:
             raise ValueError(f"hidden_loss must be one of {HIDDEN_LOSSES}, got {self.hidden_loss!r}.")
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise ValueError(
+                f"lmbda is the fraction of on-policy steps and must be in [0, 1], got {self.lmbda}."
+            )
+        if self.on_policy_max_new_tokens < 1 or not self.on_policy_temperature > 0:
+            raise ValueError(
+                "on_policy_max_new_tokens must be >= 1 and on_policy_temperature > 0, got "
+                f"{self.on_policy_max_new_tokens} and {self.on_policy_temperature}."
+            )
+        if self.teacher_logits_cache is not None and (
+            self.hidden_weight > 0 or self.attention_weight > 0 or self.lmbda > 0
+        ):
+            raise ValueError(
+                "teacher_logits_cache holds only the teacher's top-k output probabilities, so hidden/attention "
+                "matching and on-policy steps (lmbda), which need the teacher itself, cannot use it; drop "
+                "--teacher_logits_cache or set hidden_weight, attention_weight and lmbda to 0."
+            )
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}.")
         # Parsed here so that a malformed map fails before any model is loaded; ranges are checked by the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from typing import Any
@@ -50,13 +51,17 @@ def write_atomic(path: str, text: str) -> None:
         raise
 
 
-def build_model_card(trainer: Any, model_name: str | None = None, tags: list[str] | str | None = None, **_: Any) -> str:
+def build_model_card(
+    trainer: Any, model_name: str | None = None, tags: list[str] | str | None = None, **_: Any
+) -> str:
     """Markdown with Hub metadata for `trainer.model`, distilled from `trainer.teacher_model`."""
     args = trainer.args
-    student, teacher = unwrap_model(trainer.model), unwrap_model(trainer.teacher_model)
-    teacher_name = model_name_or_path(teacher)
+    student = unwrap_model(trainer.model)
+    teacher = unwrap_model(trainer.teacher_model) if trainer.teacher_model is not None else None
+    teacher_name = model_name_or_path(teacher) if teacher is not None else _cached_teacher_name(args)
     model_name = model_name or (args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
-    student_params, teacher_params = count_parameters(student), count_parameters(teacher)
+    student_params = count_parameters(student)
+    teacher_params = count_parameters(teacher) if teacher is not None else None
 
     all_tags = ["hf-distill", "distillation", "knowledge-distillation"]
     for tag in [tags] if isinstance(tags, str) else tags or []:
@@ -67,23 +72,26 @@ def build_model_card(trainer: Any, model_name: str | None = None, tags: list[str
         front_matter.append(f"base_model: {teacher_name}")
     front_matter += ["tags:"] + [f"- {tag}" for tag in all_tags] + ["---", ""]
 
+    size = f"it has {_millions(student_params)} parameters"
+    if teacher_params:
+        size += f", {student_params / teacher_params:.1%} of the teacher's {_millions(teacher_params)}"
     lines = [
         f"# {model_name}",
         "",
         f"This model was distilled from **{teacher_name}** with [hf_distill](https://pypi.org/project/hf-distill/): "
-        f"it has {_millions(student_params)} parameters, {student_params / max(teacher_params, 1):.1%} of the "
-        f"teacher's {_millions(teacher_params)}.",
+        f"{size}.",
         "",
         "## Teacher and student",
         "",
         "| | Teacher | Student |",
         "|---|---|---|",
         f"| Model | {teacher_name} | {model_name} |",
-        f"| Architecture | {type(teacher).__name__} | {type(student).__name__} |",
-        f"| Parameters | {teacher_params:,} | {student_params:,} |",
+        f"| Architecture | {type(teacher).__name__ if teacher is not None else 'cached top-k logits'} "
+        f"| {type(student).__name__} |",
+        f"| Parameters | {f'{teacher_params:,}' if teacher_params else 'unknown'} | {student_params:,} |",
     ]
     for label, attribute in (("Layers", "num_hidden_layers"), ("Hidden size", "hidden_size")):
-        teacher_value = getattr(teacher.config, attribute, None)
+        teacher_value = getattr(teacher.config, attribute, None) if teacher is not None else None
         student_value = getattr(student.config, attribute, None)
         if teacher_value is not None and student_value is not None:
             lines.append(f"| {label} | {teacher_value} | {student_value} |")
@@ -117,6 +125,16 @@ def write_model_card(trainer: Any, output_dir: str, *args: Any, **kwargs: Any) -
     path = os.path.join(output_dir, "README.md")
     write_atomic(path, build_model_card(trainer, *args, **kwargs))
     return path
+
+
+def _cached_teacher_name(args: Any) -> str:
+    """The teacher named in the manifest of a teacher-logits cache."""
+    try:
+        with open(os.path.join(args.teacher_logits_cache, "manifest.json"), encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError, TypeError):
+        return "a cached teacher"
+    return str(manifest.get("teacher") or manifest.get("teacher_name_or_path") or "a cached teacher")
 
 
 def _last_eval_metrics(trainer: Any) -> dict[str, float]:

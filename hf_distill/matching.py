@@ -35,7 +35,9 @@ def parse_layer_map(spec: str | LayerMap) -> str | LayerMap:
         pairs.append((int(match.group(1)), int(match.group(2))))
     students = [s for s, _ in pairs]
     if len(set(students)) != len(students):
-        raise ValueError(f"layer map {spec!r} maps a student layer twice; give each student layer one teacher layer.")
+        raise ValueError(
+            f"layer map {spec!r} maps a student layer twice; give each student layer one teacher layer."
+        )
     return pairs
 
 
@@ -46,7 +48,9 @@ def resolve_layer_map(spec: str | LayerMap, num_student_layers: int, num_teacher
     """
     parsed = parse_layer_map(spec)
     if parsed == "uniform":
-        return [(i, round(i * num_teacher_layers / num_student_layers)) for i in range(1, num_student_layers + 1)]
+        return [
+            (i, round(i * num_teacher_layers / num_student_layers)) for i in range(1, num_student_layers + 1)
+        ]
     for student_layer, teacher_layer in parsed:
         if not 0 <= student_layer <= num_student_layers:
             raise ValueError(

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
@@ -104,8 +105,44 @@ def hard_label_loss(
         total = F.mse_loss(predictions, labels.to(predictions.dtype).view_as(predictions), reduction="sum")
         return total, torch.tensor(labels.shape[0], device=logits.device)
     if kind == SEQUENCE and problem_type == "multi_label_classification":
-        per_example = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none").mean(-1)
+        per_example = F.binary_cross_entropy_with_logits(
+            logits, labels.to(logits.dtype), reduction="none"
+        ).mean(-1)
         return per_example.sum(), torch.tensor(labels.shape[0], device=logits.device)
     flat_labels = labels.reshape(-1)
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), flat_labels, ignore_index=-100, reduction="sum")
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), flat_labels, ignore_index=-100, reduction="sum"
+    )
     return total, flat_labels.ne(-100).sum()
+
+
+def linear_cross_entropy_sum(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of `hidden @ weight.T + bias` against `labels` without forming all the logits at once.
+
+    hidden: (..., H); weight: (V, H); labels: (...), -100 ignored. Each chunk of positions is recomputed in the
+    backward pass (activation checkpointing), so at most one (chunk_size, V) block of logits is alive.
+    Returns (sum over label positions in float32, number of label positions).
+    """
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = labels.reshape(-1)
+    keep = flat_labels.ne(-100)
+    flat_hidden, flat_labels = flat_hidden[keep], flat_labels[keep]
+    total = hidden.new_zeros((), dtype=torch.float32) + 0.0 * hidden.sum()
+
+    def chunk_loss(chunk_hidden, chunk_labels, weight, bias):
+        logits = F.linear(chunk_hidden, weight, bias).float()
+        return F.cross_entropy(logits, chunk_labels, reduction="sum")
+
+    for start in range(0, flat_hidden.shape[0], chunk_size):
+        end = start + chunk_size
+        total = total + torch.utils.checkpoint.checkpoint(
+            chunk_loss, flat_hidden[start:end], flat_labels[start:end], weight, bias, use_reentrant=False
+        )
+    return total, keep.sum()

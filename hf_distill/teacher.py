@@ -36,7 +36,9 @@ def freeze(teacher: nn.Module, dtype: str = "auto") -> nn.Module:
     return teacher
 
 
-def prepare_teacher(teacher: nn.Module, accelerator: Any, device: torch.device, dtype: str = "auto") -> nn.Module:
+def prepare_teacher(
+    teacher: nn.Module, accelerator: Any, device: torch.device, dtype: str = "auto"
+) -> nn.Module:
     """Freeze the teacher and make it ready for inference next to the student.
 
     - DeepSpeed: wrapped in an inference-only engine that uses the run's ZeRO stage when it is 3 (so its
@@ -131,7 +133,9 @@ def shared_vocab_size(teacher_vocab: int, student_vocab: int, tokenizer_size: in
             f"does not cover the tokenizer's {tokenizer_size} tokens: the models use different tokenizers. Logit "
             "distillation needs a teacher and student that share one tokenizer."
         )
-    logger.info(f"Comparing the first {shared} vocabulary logits (teacher {teacher_vocab}, student {student_vocab}).")
+    logger.info(
+        f"Comparing the first {shared} vocabulary logits (teacher {teacher_vocab}, student {student_vocab})."
+    )
     return shared
 
 

@@ -7,6 +7,7 @@ The trainer orchestrates; the pieces live elsewhere: losses in `losses.py`, the 
 from __future__ import annotations
 
 import os
+import random
 from typing import Any
 
 import torch
@@ -18,9 +19,18 @@ from transformers.utils import logging
 from . import hub
 from .args import DistillationTrainingArguments
 from .checkpoints import is_complete_checkpoint, last_complete_checkpoint
-from .losses import logit_distillation_loss
+from .losses import fused_linear_distillation_loss, logit_distillation_loss, sparse_distillation_loss
 from .matching import HiddenProjections, attention_matching_loss, resolve_layer_map
-from .task_loss import SEQ2SEQ, SEQUENCE, align_positions, hard_label_loss, infer_task, resolve_kind
+from .task_loss import (
+    CAUSAL_LM,
+    SEQ2SEQ,
+    SEQUENCE,
+    align_positions,
+    hard_label_loss,
+    infer_task,
+    linear_cross_entropy_sum,
+    resolve_kind,
+)
 from .teacher import (
     check_same_tokenizer,
     forward_inputs,
@@ -34,6 +44,8 @@ logger = logging.get_logger(__name__)
 
 PROJECTIONS_NAME = "distill_projections.safetensors"
 LOSS_COMPONENTS = ("ce_loss", "kd_loss", "hidden_loss", "attention_loss")
+# Columns that carry a cached teacher (scripts/cache_teacher_logits.py) instead of a teacher model.
+CACHE_COLUMNS = ("teacher_topk_logprobs", "teacher_topk_indices")
 
 
 class DistillationTrainer(Trainer):
@@ -61,14 +73,17 @@ class DistillationTrainer(Trainer):
         teacher_processing_class: Any = None,
         **trainer_kwargs: Any,
     ):
-        if teacher_model is None:
-            raise ValueError("DistillationTrainer needs a teacher: pass teacher_model=<a frozen or trained model>.")
         if args is None:
             args = DistillationTrainingArguments(output_dir="trainer_output")
         if not isinstance(args, DistillationTrainingArguments):
             raise TypeError(
                 f"args must be DistillationTrainingArguments, got {type(args).__name__}; build it with the same "
                 "fields plus the distillation ones (temperature, alpha, kd_loss, ...)."
+            )
+        if teacher_model is None and args.teacher_logits_cache is None:
+            raise ValueError(
+                "DistillationTrainer needs a teacher: pass teacher_model=<a trained model>, or set "
+                "teacher_logits_cache to a cache written by scripts/cache_teacher_logits.py."
             )
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         # Every term is normalised in `compute_loss` (see `_normalise`), so the Trainer must count the label
@@ -77,28 +92,66 @@ class DistillationTrainer(Trainer):
         self.loss_is_scaled_for_ga = True
 
         student = unwrap_model(self.model)
-        teacher = unwrap_model(teacher_model)
         self._task = infer_task(student)
-        self._label_order = self._check_label_spaces(student, teacher)
-        self._vocab_size = self._check_vocabularies(student, teacher, teacher_processing_class)
-        self._layer_maps = self._check_matching(student, teacher)
-        self.hidden_projections = self._build_projections(student, teacher)
+        self._fused = self._check_fused(student)
+        self._label_order = None
+        self._vocab_size = None
+        self._layer_maps: dict[str, list[tuple[int, int]]] = {}
+        self.hidden_projections = nn.ModuleDict()
+        self.teacher_model = None
+        if teacher_model is not None:
+            teacher = unwrap_model(teacher_model)
+            self._label_order = self._check_label_spaces(student, teacher)
+            self._vocab_size = self._check_vocabularies(student, teacher, teacher_processing_class)
+            self._layer_maps = self._check_matching(student, teacher)
+            self.hidden_projections = self._build_projections(student, teacher)
+            self.teacher_model = prepare_teacher(
+                teacher_model, self.accelerator, self.args.device, args.teacher_dtype
+            )
         self._projection_runners = self._wrap_projections_for_ddp()
         if any(True for _ in self.hidden_projections.parameters()):
             self.add_callback(_ZeroProjectionGradients(self.hidden_projections))
-
-        self.teacher_model = prepare_teacher(teacher_model, self.accelerator, self.args.device, args.teacher_dtype)
         self._logged_sums: dict[str, torch.Tensor] = {}
         self.distillation_report: dict | None = None
 
     # ---- construction-time checks ------------------------------------------------------------------------
+
+    def _check_fused(self, student: nn.Module) -> bool:
+        if not self.args.fused_kd_loss:
+            return False
+        if self._task.kind != CAUSAL_LM:
+            raise ValueError(
+                f"fused_kd_loss computes logits from the last hidden state and the LM head, which only causal LMs "
+                f"have; {type(student).__name__} is not one. Use kd_chunk_size to bound the KD loss's memory instead."
+            )
+        config = student.config.get_text_config()
+        for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+            if getattr(config, name, None) not in (None, 1.0):
+                raise ValueError(
+                    f"{type(student).__name__} transforms its logits after the LM head ({name}={getattr(config, name)}), "
+                    "which the fused loss does not reproduce; drop fused_kd_loss (kd_chunk_size bounds memory too)."
+                )
+        if self.args.teacher_logits_cache is not None:
+            raise ValueError(
+                "fused_kd_loss needs the teacher's hidden states; it cannot run from teacher_logits_cache."
+            )
+        return True
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # Keep the cached-teacher columns through `remove_unused_columns`: the student does not take them.
+        super()._set_signature_columns_if_needed()
+        for column in CACHE_COLUMNS:
+            if column not in self._signature_columns:
+                self._signature_columns.append(column)
 
     def _check_label_spaces(self, student: nn.Module, teacher: nn.Module) -> torch.Tensor | None:
         if self._task.kind != SEQUENCE:
             return None
         return label_permutation(teacher.config, student.config)
 
-    def _check_vocabularies(self, student: nn.Module, teacher: nn.Module, teacher_tokenizer: Any) -> int | None:
+    def _check_vocabularies(
+        self, student: nn.Module, teacher: nn.Module, teacher_tokenizer: Any
+    ) -> int | None:
         if self._task.kind == SEQUENCE or getattr(student, "config", None) is None:
             return None
         check_same_tokenizer(self.processing_class, teacher_tokenizer)
@@ -142,7 +195,9 @@ class DistillationTrainer(Trainer):
         for role, model in (("student", student), ("teacher", teacher)):
             implementation = getattr(model.config, "_attn_implementation", "eager")
             if implementation != "eager":
-                logger.warning(f"attention matching needs attention probabilities: switching the {role} to eager attention.")
+                logger.warning(
+                    f"attention matching needs attention probabilities: switching the {role} to eager attention."
+                )
                 try:
                     model.set_attn_implementation("eager")
                 except Exception as error:  # noqa: BLE001 - any failure means the model cannot output attentions
@@ -167,13 +222,19 @@ class DistillationTrainer(Trainer):
                     "needs learned projections, and those are not supported under DeepSpeed yet; use a student of the "
                     "teacher's width (create_student) or set hidden_weight=0."
                 )
-            logger.info(f"Learning projections from width {student_width} to {teacher_width} for hidden matching.")
+            logger.info(
+                f"Learning projections from width {student_width} to {teacher_width} for hidden matching."
+            )
         return projections
 
     def _wrap_projections_for_ddp(self) -> dict[str, nn.Module]:
         """Projections train outside the student, so under DDP they need their own gradient all-reduce."""
         runners: dict[str, nn.Module] = dict(self.hidden_projections.items())
-        if self.args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if (
+            self.args.world_size > 1
+            and torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+        ):
             for stack, module in self.hidden_projections.items():
                 if any(True for _ in module.parameters()):
                     device_ids = [self.args.device.index] if self.args.device.type == "cuda" else None
@@ -215,48 +276,70 @@ class DistillationTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
-        labels = inputs.get("labels")
-        student_inputs = self._model_inputs(model, inputs)
-        training = model.training
         args = self.args
-        need_teacher = training and (args.alpha > 0 or labels is None or args.hidden_weight > 0 or args.attention_weight > 0)
+        if not model.training:
+            return self._evaluation_loss(model, inputs, return_outputs)
+        if self._on_policy_step():
+            inputs = self._on_policy_batch(model, inputs)
+            num_items_in_batch = None  # the sampled completions have their own token count
+
+        labels = inputs.get("labels")
+        cached = {key: inputs[key] for key in CACHE_COLUMNS if key in inputs}
+        student_inputs = self._model_inputs(model, inputs)
+        fused = self._fused
         extra = {}
-        if training and args.hidden_weight > 0:
+        if args.hidden_weight > 0 or fused:
             extra["output_hidden_states"] = True
-        if training and args.attention_weight > 0:
+        if args.attention_weight > 0:
             extra["output_attentions"] = True
+        if fused:
+            extra["logits_to_keep"] = 1  # logits are formed chunk by chunk inside the loss instead
 
         outputs = model(**student_inputs, **extra)
         kind = resolve_kind(self._task, outputs.logits)
-        logits, position_labels, mask = align_positions(
-            kind, outputs.logits, labels, inputs.get("decoder_attention_mask", inputs.get("attention_mask"))
+        position_source = outputs.hidden_states[-1] if fused else outputs.logits
+        positions, position_labels, mask = align_positions(
+            kind, position_source, labels, inputs.get("decoder_attention_mask", inputs.get("attention_mask"))
         )
         token_level = kind != SEQUENCE
+        uses_teacher = (
+            cached or args.alpha > 0 or labels is None or args.hidden_weight > 0 or args.attention_weight > 0
+        )
 
         components: dict[str, torch.Tensor] = {}
         weights: dict[str, float] = {}
-        if not training:
-            # Evaluation reports the student's own task loss (eval_loss, perplexity); KD is a training objective.
-            loss = outputs.logits.new_zeros((), dtype=torch.float32)
-            if labels is not None:
-                ce_sum, ce_count = hard_label_loss(kind, self._task.problem_type, logits, position_labels)
-                loss = ce_sum / ce_count.clamp(min=1)
-            return (loss, outputs) if return_outputs else loss
-
         if labels is not None:
-            ce_sum, ce_count = hard_label_loss(kind, self._task.problem_type, logits, position_labels)
+            if fused:
+                weight, bias = _output_layer(model, self._vocab_size)
+                ce_sum, ce_count = linear_cross_entropy_sum(positions, weight, position_labels, bias=bias)
+            else:
+                ce_sum, ce_count = hard_label_loss(kind, self._task.problem_type, positions, position_labels)
             components["ce_loss"] = self._normalise(ce_sum, ce_count, num_items_in_batch, token_level)
-            weights["ce_loss"] = 1.0 - args.alpha if need_teacher else 1.0
+            weights["ce_loss"] = 1.0 - args.alpha if uses_teacher else 1.0
+        kd_weight = args.alpha if labels is not None else 1.0
 
-        if need_teacher:
+        if cached:
+            components["kd_loss"] = self._cached_kd_term(kind, positions, cached, mask, num_items_in_batch)
+            weights["kd_loss"] = kd_weight
+        elif uses_teacher:
             with torch.no_grad():
-                teacher_outputs = self.teacher_model(**forward_inputs(self.teacher_model, student_inputs), **extra)
-            kd_weight = args.alpha if labels is not None else 1.0
+                teacher_outputs = self.teacher_model(
+                    **forward_inputs(self.teacher_model, student_inputs), **extra
+                )
             if kd_weight > 0:
-                components["kd_loss"] = self._kd_term(kind, logits, teacher_outputs.logits, mask, num_items_in_batch)
+                if fused:
+                    kd_sum = self._fused_kd_sum(model, positions, teacher_outputs, mask)
+                    count = mask.sum() if mask is not None else positions.shape[:-1].numel()
+                    components["kd_loss"] = self._normalise(kd_sum, count, num_items_in_batch, True)
+                else:
+                    components["kd_loss"] = self._kd_term(
+                        kind, positions, teacher_outputs.logits, mask, num_items_in_batch
+                    )
                 weights["kd_loss"] = kd_weight
             if args.hidden_weight > 0:
-                components["hidden_loss"] = self._hidden_term(outputs, teacher_outputs, inputs, num_items_in_batch)
+                components["hidden_loss"] = self._hidden_term(
+                    outputs, teacher_outputs, inputs, num_items_in_batch
+                )
                 weights["hidden_loss"] = args.hidden_weight
             if args.attention_weight > 0:
                 components["attention_loss"] = self._attention_term(
@@ -268,15 +351,106 @@ class DistillationTrainer(Trainer):
         self._accumulate_for_logging(components)
         return (loss, outputs) if return_outputs else loss
 
+    def _evaluation_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool):
+        """The student's own task loss (eval_loss, and perplexity for LMs); KD is a training objective only."""
+        labels = inputs.get("labels")
+        outputs = model(**self._model_inputs(model, inputs))
+        loss = outputs.logits.new_zeros((), dtype=torch.float32)
+        if labels is not None:
+            kind = resolve_kind(self._task, outputs.logits)
+            logits, position_labels, _ = align_positions(kind, outputs.logits, labels, None)
+            total, count = hard_label_loss(kind, self._task.problem_type, logits, position_labels)
+            loss = total / count.clamp(min=1)
+        return (loss, outputs) if return_outputs else loss
+
+    # ---- variants of the KD term ---------------------------------------------------------------------------
+
+    def _on_policy_step(self) -> bool:
+        """Whether this optimizer step trains on student samples; decided per step from the seed, so a resumed
+        run makes the same choices."""
+        if self.args.lmbda <= 0:
+            return False
+        return random.Random(self.args.seed * 1_000_003 + self.state.global_step).random() < self.args.lmbda
+
+    def _on_policy_batch(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+        from .on_policy import student_completions
+
+        tokenizer = self.processing_class
+        student = unwrap_model(model)
+        config = student.generation_config if getattr(student, "generation_config", None) else student.config
+        pad_token_id = getattr(tokenizer, "pad_token_id", None) or config.pad_token_id or 0
+        eos_token_id = getattr(tokenizer, "eos_token_id", None) or config.eos_token_id
+        with torch.no_grad():
+            batch = student_completions(
+                student,
+                inputs,
+                pad_token_id=pad_token_id,
+                eos_token_id=eos_token_id,
+                max_new_tokens=self.args.on_policy_max_new_tokens,
+                temperature=self.args.on_policy_temperature,
+            )
+        model.train()  # generate() may leave the model in eval mode
+        return batch
+
+    def _cached_kd_term(
+        self,
+        kind: str,
+        student_logits: torch.Tensor,
+        cached: dict[str, torch.Tensor],
+        mask: torch.Tensor | None,
+        num_items_in_batch: Any,
+    ) -> torch.Tensor:
+        logprobs, _, _ = align_positions(kind, cached["teacher_topk_logprobs"], None, None)
+        indices, _, _ = align_positions(kind, cached["teacher_topk_indices"], None, None)
+        kd_sum = sparse_distillation_loss(
+            student_logits[..., : self._vocab_size] if self._vocab_size else student_logits,
+            logprobs,
+            indices.long(),
+            temperature=self.args.temperature,
+            kind=self.args.kd_loss,
+            beta=self.args.jsd_beta,
+            mask=mask,
+            reduction="sum",
+        )
+        count = mask.sum() if mask is not None else student_logits.shape[:-1].numel()
+        return self._normalise(
+            kd_sum, count, num_items_in_batch if mask is not None else None, kind != SEQUENCE
+        )
+
+    def _fused_kd_sum(
+        self, model: nn.Module, student_hidden: torch.Tensor, teacher_outputs: Any, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        teacher_hidden, _, _ = align_positions(CAUSAL_LM, teacher_outputs.hidden_states[-1], None, None)
+        student_weight, student_bias = _output_layer(model, self._vocab_size)
+        teacher_weight, teacher_bias = _output_layer(self.teacher_model, self._vocab_size)
+        return fused_linear_distillation_loss(
+            student_hidden,
+            student_weight,
+            teacher_hidden.to(student_hidden.device),
+            teacher_weight,
+            temperature=self.args.temperature,
+            kind=self.args.kd_loss,
+            beta=self.args.jsd_beta,
+            mask=mask,
+            chunk_size=self.args.kd_chunk_size,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
+            reduction="sum",
+        )
+
     def _model_inputs(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
         """The batch without labels (the trainer computes the task loss itself). Encoder-decoder models get
         `decoder_input_ids` built from the labels once, so teacher and student decode the same prefix."""
-        model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+        model_inputs = {
+            key: value for key, value in inputs.items() if key != "labels" and key not in CACHE_COLUMNS
+        }
         labels = inputs.get("labels")
         if self._task.kind == SEQ2SEQ and labels is not None and "decoder_input_ids" not in inputs:
             student = unwrap_model(model)
             if hasattr(student, "prepare_decoder_input_ids_from_labels"):
-                model_inputs["decoder_input_ids"] = student.prepare_decoder_input_ids_from_labels(labels=labels)
+                model_inputs["decoder_input_ids"] = student.prepare_decoder_input_ids_from_labels(
+                    labels=labels
+                )
             else:
                 model_inputs["labels"] = labels
         return model_inputs
@@ -308,18 +482,30 @@ class DistillationTrainer(Trainer):
             reduction="sum",
         )
         count = mask.sum() if mask is not None else torch.tensor(student_logits.shape[:-1].numel())
-        return self._normalise(kd_sum, count, num_items_in_batch if mask is not None else None, kind != SEQUENCE)
+        return self._normalise(
+            kd_sum, count, num_items_in_batch if mask is not None else None, kind != SEQUENCE
+        )
 
-    def _hidden_term(self, outputs: Any, teacher_outputs: Any, inputs: dict[str, Any], num_items: Any) -> torch.Tensor:
+    def _hidden_term(
+        self, outputs: Any, teacher_outputs: Any, inputs: dict[str, Any], num_items: Any
+    ) -> torch.Tensor:
         terms = []
-        for stack, student_states, teacher_states, mask in self._stacks(outputs, teacher_outputs, inputs, "hidden"):
-            mean = self._projection_runners[stack](student_states, teacher_states, kind=self.args.hidden_loss, mask=mask)
+        for stack, student_states, teacher_states, mask in self._stacks(
+            outputs, teacher_outputs, inputs, "hidden"
+        ):
+            mean = self._projection_runners[stack](
+                student_states, teacher_states, kind=self.args.hidden_loss, mask=mask
+            )
             terms.append(self._normalise_positions(mean, mask, self._window_count(stack, num_items)))
         return torch.stack(terms).mean()
 
-    def _attention_term(self, outputs: Any, teacher_outputs: Any, inputs: dict[str, Any], num_items: Any) -> torch.Tensor:
+    def _attention_term(
+        self, outputs: Any, teacher_outputs: Any, inputs: dict[str, Any], num_items: Any
+    ) -> torch.Tensor:
         terms = []
-        for stack, student_maps, teacher_maps, mask in self._stacks(outputs, teacher_outputs, inputs, "attentions"):
+        for stack, student_maps, teacher_maps, mask in self._stacks(
+            outputs, teacher_outputs, inputs, "attentions"
+        ):
             mean = attention_matching_loss(student_maps, teacher_maps, self._layer_maps[stack], mask=mask)
             terms.append(self._normalise_positions(mean, mask, self._window_count(stack, num_items)))
         return torch.stack(terms).mean()
@@ -334,10 +520,15 @@ class DistillationTrainer(Trainer):
                     mask = inputs.get("attention_mask")
                 else:
                     labels = inputs.get("labels")
-                    mask = inputs.get("decoder_attention_mask", labels.ne(-100) if labels is not None else None)
+                    mask = inputs.get(
+                        "decoder_attention_mask", labels.ne(-100) if labels is not None else None
+                    )
             else:
                 name, mask = field, inputs.get("attention_mask")
-            student_states, teacher_states = getattr(outputs, name, None), getattr(teacher_outputs, name, None)
+            student_states, teacher_states = (
+                getattr(outputs, name, None),
+                getattr(teacher_outputs, name, None),
+            )
             if student_states is None or teacher_states is None:
                 raise ValueError(
                     f"{'hidden-state' if what == 'hidden' else 'attention'} matching is on, but the "
@@ -366,7 +557,9 @@ class DistillationTrainer(Trainer):
             return window.get("decoder_attention_mask", num_items_in_batch)
         return window.get("attention_mask")
 
-    def _normalise_positions(self, mean: torch.Tensor, mask: torch.Tensor | None, window_count: Any) -> torch.Tensor:
+    def _normalise_positions(
+        self, mean: torch.Tensor, mask: torch.Tensor | None, window_count: Any
+    ) -> torch.Tensor:
         """A per-micro-batch mean over `mask` positions, rescaled to the accumulation window's convention."""
         if mask is None:
             return mean / self._accumulation_steps
@@ -428,7 +621,10 @@ class DistillationTrainer(Trainer):
         # marker of a complete checkpoint), and never into the student's weights.
         super()._save_optimizer_and_scheduler(output_dir)
         if self.args.should_save and any(True for _ in self.hidden_projections.parameters()):
-            state = {key: value.detach().cpu().contiguous() for key, value in self.hidden_projections.state_dict().items()}
+            state = {
+                key: value.detach().cpu().contiguous()
+                for key, value in self.hidden_projections.state_dict().items()
+            }
             save_file(state, os.path.join(output_dir, PROJECTIONS_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
@@ -473,11 +669,23 @@ class Seq2SeqDistillationTrainer(DistillationTrainer, Seq2SeqTrainer):
     (use `Seq2SeqDistillationTrainingArguments` for `predict_with_generate` and friends)."""
 
 
+def _output_layer(model: nn.Module, vocab_size: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """LM-head weight (vocab, hidden) and bias, cut to the shared vocabulary."""
+    head = unwrap_model(model).get_output_embeddings()
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if vocab_size is not None:
+        weight = weight[:vocab_size]
+        bias = bias[:vocab_size] if bias is not None else None
+    return weight, bias
+
+
 def _layer_counts(config: Any) -> dict[str, int]:
     """Layer counts per stack: {'layers': n}, or {'encoder': n, 'decoder': m} for encoder-decoder models."""
     if getattr(config, "is_encoder_decoder", False):
         encoder = getattr(config, "encoder_layers", None) or getattr(config, "num_layers", None)
-        decoder = getattr(config, "decoder_layers", None) or getattr(config, "num_decoder_layers", None) or encoder
+        decoder = (
+            getattr(config, "decoder_layers", None) or getattr(config, "num_decoder_layers", None) or encoder
+        )
         return {"encoder": encoder, "decoder": decoder}
     text_config = config.get_text_config()
     return {"layers": text_config.num_hidden_layers}
@@ -493,4 +701,6 @@ def _hidden_width(config: Any) -> int:
 
 def _attention_heads(config: Any) -> int | None:
     text_config = config.get_text_config()
-    return getattr(text_config, "num_attention_heads", None) or getattr(text_config, "encoder_attention_heads", None)
+    return getattr(text_config, "num_attention_heads", None) or getattr(
+        text_config, "encoder_attention_heads", None
+    )

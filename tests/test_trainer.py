@@ -199,7 +199,9 @@ def test_missing_teacher_raises(tmp_path, bert_tokenizer):
 def test_teacher_is_frozen_untouched_and_absent_from_checkpoints(tmp_path, bert_tokenizer):
     teacher = bert(bert_tokenizer, layers=2, seed=2)
     before = snapshot(teacher)
-    trainer = classification_trainer(tmp_path, bert_tokenizer, teacher=teacher, save_strategy="steps", save_steps=3)
+    trainer = classification_trainer(
+        tmp_path, bert_tokenizer, teacher=teacher, save_strategy="steps", save_steps=3
+    )
     student_before = snapshot(trainer.model)
     trainer.train()
 
@@ -388,7 +390,9 @@ def test_gradient_accumulation_matches_one_large_batch(tmp_path, lm_tokenizer):
 
 
 def test_loss_components_are_logged_and_add_up(tmp_path, bert_tokenizer):
-    trainer = classification_trainer(tmp_path, bert_tokenizer, hidden_weight=0.25, alpha=0.6, max_steps=4, logging_steps=2)
+    trainer = classification_trainer(
+        tmp_path, bert_tokenizer, hidden_weight=0.25, alpha=0.6, max_steps=4, logging_steps=2
+    )
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 2
@@ -557,7 +561,110 @@ def test_peft_teacher_works(tmp_path, bert_tokenizer):
         bert(bert_tokenizer, layers=2, seed=2),
         LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"),
     )
-    trainer = classification_trainer(tmp_path, bert_tokenizer, teacher=teacher, max_steps=2, hidden_weight=1.0)
+    trainer = classification_trainer(
+        tmp_path, bert_tokenizer, teacher=teacher, max_steps=2, hidden_weight=1.0
+    )
     trainer.train()
     assert all(not p.requires_grad for p in trainer.teacher_model.parameters())
     assert "kd_loss" in json.dumps(trainer.state.log_history)
+
+
+# ---- fused, cached and attention variants --------------------------------------------------------------------
+
+
+def _loss_and_grads(trainer, batch):
+    trainer.model.train()
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    loss.backward()
+    return loss.detach(), {
+        n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None
+    }
+
+
+def test_fused_kd_loss_matches_the_unfused_loss_and_gradients(tmp_path, lm_tokenizer):
+    teacher = llama(len(lm_tokenizer) + 28, seed=2)  # padded vocabulary, sliced on both paths
+    batch = None
+    results = []
+    for fused in (False, True):
+        trainer = lm_trainer(
+            tmp_path,
+            lm_tokenizer,
+            teacher=teacher,
+            student=llama(len(lm_tokenizer), layers=1, seed=1),
+            fused_kd_loss=fused,
+            kd_loss="jsd",
+            alpha=0.4,
+        )
+        batch = batch or trainer.data_collator([lm_data(lm_tokenizer)[i] for i in (0, 1, 2)])
+        results.append(_loss_and_grads(trainer, batch))
+    (loss, grads), (fused_loss, fused_grads) = results
+    assert fused_loss.item() == pytest.approx(loss.item(), rel=1e-5)
+    assert grads.keys() == fused_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_kd_loss_is_refused_for_classification(tmp_path, bert_tokenizer):
+    with pytest.raises(ValueError, match="only causal LMs"):
+        classification_trainer(tmp_path, bert_tokenizer, fused_kd_loss=True)
+
+
+def test_cached_teacher_topk_replaces_the_teacher(tmp_path, lm_tokenizer):
+    """With k = vocabulary size the cache holds the whole distribution, so the loss equals the live teacher's."""
+    teacher = llama(len(lm_tokenizer), seed=2)
+    live = lm_trainer(tmp_path, lm_tokenizer, teacher=teacher, alpha=0.7)
+    batch = live.data_collator([lm_data(lm_tokenizer)[i] for i in (0, 3)])
+    live_loss, live_grads = _loss_and_grads(live, batch)
+
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    top = torch.log_softmax(teacher_logits, -1).topk(len(lm_tokenizer), dim=-1)
+    cached_batch = dict(batch, teacher_topk_logprobs=top.values, teacher_topk_indices=top.indices)
+    cached = DistillationTrainer(
+        model=llama(len(lm_tokenizer), layers=1, seed=1),
+        teacher_model=None,
+        args=make_args(tmp_path, alpha=0.7, teacher_logits_cache=str(tmp_path / "cache")),
+        processing_class=lm_tokenizer,
+    )
+    cached_loss, cached_grads = _loss_and_grads(cached, cached_batch)
+    assert cached_loss.item() == pytest.approx(live_loss.item(), rel=1e-4)
+    for name, grad in live_grads.items():
+        torch.testing.assert_close(cached_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_cached_teacher_columns_survive_the_dataloader_and_train(tmp_path, lm_tokenizer):
+    data = lm_data(lm_tokenizer, n=8)
+    data = data.map(lambda row: {"input_ids": (row["input_ids"] + [1] * 6)[:6]})
+    data = data.map(lambda row: {"attention_mask": [1] * 6, "labels": row["input_ids"]})
+    k = 4
+    data = data.map(
+        lambda row: {
+            "teacher_topk_logprobs": [[math.log(0.5)] + [math.log(0.1)] * (k - 1)] * 6,
+            "teacher_topk_indices": [list(range(2, 2 + k))] * 6,
+        }
+    )
+    trainer = DistillationTrainer(
+        model=llama(len(lm_tokenizer), layers=1, seed=1),
+        teacher_model=None,
+        args=make_args(tmp_path, teacher_logits_cache=str(tmp_path / "cache"), max_steps=2),
+        train_dataset=data,
+        processing_class=lm_tokenizer,
+    )
+    trainer.train()
+    assert all("kd_loss" in entry for entry in trainer.state.log_history if "loss" in entry)
+
+
+def test_cache_cannot_stand_in_for_hidden_matching(tmp_path):
+    with pytest.raises(ValueError, match="teacher_logits_cache holds only"):
+        make_args(tmp_path, teacher_logits_cache="cache", hidden_weight=1.0)
+
+
+def test_attention_matching_trains_and_logs(tmp_path, bert_tokenizer):
+    trainer = classification_trainer(
+        tmp_path, bert_tokenizer, attention_weight=1.0, hidden_weight=0.5, max_steps=2
+    )
+    assert trainer.model.config._attn_implementation == "eager"
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all(entry["attention_loss"] >= 0 and "hidden_loss" in entry for entry in logged)
