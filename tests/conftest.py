@@ -25,6 +25,25 @@ WORDS = (
     "klein eins zwei drei hallo welt gut schlecht"
 ).split()
 
+TEXTS_FOR_TESTS = [
+    "the movie was good",
+    "the plot was boring and very long",
+    "i love this film",
+    "terrible acting and a sad story",
+    "really great music",
+    "it was not fun",
+    "the cat and the dog",
+    "a very happy story",
+    "bad movie",
+    "great actor great film",
+    "i hate long films",
+    "the story was quite short",
+    "we love the music and the story",
+    "they hate this boring film",
+    "she was happy",
+    "he was sad and the film was long",
+]
+
 
 def _word_level(specials: list[str], unk: str) -> Tokenizer:
     vocab = {token: i for i, token in enumerate(specials + WORDS)}

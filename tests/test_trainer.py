@@ -668,3 +668,17 @@ def test_attention_matching_trains_and_logs(tmp_path, bert_tokenizer):
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert all(entry["attention_loss"] >= 0 and "hidden_loss" in entry for entry in logged)
+
+
+def test_bf16_mixed_precision_with_a_bf16_teacher(tmp_path, lm_tokenizer):
+    trainer = lm_trainer(
+        tmp_path, lm_tokenizer, bf16=True, teacher_dtype="bfloat16", kd_loss="reverse_kl", max_steps=2
+    )
+    assert next(trainer.teacher_model.parameters()).dtype == torch.bfloat16
+    batch = trainer.data_collator([lm_data(lm_tokenizer)[i] for i in (0, 1)])
+    trainer.model.train()
+    with trainer.compute_loss_context_manager():
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    trainer.train()
+    assert all(math.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)
