@@ -16,13 +16,15 @@ WORKER = os.path.join(os.path.dirname(__file__), "distributed", "trainer_worker.
 pytestmark = pytest.mark.slow
 
 
-def accelerate_launch(num_processes: int, *arguments: str) -> None:
+def accelerate_launch(num_processes: int, *arguments: str, config_file: str | None = None) -> None:
     if shutil.which("accelerate") is None and not os.path.exists(
         os.path.join(os.path.dirname(sys.executable), "accelerate")
     ):
         pytest.skip("accelerate CLI not installed")
     launcher = [sys.executable, "-m", "accelerate.commands.launch"]
-    if num_processes > 1:
+    if config_file is not None:
+        launcher += ["--config_file", config_file]
+    elif num_processes > 1:
         launcher += ["--multi_gpu", "--num_processes", str(num_processes)]
     else:
         launcher += ["--cpu", "--num_processes", "1"]

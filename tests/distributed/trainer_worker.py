@@ -80,8 +80,13 @@ def main(output_dir: str, per_device_batch: int) -> None:
     report = {
         "world_size": trainer.args.world_size,
         "teacher_wrapped": isinstance(trainer.teacher_model, torch.nn.parallel.DistributedDataParallel),
+        "fsdp": trainer.is_fsdp_enabled,
+        "teacher_class": type(trainer.teacher_model).__name__,
+        "teacher_trainable": sum(p.requires_grad for p in trainer.teacher_model.parameters()),
         "eval_examples": metrics["eval_examples"],
-        "weights": {name: tensor.tolist() for name, tensor in trainer.model.state_dict().items()},
+        "weights": {}
+        if trainer.is_fsdp_enabled
+        else {n: t.tolist() for n, t in trainer.model.state_dict().items()},
         "projections": {name: t.tolist() for name, t in trainer.hidden_projections.state_dict().items()},
         "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
     }
