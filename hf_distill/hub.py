@@ -26,6 +26,19 @@ DISTILLATION_SETTINGS = (
 )
 
 
+def _decoder_layers(config: Any) -> int | None:
+    if not getattr(config, "is_encoder_decoder", False):
+        return None
+    return getattr(config, "decoder_layers", None) or getattr(config, "num_decoder_layers", None)
+
+
+_ARCHITECTURE_ROWS = (
+    ("Layers", lambda config: getattr(config, "num_hidden_layers", None)),
+    ("Decoder layers", _decoder_layers),
+    ("Hidden size", lambda config: getattr(config, "hidden_size", None)),
+)
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     """All parameters, counting ZeRO-3 partitioned ones at their full size."""
     return sum(getattr(p, "ds_numel", p.numel()) for p in unwrap_model(model).parameters())
@@ -90,11 +103,15 @@ def build_model_card(
         f"| {type(student).__name__} |",
         f"| Parameters | {f'{teacher_params:,}' if teacher_params else 'unknown'} | {student_params:,} |",
     ]
-    for label, attribute in (("Layers", "num_hidden_layers"), ("Hidden size", "hidden_size")):
-        teacher_value = getattr(teacher.config, attribute, None) if teacher is not None else None
-        student_value = getattr(student.config, attribute, None)
-        if teacher_value is not None and student_value is not None:
-            lines.append(f"| {label} | {teacher_value} | {student_value} |")
+    for label, read in _ARCHITECTURE_ROWS:
+        teacher_value = read(teacher.config) if teacher is not None else None
+        student_value = read(student.config)
+        if label == "Layers" and getattr(student.config, "is_encoder_decoder", False):
+            label = "Encoder layers"
+        if student_value is not None:
+            lines.append(
+                f"| {label} | {teacher_value if teacher_value is not None else '?'} | {student_value} |"
+            )
     lines += ["", "## Distillation settings", "", "| Setting | Value |", "|---|---|"]
     lines += [f"| {name} | {getattr(args, name)} |" for name in DISTILLATION_SETTINGS if hasattr(args, name)]
 
