@@ -15,6 +15,7 @@ from transformers import (
     BertConfig,
     BertForSequenceClassification,
     DataCollatorForLanguageModeling,
+    DataCollatorForSeq2Seq,
     DataCollatorWithPadding,
     LlamaConfig,
     LlamaForCausalLM,
@@ -682,3 +683,53 @@ def test_bf16_mixed_precision_with_a_bf16_teacher(tmp_path, lm_tokenizer):
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     trainer.train()
     assert all(math.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)
+
+
+def test_on_policy_steps_train_on_student_samples_scored_by_the_teacher(tmp_path, lm_tokenizer, monkeypatch):
+    import hf_distill.on_policy as on_policy
+
+    prompts, completions = (
+        ["the movie was", "i love", "the cat and", "a very"],
+        ["good", "this film", "the dog", "happy story"],
+    )
+    rows = []
+    for prompt, completion in zip(prompts, completions):
+        prompt_ids = lm_tokenizer(prompt)["input_ids"]
+        completion_ids = lm_tokenizer(completion, add_special_tokens=False)["input_ids"]
+        ids = prompt_ids + completion_ids
+        rows.append(
+            {
+                "input_ids": ids,
+                "attention_mask": [1] * len(ids),
+                "labels": [-100] * len(prompt_ids) + completion_ids,
+            }
+        )
+    sampled, teacher_inputs = [], []
+    real = on_policy.student_completions
+
+    def spy(model, batch, **kwargs):
+        new_batch = real(model, batch, **kwargs)
+        sampled.append(new_batch["input_ids"])
+        return new_batch
+
+    monkeypatch.setattr(on_policy, "student_completions", spy)
+    trainer = lm_trainer(tmp_path, lm_tokenizer, lmbda=1.0, on_policy_max_new_tokens=3, max_steps=2)
+    trainer.train_dataset = Dataset.from_list(rows)
+    trainer.data_collator = DataCollatorForSeq2Seq(lm_tokenizer, padding=True)
+    trainer.teacher_model.register_forward_hook(
+        lambda module, args, kwargs, out: teacher_inputs.append(kwargs["input_ids"]), with_kwargs=True
+    )
+    trainer.train()
+    assert len(sampled) == 2 and len(teacher_inputs) == 2
+    for batch_ids, seen in zip(sampled, teacher_inputs):
+        assert torch.equal(batch_ids, seen)
+    assert all(math.isfinite(entry["kd_loss"]) for entry in trainer.state.log_history if "loss" in entry)
+
+    # lmbda = 0.5 decides per step from the seed: the same steps on every run
+    half = lm_trainer(tmp_path, lm_tokenizer, lmbda=0.5)
+    decisions = []
+    for step in range(20):
+        half.state.global_step = step
+        decisions.append(half._on_policy_step())
+    assert decisions == [half._on_policy_step() for half.state.global_step in range(20)]
+    assert 0 < sum(decisions) < 20
