@@ -19,6 +19,7 @@ from transformers.utils import logging
 from . import hub
 from .args import DistillationTrainingArguments
 from .checkpoints import is_complete_checkpoint, last_complete_checkpoint
+from .evaluation import dataset_length, first_rows, first_rows_prediction
 from .losses import fused_linear_distillation_loss, logit_distillation_loss, sparse_distillation_loss
 from .matching import HiddenProjections, attention_matching_loss, resolve_layer_map
 from .task_loss import (
@@ -613,6 +614,27 @@ class DistillationTrainer(Trainer):
                     logs[name] = round(total.item() / steps, 4)
             self._logged_sums = {}
         super().log(logs, start_time)
+
+    # ---- evaluation ----------------------------------------------------------------------------------------
+
+    def evaluation_loop(self, dataloader: Any, description: str, *args: Any, **kwargs: Any):
+        """`Trainer.evaluation_loop`, with each example of a sized dataset counted exactly once (see
+        `evaluation.py`): metrics and returned predictions never include the repeats that pad the last batch."""
+        count = dataset_length(dataloader)
+        compute_metrics = self.compute_metrics
+        if count is not None and compute_metrics is not None and not self.args.batch_eval_metrics:
+            self.compute_metrics = lambda prediction: compute_metrics(
+                first_rows_prediction(prediction, count)
+            )
+        try:
+            output = super().evaluation_loop(dataloader, description, *args, **kwargs)
+        finally:
+            self.compute_metrics = compute_metrics
+        if count is None:
+            return output
+        return output._replace(
+            predictions=first_rows(output.predictions, count), label_ids=first_rows(output.label_ids, count)
+        )
 
     # ---- saving ----------------------------------------------------------------------------------------------
 
