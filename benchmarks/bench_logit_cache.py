@@ -1,0 +1,274 @@
+"""Does training from a teacher logits cache cost more than training the student alone?
+
+One epoch of a small causal LM (Llama, hidden 128, 2 layers, a few-thousand-word vocabulary, blocks of 128
+tokens) two ways, on the same packed blocks, batches and initial weights:
+- plain: `transformers.Trainer` on the hard labels (the student alone);
+- cache: `DistillationTrainer` with `teacher_logits_cache` (no teacher in memory; (1 - alpha) * CE + alpha *
+  sparse top-k KD), its batches carrying the cached top-k columns read from disk.
+The cache is built first (its build time is printed but not part of the comparison). The two variants
+alternate (plain, cache, plain, cache, ...) so machine noise hits both alike; the median epoch time of each is
+compared. Target: cache epoch <= 1.10x plain epoch. A second table splits one step's time between the
+student itself, its CE and the sparse KD loss, to show where a difference comes from.
+
+    python benchmarks/bench_logit_cache.py [--repeats 3] [--blocks 256] [--vocab 4000] [--top_k 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from datasets import Dataset, DatasetDict
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
+from transformers.utils import logging
+
+try:
+    from hf_distill.tasks import language_modeling as lm
+except ImportError:  # a source checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tasks import language_modeling as lm
+
+from hf_distill import DistillationTrainer, DistillationTrainingArguments  # noqa: E402
+from hf_distill.logit_cache import (  # noqa: E402
+    INDICES_COLUMN,
+    LOGPROBS_COLUMN,
+    build_logit_cache,
+    load_logit_cache,
+)
+from hf_distill.losses import sparse_distillation_loss  # noqa: E402
+
+TARGET = 1.10
+
+
+def make_tokenizer(num_words: int) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over w0 ... w{num_words-1} with bos/eos/pad."""
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    vocab = {token: i for i, token in enumerate(specials + [f"w{i}" for i in range(num_words)])}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        model_max_length=1024,
+    )
+
+
+def make_texts(num_words: int, num_tokens: int, seed: int = 0) -> list[str]:
+    """Zipf-distributed words in lines of 20 to 80, about `num_tokens` words in all."""
+    rng = random.Random(seed)
+    weights = [1.0 / (rank + 1) for rank in range(num_words)]
+    words = [f"w{i}" for i in range(num_words)]
+    texts, total = [], 0
+    while total < num_tokens:
+        length = rng.randint(20, 80)
+        texts.append(" ".join(rng.choices(words, weights=weights, k=length)))
+        total += length + 1
+    return texts
+
+
+def llama(vocab_size: int, hidden: int, layers: int, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+def training_args(cls, output_dir: str, batch_size: int, **extra):
+    return cls(
+        output_dir=output_dir,
+        per_device_train_batch_size=batch_size,
+        num_train_epochs=1,
+        learning_rate=1e-3,
+        logging_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+        **extra,
+    )
+
+
+def median_ms(run, repeats: int = 5) -> float:
+    timings = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        timings.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(timings)
+
+
+def step_breakdown(student, batch, temperature: float) -> dict[str, float]:
+    """Where a cache step's time goes, on one batch: the student's forward + backward with its CE, and the CE
+    and the sparse KD loss alone (forward + backward on fixed logits)."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    labels = batch["labels"][:, 1:]
+    mask = labels.ne(-100)
+    logprobs, indices = batch[LOGPROBS_COLUMN][:, :-1], batch[INDICES_COLUMN][:, :-1]
+
+    def student_step():
+        student.zero_grad(set_to_none=True)
+        logits = student(**inputs).logits[:, :-1]
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1)).backward()
+
+    with torch.no_grad():
+        fixed_logits = student(**inputs).logits[:, :-1].float()
+
+    def ce_only():
+        logits = fixed_logits.clone().requires_grad_()
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)).backward()
+
+    def kd_only():
+        logits = fixed_logits.clone().requires_grad_()
+        sparse_distillation_loss(
+            logits, logprobs, indices, temperature=temperature, mask=mask, reduction="sum"
+        ).backward()
+
+    return {
+        "student forward + backward (CE)": median_ms(student_step),
+        "CE alone, forward + backward": median_ms(ce_only),
+        "sparse KD alone, forward + backward": median_ms(kd_only),
+    }
+
+
+def epoch_seconds(trainer) -> float:
+    start = time.perf_counter()
+    trainer.train()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vocab", type=int, default=4000, help="words in the tokenizer")
+    parser.add_argument("--blocks", type=int, default=256, help="training blocks (one epoch)")
+    parser.add_argument("--block_size", type=int, default=128)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--top_k", type=int, default=64)
+    parser.add_argument("--logprobs_dtype", default="float32", choices=["float32", "float16"])
+    parser.add_argument("--temperature", type=float, default=2.0, help="KD temperature of the cache run")
+    parser.add_argument("--alpha", type=float, default=0.5, help="KD weight of the cache run")
+    parser.add_argument("--repeats", type=int, default=3, help="epochs of each variant, alternating")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    options = parser.parse_args()
+    logging.set_verbosity_error()
+    if options.threads:
+        torch.set_num_threads(options.threads)
+
+    tokenizer = make_tokenizer(options.vocab)
+    data_args = lm.DataArguments(train_file="unused.txt", block_size=options.block_size)
+    raw = DatasetDict(
+        {
+            "train": Dataset.from_dict(
+                {"text": make_texts(options.vocab, options.blocks * (options.block_size + 2))}
+            )
+        }
+    )
+    data_format = lm.DataFormat(lm.TEXT, ("text",))
+    train = lm.preprocess(raw, data_format, tokenizer, options.block_size, data_args)["train"]
+    train = train.select(range(min(options.blocks, len(train))))
+    collator = lm.CausalLMCollator(tokenizer.pad_token_id)
+    vocab = len(tokenizer)
+
+    with tempfile.TemporaryDirectory() as workdir:
+        teacher = llama(vocab, hidden=256, layers=4, seed=1).eval()
+        start = time.perf_counter()
+        build_logit_cache(
+            teacher,
+            train,
+            Path(workdir) / "cache",
+            tokenizer=tokenizer,
+            teacher_name="bench-teacher",
+            block_size=options.block_size,
+            top_k=options.top_k,
+            logprobs_dtype=options.logprobs_dtype,
+        )
+        build_seconds = time.perf_counter() - start
+        del teacher
+        cached_train, manifest = load_logit_cache(
+            Path(workdir) / "cache", train, tokenizer=tokenizer, block_size=options.block_size
+        )
+        plain_train = train.with_format("numpy")  # the same row format as the cached dataset
+        student = llama(vocab, hidden=128, layers=2, seed=0)
+
+        timings: dict[str, list[float]] = {"plain": [], "cache": []}
+        for _ in range(options.repeats):
+            plain = Trainer(
+                model=copy.deepcopy(student),
+                args=training_args(TrainingArguments, workdir + "/plain", options.batch_size),
+                train_dataset=plain_train,
+                data_collator=collator,
+            )
+            timings["plain"].append(epoch_seconds(plain))
+            cache = DistillationTrainer(
+                model=copy.deepcopy(student),
+                teacher_model=None,
+                args=training_args(
+                    DistillationTrainingArguments,
+                    workdir + "/cache_run",
+                    options.batch_size,
+                    teacher_logits_cache=str(Path(workdir) / "cache"),
+                    temperature=options.temperature,
+                    alpha=options.alpha,
+                ),
+                train_dataset=cached_train,
+                data_collator=collator,
+                processing_class=tokenizer,
+            )
+            timings["cache"].append(epoch_seconds(cache))
+        breakdown = step_breakdown(
+            copy.deepcopy(student),
+            collator([cached_train[i] for i in range(options.batch_size)]),
+            options.temperature,
+        )
+
+    tokens = len(train) * options.block_size
+    print(
+        f"\nstudent: Llama hidden 128, 2 layers, vocab {vocab}; {len(train)} blocks x {options.block_size} tokens; "
+        f"batch {options.batch_size}; cache top-{manifest['top_k']} {manifest['logprobs_dtype']}; "
+        f"KD temperature {options.temperature}, alpha {options.alpha}; "
+        f"torch threads {torch.get_num_threads()}"
+    )
+    print(
+        f"cache build (teacher hidden 256, 4 layers): {build_seconds:.2f} s ({tokens / build_seconds:,.0f} tokens/s)\n"
+    )
+    print("| variant | epochs (s) | median epoch (s) | tokens/s |")
+    print("|---|---|---:|---:|")
+    medians = {}
+    for name, values in timings.items():
+        medians[name] = statistics.median(values)
+        listed = ", ".join(f"{value:.2f}" for value in values)
+        print(f"| {name} | {listed} | {medians[name]:.2f} | {tokens / medians[name]:,.0f} |")
+    print(f"\n| one batch of {options.batch_size} x {options.block_size} (median of 5) | ms |")
+    print("|---|---:|")
+    for name, milliseconds in breakdown.items():
+        print(f"| {name} | {milliseconds:.1f} |")
+    ratio = medians["cache"] / medians["plain"]
+    verdict = "PASS" if ratio <= TARGET else "FAIL"
+    print(f"\ncache / plain epoch time: {ratio:.3f}x (target <= {TARGET:.2f}x): {verdict}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,443 @@
+"""Cached teacher outputs for offline distillation: the teacher's top-k log-probabilities per position, computed
+once over the tokenized training set, so that training needs no teacher in memory.
+
+A cache directory holds::
+
+    manifest.json    what the cache was built from (see `build_manifest`); written last
+    data/            a `datasets.Dataset` (save_to_disk), row i <-> row i of the tokenized training set:
+        teacher_topk_logprobs  float32 (or float16 with logprobs_dtype="float16"), T_i * k values
+        teacher_topk_indices   int32, T_i * k values
+
+Each row is stored flat, row-major over (position, rank): reading one flat list back through `datasets` is
+several times faster than a nested (T, k) list, and the cache is read at every training step. The recipe's
+collator reshapes rows to (T, k). Position t holds the teacher's distribution over the token at t + 1, like the
+teacher's `logits[:, t]`; the probabilities are at temperature 1 over the tokenizer's vocabulary (padded
+embedding rows beyond it are cut off), ranked by probability. The mass outside the top k is not stored: it is
+1 - sum(exp(topk)).
+
+float32 keeps the log-probabilities exact; float16 saves a quarter of the disk (indices stay int32) and rounds
+a log-probability of -10 by about 0.004.
+
+Caches are built in a temporary directory beside the target and renamed into place only when complete, and a
+directory without manifest.json is never loaded, so a killed build is never used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+DATA_DIR = "data"
+LOGPROBS_COLUMN = "teacher_topk_logprobs"
+INDICES_COLUMN = "teacher_topk_indices"
+CACHE_COLUMNS = (LOGPROBS_COLUMN, INDICES_COLUMN)
+LOGPROBS_DTYPES = ("float32", "float16")
+FORMAT_VERSION = 1
+_TEMP_MARKER = ".tmp-"
+
+
+# --------------------------------------------------------------------------------------------- fingerprints
+def vocab_hash(tokenizer: Any) -> str:
+    """sha256 of the tokenizer's token -> id map (added tokens included)."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def token_ids_checksum(dataset: Any, column: str = "input_ids", batch_size: int = 1024) -> str:
+    """sha256 over the rows of `column` (each row's length, then its ids as int64): identifies the tokenized data."""
+    digest = hashlib.sha256()
+    view = dataset.select_columns([column]).with_format(None)
+    for start in range(0, len(view), batch_size):
+        for row in view[start : start + batch_size][column]:
+            ids = np.asarray(row, dtype=np.int64)
+            digest.update(np.int64(ids.size).tobytes())
+            digest.update(ids.tobytes())
+    return digest.hexdigest()
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A cheap identity of a model's weights: sha256 over each parameter's name, shape, dtype and rounded sums.
+    Tells a retrained teacher saved at the same path from the old one without hashing every byte."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, parameter in model.state_dict().items():
+            values = parameter.detach().float()
+            digest.update(f"{name}|{tuple(parameter.shape)}|{parameter.dtype}|".encode())
+            digest.update(f"{float(values.sum()):.6e}|{float(values.abs().sum()):.6e}".encode())
+    return digest.hexdigest()
+
+
+def tokenizer_description(tokenizer: Any) -> dict[str, Any]:
+    return {
+        "name_or_path": getattr(tokenizer, "name_or_path", None),
+        "vocab_size": len(tokenizer),
+        "vocab_hash": vocab_hash(tokenizer),
+    }
+
+
+# --------------------------------------------------------------------------------------------- atomic directories
+def _is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_OWNER_FILE = ".owner.json"
+_ORPHAN_AGE_S = 3600.0
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Remove temporary directories that builds of `target` left behind when they were killed: those whose
+    owning process (recorded inside) is gone from this host, or ownerless ones older than an hour."""
+    host = socket.gethostname()
+    for candidate in target.parent.glob(f".{target.name}{_TEMP_MARKER}*"):
+        try:
+            owner = json.loads((candidate / _OWNER_FILE).read_text(encoding="utf-8"))
+            stale = owner.get("host") == host and not _is_alive(int(owner.get("pid", -1)))
+        except (OSError, ValueError):
+            stale = time.time() - candidate.stat().st_mtime > _ORPHAN_AGE_S
+        if stale:
+            logger.warning(f"Removing {candidate}, left by a build of {target} that did not finish.")
+            shutil.rmtree(candidate, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Build a directory in a temporary sibling and rename it to `target` only if the block completes.
+
+    A block that raises (or a process that is killed) leaves `target` untouched; the temporary directory is
+    removed on error, or by the next build of the same target when the process died. With `overwrite`, an
+    existing `target` is replaced; without it, an existing `target` is an error.
+    """
+    target = Path(target).resolve()
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to rebuild it.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(target)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}{_TEMP_MARKER}", dir=target.parent))
+    try:
+        (temporary / _OWNER_FILE).write_text(
+            json.dumps({"host": socket.gethostname(), "pid": os.getpid()}), encoding="utf-8"
+        )
+        yield temporary
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    (temporary / _OWNER_FILE).unlink(missing_ok=True)
+    old = None
+    if target.exists():
+        # A directory cannot be renamed over a non-empty one: move the old one aside first.
+        old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
+        os.replace(target, old)
+    os.replace(temporary, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_manifest(directory: str | os.PathLike, manifest: Mapping[str, Any]) -> None:
+    path = Path(directory) / MANIFEST_NAME
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(manifest, handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_manifest(directory: str | os.PathLike, what: str = "teacher logits cache") -> dict[str, Any]:
+    """The manifest of a complete cache; raises when the directory is missing or incomplete."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{what} {str(directory)!r} does not exist; build it first.")
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        raise ValueError(
+            f"{what} {str(directory)!r} has no {MANIFEST_NAME}: it is incomplete (its build was interrupted) or "
+            f"not a cache (found {sorted(p.name for p in directory.iterdir())}). Delete it and build it again."
+        )
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+# --------------------------------------------------------------------------------------------- building
+def teacher_topk(
+    logits: torch.Tensor, top_k: int, vocab_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k log-probabilities (float32) and their token ids (long) of logits (..., V), over the first
+    `vocab_size` columns (all when None); both (..., k), ranked by probability."""
+    if vocab_size is not None:
+        logits = logits[..., :vocab_size]
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    values, indices = torch.topk(log_probs, top_k, dim=-1)
+    return values, indices
+
+
+def _features(logprobs_dtype: str):
+    from datasets import Features, List, Value
+
+    return Features({LOGPROBS_COLUMN: List(Value(logprobs_dtype)), INDICES_COLUMN: List(Value("int32"))})
+
+
+def _batches(dataset: Any, batch_size: int) -> Iterator[list[list[int]]]:
+    view = dataset.select_columns(["input_ids"]).with_format(None)
+    for start in range(0, len(view), batch_size):
+        yield view[start : start + batch_size]["input_ids"]
+
+
+def build_manifest(
+    *,
+    teacher_name: str,
+    teacher: nn.Module,
+    tokenizer: Any,
+    top_k: int,
+    block_size: int | None,
+    num_rows: int,
+    num_tokens: int,
+    data_checksum: str,
+    logprobs_dtype: str,
+    vocab_size: int,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    from . import __version__
+
+    config = getattr(teacher, "config", None)
+    return {
+        "kind": "teacher_topk_logprobs",
+        "format_version": FORMAT_VERSION,
+        "hf_distill_version": __version__,
+        "teacher": teacher_name,
+        "teacher_model_type": getattr(config, "model_type", None),
+        "teacher_fingerprint": model_fingerprint(teacher),
+        "teacher_vocab_size": getattr(config.get_text_config(), "vocab_size", None)
+        if config is not None
+        else None,
+        "tokenizer": tokenizer_description(tokenizer),
+        "cached_vocab_size": vocab_size,
+        "top_k": top_k,
+        "block_size": block_size,
+        "num_rows": num_rows,
+        "num_tokens": num_tokens,
+        "data_checksum": data_checksum,
+        "logprobs_dtype": logprobs_dtype,
+        "layout": "flat row-major (position, rank); position t predicts token t + 1",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **dict(extra or {}),
+    }
+
+
+def build_logit_cache(
+    teacher: nn.Module,
+    dataset: Any,
+    cache_dir: str | os.PathLike,
+    *,
+    tokenizer: Any,
+    teacher_name: str,
+    block_size: int | None,
+    top_k: int = 64,
+    batch_size: int = 8,
+    logprobs_dtype: str = "float32",
+    overwrite: bool = False,
+    device: torch.device | str | None = None,
+    extra_manifest: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run `teacher` over every row of the tokenized `dataset` (an `input_ids` column; rows of any length) and
+    write its top-k log-probabilities per position into `cache_dir`, atomically. Returns the manifest.
+
+    Rows are right-padded per batch of `batch_size`; causal attention makes a row's distributions independent of
+    the padding after it. `block_size` is the run's --block_size: recorded, and checked by training runs.
+    """
+    from datasets import Dataset
+    from datasets.arrow_writer import ArrowWriter
+
+    if logprobs_dtype not in LOGPROBS_DTYPES:
+        raise ValueError(f"logprobs_dtype must be one of {LOGPROBS_DTYPES}, got {logprobs_dtype!r}.")
+    if "input_ids" not in dataset.column_names:
+        raise ValueError(f"the dataset to cache needs an input_ids column; found {dataset.column_names}.")
+    if len(dataset) == 0:
+        raise ValueError("the dataset to cache is empty.")
+    config = getattr(teacher, "config", None)
+    teacher_vocab = getattr(config.get_text_config(), "vocab_size", None) if config is not None else None
+    vocab_size = min(v for v in (teacher_vocab, len(tokenizer)) if v is not None)
+    if not 1 <= top_k <= vocab_size:
+        raise ValueError(f"top_k must be in [1, {vocab_size}] (the vocabulary size), got {top_k}.")
+    if device is None:
+        device = next(teacher.parameters()).device
+    device = torch.device(device)
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    was_training = teacher.training
+    teacher.eval().to(device)
+    numpy_dtype = np.float16 if logprobs_dtype == "float16" else np.float32
+
+    data_checksum = token_ids_checksum(dataset)
+    num_tokens = 0
+    start_time = time.perf_counter()
+    with atomic_directory(cache_dir, overwrite=overwrite) as temporary:
+        arrow_path = temporary / "building.arrow"
+        writer = ArrowWriter(features=_features(logprobs_dtype), path=str(arrow_path))
+        try:
+            for rows in _batches(dataset, batch_size):
+                lengths = [len(row) for row in rows]
+                input_ids = torch.full((len(rows), max(lengths)), pad_token_id, dtype=torch.long)
+                attention_mask = torch.zeros_like(input_ids)
+                for i, row in enumerate(rows):
+                    input_ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+                    attention_mask[i, : len(row)] = 1
+                with torch.no_grad():
+                    logits = teacher(
+                        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
+                    ).logits  # (B, T, V)
+                logprobs, indices = [], []
+                for i, length in enumerate(lengths):
+                    values, ids = teacher_topk(logits[i, :length], top_k, vocab_size)  # (T_i, k)
+                    logprobs.append(values.cpu().numpy().astype(numpy_dtype).reshape(-1))
+                    indices.append(ids.cpu().numpy().astype(np.int32).reshape(-1))
+                writer.write_batch({LOGPROBS_COLUMN: logprobs, INDICES_COLUMN: indices})
+                num_tokens += sum(lengths)
+            writer.finalize()
+        finally:
+            writer.close()
+            teacher.train(was_training)
+        Dataset.from_file(str(arrow_path)).save_to_disk(str(temporary / DATA_DIR))
+        arrow_path.unlink()
+        manifest = build_manifest(
+            teacher_name=teacher_name,
+            teacher=teacher,
+            tokenizer=tokenizer,
+            top_k=top_k,
+            block_size=block_size,
+            num_rows=len(dataset),
+            num_tokens=num_tokens,
+            data_checksum=data_checksum,
+            logprobs_dtype=logprobs_dtype,
+            vocab_size=vocab_size,
+            extra=extra_manifest,
+        )
+        write_manifest(temporary, manifest)
+    elapsed = time.perf_counter() - start_time
+    logger.info(
+        f"Cached the teacher's top-{top_k} log-probabilities of {len(dataset)} rows ({num_tokens} tokens) in "
+        f"{cache_dir} ({elapsed:.1f}s, {num_tokens / max(elapsed, 1e-9):.0f} tokens/s)."
+    )
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------- loading
+def verify_manifest(
+    manifest: Mapping[str, Any],
+    *,
+    tokenizer: Any,
+    block_size: int | None,
+    data_checksum: str,
+    num_rows: int,
+    top_k: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> None:
+    """Raise ValueError listing every way the cache differs from the run (tokenizer, block size, k, data)."""
+    where = f"teacher logits cache {str(cache_dir)!r}" if cache_dir is not None else "teacher logits cache"
+    problems = []
+    if manifest.get("kind") != "teacher_topk_logprobs" or manifest.get("format_version") != FORMAT_VERSION:
+        problems.append(
+            f"it is not a cache of this format (kind {manifest.get('kind')!r}, format_version "
+            f"{manifest.get('format_version')!r}; expected 'teacher_topk_logprobs' version {FORMAT_VERSION})"
+        )
+    cached_tokenizer = manifest.get("tokenizer", {})
+    if cached_tokenizer.get("vocab_hash") != vocab_hash(tokenizer):
+        problems.append(
+            f"it was built with another tokenizer ({cached_tokenizer.get('name_or_path')!r}, "
+            f"{cached_tokenizer.get('vocab_size')} tokens) than this run's ({getattr(tokenizer, 'name_or_path', None)!r}, "
+            f"{len(tokenizer)} tokens)"
+        )
+    if manifest.get("block_size") != block_size:
+        problems.append(
+            f"it was built with block_size {manifest.get('block_size')}, this run uses {block_size}"
+        )
+    if top_k is not None and manifest.get("top_k") != top_k:
+        problems.append(f"it holds the top {manifest.get('top_k')} tokens, this run asks for top_k {top_k}")
+    if manifest.get("num_rows") != num_rows or manifest.get("data_checksum") != data_checksum:
+        problems.append(
+            f"it was built on other training data ({manifest.get('num_rows')} rows, input_ids checksum "
+            f"{str(manifest.get('data_checksum'))[:12]}...; this run has {num_rows} rows, checksum {data_checksum[:12]}...)"
+        )
+    if problems:
+        raise ValueError(
+            f"The {where} does not match this run: "
+            + "; ".join(problems)
+            + ". Rebuild it with scripts/cache_teacher_logits.py and the same data, tokenizer and --block_size "
+            "flags as this run (--max_train_samples and --validation_split_percentage included)."
+        )
+
+
+def load_logit_cache(
+    cache_dir: str | os.PathLike,
+    train_dataset: Any,
+    *,
+    tokenizer: Any,
+    block_size: int | None,
+    top_k: int | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """`train_dataset` with the cache's two columns added, after checking the manifest against it.
+
+    Returns (dataset, manifest). The dataset is in numpy format (rows as arrays), which the recipe's collator
+    takes and which is much faster to read than Python lists.
+    """
+    from datasets import concatenate_datasets, load_from_disk
+
+    manifest = read_manifest(cache_dir)
+    verify_manifest(
+        manifest,
+        tokenizer=tokenizer,
+        block_size=block_size,
+        data_checksum=token_ids_checksum(train_dataset),
+        num_rows=len(train_dataset),
+        top_k=top_k,
+        cache_dir=cache_dir,
+    )
+    cache = load_from_disk(str(Path(cache_dir) / DATA_DIR))
+    missing = [column for column in CACHE_COLUMNS if column not in cache.column_names]
+    if missing or len(cache) != len(train_dataset):
+        raise ValueError(
+            f"teacher logits cache {str(cache_dir)!r} is damaged: {len(cache)} rows with columns "
+            f"{cache.column_names}, expected {len(train_dataset)} rows with {list(CACHE_COLUMNS)}. Rebuild it."
+        )
+    clashing = [column for column in CACHE_COLUMNS if column in train_dataset.column_names]
+    if clashing:
+        train_dataset = train_dataset.remove_columns(clashing)
+    first_row = len(train_dataset[0]["input_ids"]) * manifest["top_k"]
+    if len(cache[0][INDICES_COLUMN]) != first_row:
+        raise ValueError(
+            f"teacher logits cache {str(cache_dir)!r} row 0 holds {len(cache[0][INDICES_COLUMN])} values, expected "
+            f"{first_row} (positions x top_k); rebuild it."
+        )
+    combined = concatenate_datasets([train_dataset, cache], axis=1)
+    logger.info(
+        f"Training from the teacher logits cache {cache_dir}: top-{manifest['top_k']} log-probabilities of "
+        f"{manifest['teacher']!r}, {manifest['num_rows']} rows."
+    )
+    return combined.with_format("numpy"), manifest
+
+
+def unflatten_rows(flat: Any, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """A cached row (T * k values) as a (T, k) tensor."""
+    values = torch.as_tensor(np.asarray(flat))
+    if values.numel() % max(length, 1):
+        raise ValueError(f"a cached row of {values.numel()} values does not split into {length} positions.")
+    return values.reshape(length, -1).to(dtype)

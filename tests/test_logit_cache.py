@@ -1,0 +1,305 @@
+"""The teacher logits cache (hf_distill/logit_cache.py): round trip against the teacher's own top-k, manifest
+checks, atomic builds that a killed run cannot leave half-used, and scripts/cache_teacher_logits.py ->
+scripts/distill_lm.py --teacher_logits_cache end to end."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import random
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import WORDS
+from datasets import Dataset
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_distill import logit_cache
+from hf_distill.logit_cache import (
+    INDICES_COLUMN,
+    LOGPROBS_COLUMN,
+    build_logit_cache,
+    load_logit_cache,
+    read_manifest,
+    token_ids_checksum,
+    verify_manifest,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_llama(vocab_size: int, *, layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def rows_dataset(lengths: list[int], vocab: int, seed: int = 0) -> Dataset:
+    generator = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(4, vocab, (length,), generator=generator).tolist() for length in lengths]
+    return Dataset.from_dict({"input_ids": rows, "labels": rows})
+
+
+def reference_topk(teacher, input_ids: list[int], k: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's top-k log-probabilities for one unpadded row, straight from its logits."""
+    with torch.no_grad():
+        logits = teacher(torch.tensor([input_ids])).logits[0, :, :vocab]  # (T, vocab)
+    return torch.topk(torch.log_softmax(logits.float(), dim=-1), k, dim=-1)
+
+
+def build(teacher, dataset, path, tokenizer, **options):
+    values = dict(tokenizer=tokenizer, teacher_name="tiny-teacher", block_size=16, top_k=5, batch_size=3)
+    values.update(options)
+    return build_logit_cache(teacher, dataset, path, **values)
+
+
+# --------------------------------------------------------------------------------------------- round trip
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("float16", 2e-2)])
+def test_cached_topk_equals_the_teachers_topk(tmp_path, lm_tokenizer, dtype, tolerance):
+    vocab = len(lm_tokenizer)
+    teacher = tiny_llama(vocab)
+    # Rows of different lengths are padded together in batches of 3; padding must not change any row.
+    dataset = rows_dataset([16, 9, 16, 4, 12, 16, 7], vocab)
+    manifest = build(teacher, dataset, tmp_path / "cache", lm_tokenizer, logprobs_dtype=dtype)
+    assert manifest["num_rows"] == 7 and manifest["num_tokens"] == 16 + 9 + 16 + 4 + 12 + 16 + 7
+    assert manifest["logprobs_dtype"] == dtype and manifest["top_k"] == 5
+
+    cached, _ = load_logit_cache(tmp_path / "cache", dataset, tokenizer=lm_tokenizer, block_size=16)
+    assert cached.column_names == ["input_ids", "labels", LOGPROBS_COLUMN, INDICES_COLUMN]
+    assert cached.features[INDICES_COLUMN].feature.dtype == "int32"
+    assert cached.features[LOGPROBS_COLUMN].feature.dtype == dtype
+    for i in range(len(dataset)):
+        row = cached[i]
+        length = len(row["input_ids"])
+        values = np.asarray(row[LOGPROBS_COLUMN]).reshape(length, 5)
+        indices = np.asarray(row[INDICES_COLUMN]).reshape(length, 5)
+        expected_values, expected_indices = reference_topk(teacher, dataset[i]["input_ids"], 5, vocab)
+        # Position t holds the distribution over token t + 1: the teacher's logits[:, t].
+        np.testing.assert_array_equal(indices, expected_indices.numpy())
+        np.testing.assert_allclose(values.astype(np.float32), expected_values.numpy(), atol=tolerance, rtol=0)
+        tail = 1.0 - np.exp(values.astype(np.float64)).sum(-1)  # the mass outside the top k, derived
+        assert (tail > -1e-3).all() and (tail < 1).all()
+
+
+def test_padded_teacher_vocabulary_is_cut_to_the_tokenizer(tmp_path, lm_tokenizer):
+    vocab = len(lm_tokenizer)
+    teacher = tiny_llama(vocab + 28)
+    with torch.no_grad():
+        teacher.lm_head.weight[vocab:] = 50.0  # padded rows that would dominate if they were kept
+    dataset = rows_dataset([8, 8], vocab)
+    manifest = build(teacher, dataset, tmp_path / "cache", lm_tokenizer, block_size=8)
+    assert manifest["cached_vocab_size"] == vocab and manifest["teacher_vocab_size"] == vocab + 28
+    cached, _ = load_logit_cache(tmp_path / "cache", dataset, tokenizer=lm_tokenizer, block_size=8)
+    indices = np.asarray(cached[0][INDICES_COLUMN]).reshape(8, 5)
+    values = np.asarray(cached[0][LOGPROBS_COLUMN]).reshape(8, 5)
+    expected_values, expected_indices = reference_topk(teacher, dataset[0]["input_ids"], 5, vocab)
+    assert indices.max() < vocab
+    np.testing.assert_array_equal(indices, expected_indices.numpy())
+    np.testing.assert_allclose(values, expected_values.numpy(), atol=1e-5)
+
+
+def test_manifest_describes_the_cache(tmp_path, lm_tokenizer):
+    dataset = rows_dataset([16, 16], len(lm_tokenizer))
+    build(teacher := tiny_llama(len(lm_tokenizer)), dataset, tmp_path / "cache", lm_tokenizer)
+    manifest = read_manifest(tmp_path / "cache")
+    from hf_distill import __version__
+
+    assert manifest["teacher"] == "tiny-teacher"
+    assert manifest["tokenizer"]["vocab_size"] == len(lm_tokenizer)
+    assert manifest["tokenizer"]["vocab_hash"] == logit_cache.vocab_hash(lm_tokenizer)
+    assert manifest["block_size"] == 16 and manifest["num_rows"] == 2
+    assert manifest["data_checksum"] == token_ids_checksum(dataset)
+    assert manifest["hf_distill_version"] == __version__
+    assert manifest["teacher_fingerprint"] == logit_cache.model_fingerprint(teacher)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["data", "manifest.json"]
+
+
+def test_checksum_depends_on_ids_order_and_row_boundaries():
+    checksum = lambda rows: token_ids_checksum(Dataset.from_dict({"input_ids": rows}))  # noqa: E731
+    assert checksum([[1, 2], [3]]) == checksum([[1, 2], [3]])
+    assert checksum([[1, 2], [3]]) != checksum([[1], [2, 3]])
+    assert checksum([[1, 2], [3]]) != checksum([[3], [1, 2]])
+    assert checksum([[1, 2], [3]]) != checksum([[1, 2], [4]])
+
+
+# --------------------------------------------------------------------------------------------- manifest checks
+@pytest.fixture
+def built_cache(tmp_path, lm_tokenizer):
+    dataset = rows_dataset([16, 16, 16], len(lm_tokenizer))
+    build(tiny_llama(len(lm_tokenizer)), dataset, tmp_path / "cache", lm_tokenizer)
+    return tmp_path / "cache", dataset
+
+
+def test_mismatched_block_size_tokenizer_k_or_data_is_an_error(built_cache, lm_tokenizer):
+    cache, dataset = built_cache
+    with pytest.raises(ValueError, match="built with block_size 16, this run uses 32"):
+        load_logit_cache(cache, dataset, tokenizer=lm_tokenizer, block_size=32)
+    other = copy.deepcopy(lm_tokenizer)
+    other.add_tokens(["zebra"])
+    with pytest.raises(ValueError, match="another tokenizer"):
+        load_logit_cache(cache, dataset, tokenizer=other, block_size=16)
+    with pytest.raises(ValueError, match="holds the top 5 tokens, this run asks for top_k 8"):
+        load_logit_cache(cache, dataset, tokenizer=lm_tokenizer, block_size=16, top_k=8)
+    shuffled = dataset.select([1, 0, 2])
+    with pytest.raises(ValueError, match="other training data"):
+        load_logit_cache(cache, shuffled, tokenizer=lm_tokenizer, block_size=16)
+    with pytest.raises(ValueError, match="other training data"):
+        load_logit_cache(cache, dataset.select([0, 1]), tokenizer=lm_tokenizer, block_size=16)
+    # Every difference is listed at once.
+    manifest = read_manifest(cache)
+    with pytest.raises(ValueError, match="block_size.*top_k") as error:
+        verify_manifest(
+            manifest, tokenizer=lm_tokenizer, block_size=8, top_k=3, data_checksum="x", num_rows=3
+        )
+    assert "other training data" in str(error.value)
+
+
+# --------------------------------------------------------------------------------------------- atomic builds
+class _FailingTeacher(torch.nn.Module):
+    """Wraps a teacher and raises on its second forward, as if the build were killed midway."""
+
+    def __init__(self, teacher):
+        super().__init__()
+        self.teacher = teacher
+        self.config = teacher.config
+        self.calls = 0
+
+    def forward(self, **inputs):
+        self.calls += 1
+        if self.calls == 2:
+            raise KeyboardInterrupt("killed")
+        return self.teacher(**inputs)
+
+
+def test_an_interrupted_build_leaves_nothing_usable(tmp_path, lm_tokenizer):
+    dataset = rows_dataset([16] * 6, len(lm_tokenizer))
+    teacher = _FailingTeacher(tiny_llama(len(lm_tokenizer)))
+    with pytest.raises(KeyboardInterrupt):
+        build(teacher, dataset, tmp_path / "cache", lm_tokenizer)
+    assert list(tmp_path.iterdir()) == []  # neither the target nor the temporary directory remains
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_logit_cache(tmp_path / "cache", dataset, tokenizer=lm_tokenizer, block_size=16)
+
+
+def test_a_directory_without_manifest_is_never_used(built_cache, lm_tokenizer):
+    cache, dataset = built_cache
+    (cache / "manifest.json").unlink()  # a partial cache: data written, manifest never reached
+    with pytest.raises(ValueError, match="has no manifest.json: it is incomplete"):
+        load_logit_cache(cache, dataset, tokenizer=lm_tokenizer, block_size=16)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="simulates the kill with os.fork")
+def test_a_killed_build_leaves_a_temporary_directory_that_is_ignored_and_cleaned(tmp_path, lm_tokenizer):
+    dataset = rows_dataset([16, 16], len(lm_tokenizer))
+    target = tmp_path / "cache"
+    # A child process builds into its temporary directory and is killed (SIGKILL) before the rename.
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        try:
+            with logit_cache.atomic_directory(target) as temporary:
+                (temporary / "data").mkdir()
+                os.kill(os.getpid(), signal.SIGKILL)
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(child, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    leftovers = list(tmp_path.glob(".cache.tmp-*"))
+    assert len(leftovers) == 1 and not target.exists()
+    with pytest.raises(FileNotFoundError):
+        load_logit_cache(target, dataset, tokenizer=lm_tokenizer, block_size=16)
+
+    build(tiny_llama(len(lm_tokenizer)), dataset, target, lm_tokenizer)
+    assert not leftovers[0].exists()  # removed: its owner is dead
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+def test_rebuilding_needs_overwrite_and_replaces_atomically(built_cache, lm_tokenizer):
+    cache, dataset = built_cache
+    teacher = tiny_llama(len(lm_tokenizer), seed=7)
+    with pytest.raises(FileExistsError, match="already exists"):
+        build(teacher, dataset, cache, lm_tokenizer)
+    build(teacher, dataset, cache, lm_tokenizer, top_k=3, overwrite=True)
+    assert read_manifest(cache)["top_k"] == 3
+    assert sorted(p.name for p in cache.parent.iterdir()) == ["cache"]
+
+
+# --------------------------------------------------------------------------------------------- scripts
+def _trainer_supports_cache() -> bool:
+    source = (REPO / "hf_distill" / "trainer.py").read_text()
+    return "teacher_logits_cache" in source and "sparse_distillation_loss" in source
+
+
+def test_cache_script_then_training_from_the_cache(tmp_path, lm_tokenizer, monkeypatch):
+    cache_script = _load_script("cache_teacher_logits")
+    distill_lm = _load_script("distill_lm")
+    lm = distill_lm.lm
+    vocab = len(lm_tokenizer)
+    teacher_dir = tmp_path / "teacher"
+    tiny_llama(vocab).save_pretrained(teacher_dir)
+    lm_tokenizer.save_pretrained(teacher_dir)
+    student_dir = tmp_path / "student"
+    tiny_llama(vocab, layers=1, seed=1).save_pretrained(student_dir)
+    rng = random.Random(0)
+    train = tmp_path / "train.txt"
+    train.write_text("".join(" ".join(rng.choice(WORDS) for _ in range(12)) + "\n" for _ in range(40)))
+    data = ["--train_file", str(train), "--block_size", "16", "--validation_split_percentage", "10"]
+    cache = tmp_path / "cache"
+    manifest = cache_script.main(
+        ["--teacher_model_name_or_path", str(teacher_dir), "--cache_output_dir", str(cache), "--top_k", "8"]
+        + data
+    )
+    assert manifest["top_k"] == 8 and manifest["block_size"] == 16
+
+    training = [
+        "--teacher_model_name_or_path", str(teacher_dir), "--student_model_name_or_path", str(student_dir),
+        "--teacher_logits_cache", str(cache), "--do_train", "--output_dir", str(tmp_path / "out"),
+        "--max_steps", "3", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--save_strategy", "no",
+        "--report_to", "none", "--use_cpu", "true", "--disable_tqdm", "true", "--learning_rate", "1e-2",
+    ]  # fmt: skip
+    # A cache built with another block size is refused before training.
+    with pytest.raises(ValueError, match="built with block_size 16, this run uses 8"):
+        distill_lm.main(training + [value if value != "16" else "8" for value in data])
+
+    if not _trainer_supports_cache():
+        pytest.skip("DistillationTrainer has no teacher_logits_cache support yet (lead's trainer hook).")
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher must not be loaded when training from the cache")
+
+    monkeypatch.setattr(lm, "load_teacher", no_teacher)
+    distill_lm.main(training + data)
+    log_history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    kd = [entry["kd_loss"] for entry in log_history if "kd_loss" in entry]
+    assert len(kd) == 3 and all(np.isfinite(kd)) and all(value > 0 for value in kd)
+    assert (tmp_path / "out" / "model.safetensors").is_file()
