@@ -57,3 +57,25 @@ def test_translation_recipe_on_two_ranks(tmp_path, seq2seq_tokenizer):
     assert (output_dir / "seq_kd_cache" / "manifest.json").is_file()
     leftovers = [p.name for p in output_dir.rglob("*") if p.name.startswith(".tmp")]
     assert leftovers == []
+
+
+def test_language_modeling_recipe_on_two_ranks(tmp_path, lm_tokenizer):
+    import test_language_modeling as helpers
+
+    teacher = helpers.save_model(
+        tmp_path / "teacher", helpers.tiny_llama(len(lm_tokenizer), tokenizer=lm_tokenizer), lm_tokenizer
+    )
+    train = helpers.write_lines(tmp_path / "train.txt", helpers.sentences(60, seed=0))
+    valid = helpers.write_lines(tmp_path / "valid.txt", helpers.sentences(12, seed=1))
+    output_dir = tmp_path / "out"
+    flags = [
+        "--teacher_model_name_or_path", teacher, "--student_num_layers", "1",
+        "--train_file", train, "--validation_file", valid, "--block_size", "16",
+        "--do_train", "--do_eval", "--kd_loss", "reverse_kl", "--hidden_weight", "0.5",
+    ]  # fmt: skip
+    launch_two_ranks("distill_lm.py", flags + helpers.run_flags(output_dir, max_steps=2))
+    results = json.loads((output_dir / "eval_results.json").read_text())
+    assert results["perplexity"] > 1
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and any("hidden_loss" in entry for entry in state["log_history"])
+    assert (output_dir / "distill_report.json").is_file() and (output_dir / "model.safetensors").is_file()
