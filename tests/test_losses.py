@@ -1,0 +1,587 @@
+"""Tests for hf_distill.losses against reference formulas written here, in float64, from softmax/log/sum."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_distill.losses import (
+    attention_distillation_loss,
+    fused_linear_distillation_loss,
+    hidden_state_loss,
+    logit_distillation_loss,
+    sparse_distillation_loss,
+)
+
+KINDS = ["forward_kl", "reverse_kl", "jsd", "mse"]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Independent references
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def reference_per_position(student, teacher, kind, temperature=1.0, beta=0.5):
+    """(..., V) -> (...) in float64, straight from the definitions in probability space."""
+    s, t = student.double(), teacher.double()
+    if kind == "mse":
+        return ((s - t) ** 2).mean(-1)
+    p_s = torch.softmax(s / temperature, dim=-1)
+    p_t = torch.softmax(t / temperature, dim=-1)
+    if kind == "forward_kl":
+        value = (p_t * (torch.log(p_t) - torch.log(p_s))).sum(-1)
+    elif kind == "reverse_kl":
+        value = (p_s * (torch.log(p_s) - torch.log(p_t))).sum(-1)
+    else:
+        m = beta * p_t + (1 - beta) * p_s
+        value = beta * (p_t * torch.log(p_t / m)).sum(-1) + (1 - beta) * (p_s * torch.log(p_s / m)).sum(-1)
+    return value * temperature**2
+
+
+def reference_reduce(per_position, mask, reduction):
+    weights = torch.ones_like(per_position) if mask is None else mask.double()
+    total = (per_position * weights).sum()
+    if reduction == "sum":
+        return total
+    return total / weights.sum() if weights.sum() > 0 else total * 0
+
+
+def reference_loss(student, teacher, kind, temperature=1.0, beta=0.5, mask=None, reduction="mean"):
+    return reference_reduce(
+        reference_per_position(student, teacher, kind, temperature, beta), mask, reduction
+    )
+
+
+def random_logits(*shape, scale=2.0, dtype=torch.float32):
+    return (torch.randn(*shape) * scale).to(dtype)
+
+
+def grad_of(loss, tensor):
+    (grad,) = torch.autograd.grad(loss, tensor)
+    return grad
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# logit_distillation_loss: values and gradients against the references
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_logit_loss_matches_reference_with_mask(kind, reduction, temperature):
+    student = random_logits(3, 4, 13).requires_grad_()
+    teacher = random_logits(3, 4, 13)
+    mask = torch.rand(3, 4) > 0.4
+    loss = logit_distillation_loss(
+        student, teacher, kind=kind, temperature=temperature, beta=0.3, mask=mask, reduction=reduction
+    )
+    student64 = student.detach().double().requires_grad_()
+    expected = reference_loss(student64, teacher, kind, temperature, 0.3, mask, reduction)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    torch.testing.assert_close(loss.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        grad_of(loss, student).double(), grad_of(expected, student64), atol=1e-6, rtol=1e-4
+    )
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_jsd_over_beta_including_the_zero_limits(beta):
+    student = random_logits(5, 17).requires_grad_()
+    teacher = random_logits(5, 17)
+    loss = logit_distillation_loss(student, teacher, kind="jsd", beta=beta, temperature=1.5)
+    student64 = student.detach().double().requires_grad_()
+    expected = reference_loss(student64, teacher, "jsd", 1.5, beta)
+    torch.testing.assert_close(loss.double(), expected, atol=1e-6, rtol=1e-5)
+    grad = grad_of(loss, student)
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad.double(), grad_of(expected, student64), atol=1e-7, rtol=1e-4)
+    if beta in (0.0, 1.0):
+        assert loss.item() == 0.0 and not grad.any()
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0])
+def test_forward_kl_is_temperature_squared_times_torch_kl_div(temperature):
+    student, teacher = random_logits(6, 9), random_logits(6, 9)
+    kl = F.kl_div(
+        torch.log_softmax(student.double() / temperature, -1),
+        torch.log_softmax(teacher.double() / temperature, -1),
+        log_target=True,
+        reduction="batchmean",
+    )
+    loss = logit_distillation_loss(student, teacher, temperature=temperature)
+    torch.testing.assert_close(loss.double(), temperature**2 * kl, atol=1e-6, rtol=1e-5)
+
+
+def test_mse_ignores_temperature_and_handles_a_single_output():
+    student, teacher = torch.randn(8, 1), torch.randn(8, 1)
+    expected = ((student - teacher) ** 2).mean()
+    for temperature in (1.0, 3.0):
+        loss = logit_distillation_loss(student, teacher, kind="mse", temperature=temperature)
+        torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sum_is_mean_times_unmasked_count(kind):
+    student, teacher = random_logits(2, 5, 7), random_logits(2, 5, 7)
+    mask = torch.tensor([[1, 1, 0, 1, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)
+    mean = logit_distillation_loss(student, teacher, kind=kind, mask=mask)
+    total = logit_distillation_loss(student, teacher, kind=kind, mask=mask, reduction="sum")
+    torch.testing.assert_close(total, mean * 7)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("chunk_size", [None, 2])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_all_masked_gives_zero_and_zero_gradient(kind, chunk_size, reduction):
+    student = random_logits(2, 3, 5).requires_grad_()
+    mask = torch.zeros(2, 3, dtype=torch.bool)
+    loss = logit_distillation_loss(
+        student, random_logits(2, 3, 5), kind=kind, mask=mask, chunk_size=chunk_size, reduction=reduction
+    )
+    assert loss.item() == 0.0 and loss.dtype == torch.float32
+    grad = grad_of(loss, student)
+    assert torch.equal(grad, torch.zeros_like(student))
+
+
+def test_masked_positions_do_not_matter_even_when_non_finite():
+    student, teacher = random_logits(2, 4, 6), random_logits(2, 4, 6)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 1, 1]], dtype=torch.bool)
+    clean = logit_distillation_loss(student, teacher, mask=mask)
+    poisoned = student.clone()
+    poisoned[~mask] = float("nan")
+    for chunk_size in (None, 3):
+        poisoned_loss = logit_distillation_loss(poisoned, teacher, mask=mask, chunk_size=chunk_size)
+        torch.testing.assert_close(poisoned_loss, clean)
+
+
+def test_teacher_gets_no_gradient_even_if_it_requires_grad():
+    student = random_logits(4, 6).requires_grad_()
+    teacher = random_logits(4, 6).requires_grad_()
+    for chunk_size in (None, 3):
+        loss = logit_distillation_loss(student, teacher, chunk_size=chunk_size)
+        loss.backward()
+        assert teacher.grad is None
+        assert student.grad is not None
+        student.grad = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chunked == naive
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("chunk_size", [1, 3, 4, 7, 64])
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_chunked_matches_naive_value_and_gradient(kind, chunk_size, use_mask):
+    student = random_logits(3, 7, 19).requires_grad_()  # 21 positions: 3, 4 and 64 do not divide it
+    teacher = random_logits(3, 7, 19)
+    mask = (torch.rand(3, 7) > 0.3) if use_mask else None
+    options = dict(kind=kind, temperature=2.0, beta=0.3, mask=mask)
+    naive = logit_distillation_loss(student, teacher, **options)
+    chunked = logit_distillation_loss(student, teacher, chunk_size=chunk_size, **options)
+    torch.testing.assert_close(chunked, naive, atol=1e-6, rtol=1e-5)
+    # A grad_output other than 1, as when the trainer divides a "sum" by num_items_in_batch.
+    torch.testing.assert_close(
+        grad_of(chunked * 0.37, student), grad_of(naive * 0.37, student), atol=1e-7, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
+def test_chunked_sum_reduction_and_reference(kind):
+    student = random_logits(10, 23).requires_grad_()
+    teacher = random_logits(10, 23)
+    mask = torch.arange(10) % 3 != 0
+    loss = logit_distillation_loss(student, teacher, kind=kind, mask=mask, chunk_size=4, reduction="sum")
+    student64 = student.detach().double().requires_grad_()
+    expected = reference_loss(student64, teacher, kind, mask=mask, reduction="sum")
+    torch.testing.assert_close(loss.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        grad_of(loss, student).double(), grad_of(expected, student64), atol=1e-6, rtol=1e-4
+    )
+
+
+def test_chunked_accepts_non_contiguous_vocab_slices_and_no_grad():
+    full_student = random_logits(2, 5, 12).requires_grad_()
+    teacher = random_logits(2, 5, 12)[..., :10]
+    student = full_student[..., :10]  # as when the trainer drops padded vocabulary rows
+    naive = logit_distillation_loss(student, teacher)
+    chunked = logit_distillation_loss(student, teacher, chunk_size=3)
+    torch.testing.assert_close(chunked, naive)
+    torch.testing.assert_close(grad_of(chunked, full_student), grad_of(naive, full_student))
+    with torch.no_grad():
+        torch.testing.assert_close(logit_distillation_loss(student, teacher, chunk_size=3), naive.detach())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Low precision inputs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_half_inputs_give_float32_result_of_the_float32_computation(dtype, kind, chunk_size):
+    student = random_logits(2, 5, 11, dtype=dtype).requires_grad_()
+    teacher = random_logits(2, 5, 11, dtype=dtype)
+    mask = torch.rand(2, 5) > 0.2
+    loss = logit_distillation_loss(
+        student, teacher, kind=kind, temperature=2.0, mask=mask, chunk_size=chunk_size
+    )
+    assert loss.dtype == torch.float32
+    expected = reference_loss(
+        student.detach(), teacher, kind, 2.0, 0.5, mask
+    )  # same rounded values, in float64
+    torch.testing.assert_close(loss.double(), expected, atol=1e-5, rtol=1e-5)
+    grad = grad_of(loss, student)
+    assert grad.dtype == dtype and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_logits_of_magnitude_1e4_stay_finite(dtype, kind, chunk_size):
+    student = ((torch.rand(6, 32) * 2 - 1) * 1e4).to(dtype).requires_grad_()
+    teacher = ((torch.rand(6, 32) * 2 - 1) * 1e4).to(dtype)
+    # At T = 0.1 the scaled logits reach 1e5, past float16's 65504: scaling before the upcast would give inf,
+    # and so would squaring 1e4 differences for mse.
+    temperature = 0.1
+    loss = logit_distillation_loss(
+        student, teacher, kind=kind, temperature=temperature, chunk_size=chunk_size
+    )
+    assert torch.isfinite(loss)
+    assert torch.isfinite(grad_of(loss, student).float()).all()
+    # Probabilities underflow to 0 here, so the reference works with log-probabilities (float64).
+    log_p_s = torch.log_softmax(student.detach().double() / temperature, -1)
+    log_p_t = torch.log_softmax(teacher.double() / temperature, -1)
+    p_s, p_t = log_p_s.exp(), log_p_t.exp()
+    if kind == "forward_kl":
+        per_position = (p_t * (log_p_t - log_p_s)).sum(-1)
+    elif kind == "reverse_kl":
+        per_position = (p_s * (log_p_s - log_p_t)).sum(-1)
+    elif kind == "jsd":
+        log_m = torch.logaddexp(log_p_t + math.log(0.5), log_p_s + math.log(0.5))
+        per_position = 0.5 * (p_t * (log_p_t - log_m)).sum(-1) + 0.5 * (p_s * (log_p_s - log_m)).sum(-1)
+    if kind == "mse":
+        expected = ((student.detach().double() - teacher.double()) ** 2).mean()
+    else:
+        expected = per_position.mean() * temperature**2
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fused linear == F.linear + logit loss
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("chunk_size", [None, 1, 5])
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_fused_matches_naive_values_and_gradients(kind, chunk_size, use_mask):
+    vocab, student_width, teacher_width = 29, 8, 12
+    student_hidden = torch.randn(2, 7, student_width, requires_grad=True)
+    student_weight = (torch.randn(vocab, student_width) / 2).requires_grad_()
+    student_bias = torch.randn(vocab, requires_grad=True)
+    teacher_hidden = torch.randn(2, 7, teacher_width, requires_grad=True)
+    teacher_weight = (torch.randn(vocab, teacher_width) / 2).requires_grad_()
+    teacher_bias = torch.randn(vocab, requires_grad=True)
+    mask = (torch.rand(2, 7) > 0.3) if use_mask else None
+    options = dict(kind=kind, temperature=2.0, beta=0.4, mask=mask, reduction="sum")
+    student_params = (student_hidden, student_weight, student_bias)
+
+    naive = logit_distillation_loss(
+        F.linear(student_hidden, student_weight, student_bias),
+        F.linear(teacher_hidden, teacher_weight, teacher_bias),
+        **options,
+    )
+    naive_grads = torch.autograd.grad(naive * 0.5, student_params)
+    fused = fused_linear_distillation_loss(
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_weight,
+        student_bias=student_bias,
+        teacher_bias=teacher_bias,
+        chunk_size=chunk_size,
+        **options,
+    )
+    torch.testing.assert_close(fused, naive, atol=1e-5, rtol=1e-5)
+    (fused * 0.5).backward()
+    for param, expected in zip(student_params, naive_grads):
+        torch.testing.assert_close(param.grad, expected, atol=1e-6, rtol=1e-5)
+    for teacher_tensor in (teacher_hidden, teacher_weight, teacher_bias):
+        assert teacher_tensor.grad is None
+
+
+def test_fused_mean_reduction_without_bias_and_against_the_reference():
+    hidden = torch.randn(9, 6, requires_grad=True)
+    weight = torch.randn(15, 6, requires_grad=True)
+    teacher_hidden, teacher_weight = torch.randn(9, 4), torch.randn(15, 4)
+    loss = fused_linear_distillation_loss(hidden, weight, teacher_hidden, teacher_weight, chunk_size=4)
+    expected = reference_loss(
+        hidden.detach() @ weight.detach().T, teacher_hidden @ teacher_weight.T, "forward_kl"
+    )
+    torch.testing.assert_close(loss.double(), expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        no_grad_loss = fused_linear_distillation_loss(hidden, weight, teacher_hidden, teacher_weight)
+    torch.testing.assert_close(no_grad_loss, loss.detach())
+
+
+def test_fused_bfloat16_matches_naive_bfloat16():
+    hidden = torch.randn(2, 6, 8, dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(21, 8) / 2).to(torch.bfloat16).requires_grad_()
+    teacher_hidden, teacher_weight = torch.randn(2, 6, 8).bfloat16(), (torch.randn(21, 8) / 2).bfloat16()
+    naive = logit_distillation_loss(F.linear(hidden, weight), F.linear(teacher_hidden, teacher_weight))
+    naive_grads = torch.autograd.grad(naive, (hidden, weight))
+    fused = fused_linear_distillation_loss(hidden, weight, teacher_hidden, teacher_weight, chunk_size=5)
+    assert fused.dtype == torch.float32
+    torch.testing.assert_close(fused, naive, atol=1e-4, rtol=1e-3)
+    fused_grads = torch.autograd.grad(fused, (hidden, weight))
+    for got, expected in zip(fused_grads, naive_grads):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), expected.float(), atol=2e-3, rtol=2e-2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# hidden_state_loss and attention_distillation_loss
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["mse", "cosine"])
+def test_hidden_state_loss_matches_reference(kind):
+    student = torch.randn(3, 5, 8, requires_grad=True)
+    teacher = torch.randn(3, 5, 8)
+    mask = torch.rand(3, 5) > 0.4
+    s, t = student.detach().double().requires_grad_(), teacher.double()
+    if kind == "mse":
+        per_position = ((s - t) ** 2).mean(-1)
+    else:
+        per_position = 1 - (s * t).sum(-1) / (s.norm(dim=-1) * t.norm(dim=-1))
+    expected = (per_position * mask).sum() / mask.sum()
+    loss = hidden_state_loss(student, teacher, kind=kind, mask=mask)
+    torch.testing.assert_close(loss.double(), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grad_of(loss, student).double(), grad_of(expected, s), atol=1e-7, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["mse", "cosine"])
+def test_hidden_state_loss_all_masked_is_zero(kind):
+    student = torch.randn(2, 3, 4, requires_grad=True)
+    loss = hidden_state_loss(
+        student, torch.randn(2, 3, 4), kind=kind, mask=torch.zeros(2, 3, dtype=torch.bool)
+    )
+    assert loss.item() == 0.0 and loss.dtype == torch.float32
+    assert torch.equal(grad_of(loss, student), torch.zeros_like(student))
+
+
+def test_hidden_state_loss_half_inputs_return_float32():
+    student, teacher = torch.randn(4, 8).half(), torch.randn(4, 8).half()
+    loss = hidden_state_loss(student, teacher)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), ((student.double() - teacher.double()) ** 2).mean())
+
+
+def _attention_maps(scores, key_mask):
+    return torch.softmax(scores.masked_fill(~key_mask[:, None, None, :], float("-inf")), dim=-1)
+
+
+def test_attention_loss_matches_loop_reference_with_padding():
+    batch, heads, seq = 2, 3, 5
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    student_scores = torch.randn(batch, heads, seq, seq, requires_grad=True)
+    student = _attention_maps(student_scores, mask)
+    teacher = _attention_maps(torch.randn(batch, heads, seq, seq), mask)
+    loss = attention_distillation_loss(student, teacher, mask=mask)
+
+    total, count = 0.0, 0
+    for b in range(batch):
+        for q in range(seq):
+            if not mask[b, q]:
+                continue
+            for h in range(heads):
+                row_kl = 0.0
+                for k in range(seq):
+                    p_t, p_s = teacher[b, h, q, k].item(), student[b, h, q, k].item()
+                    if p_t > 0:
+                        row_kl += p_t * math.log(p_t / p_s)
+                total += row_kl / heads
+            count += 1
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(total / count, rel=1e-5, abs=1e-7)
+    grad = grad_of(loss, student_scores)
+    assert torch.isfinite(grad).all()
+
+
+def test_attention_loss_without_mask_and_all_masked():
+    student_scores = torch.randn(2, 2, 4, 4, requires_grad=True)
+    student = torch.softmax(student_scores, -1)
+    teacher = torch.softmax(torch.randn(2, 2, 4, 4), -1)
+    loss = attention_distillation_loss(student, teacher)
+    t, s = teacher.double(), student.detach().double()
+    expected = (t * (t.log() - s.log())).sum(-1).mean()
+    torch.testing.assert_close(loss.double(), expected, atol=1e-6, rtol=1e-5)
+    empty = attention_distillation_loss(student, teacher, mask=torch.zeros(2, 4, dtype=torch.bool))
+    assert empty.item() == 0.0
+    assert torch.equal(grad_of(empty, student_scores), torch.zeros_like(student_scores))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sparse_distillation_loss
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def reference_sparse(student, topk_logprobs, topk_indices, kind, temperature, beta):
+    """Per-position loop over the k + 1 buckets in float64, exactly as documented."""
+    vocab = student.shape[-1]
+    s = student.double().reshape(-1, vocab)
+    lp = topk_logprobs.double().reshape(s.shape[0], -1)
+    idx = topk_indices.reshape(s.shape[0], -1)
+    values = []
+    for row in range(s.shape[0]):
+        teacher_mass = lp[row].exp()
+        student_probs = torch.softmax(s[row] / temperature, -1)
+        p_s = student_probs[idx[row]]
+        if idx.shape[1] < vocab:
+            teacher_mass = torch.cat([teacher_mass, (1 - teacher_mass.sum()).clamp_min(0).reshape(1)])
+            p_s = torch.cat([p_s, (1 - p_s.sum()).reshape(1)])
+        q = teacher_mass ** (1 / temperature)
+        q = q / q.sum()
+        if kind == "forward_kl":
+            value = (q * torch.log(q / p_s)).sum()
+        elif kind == "reverse_kl":
+            value = (p_s * torch.log(p_s / q)).sum()
+        else:
+            m = beta * q + (1 - beta) * p_s
+            value = beta * (q * torch.log(q / m)).sum() + (1 - beta) * (p_s * torch.log(p_s / m)).sum()
+        values.append(value * temperature**2)
+    return torch.stack(values).reshape(student.shape[:-1])
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_sparse_with_k_equal_vocab_is_the_full_loss(kind, temperature):
+    vocab = 13
+    student = random_logits(2, 4, vocab).requires_grad_()
+    teacher = random_logits(2, 4, vocab)
+    mask = torch.rand(2, 4) > 0.3
+    topk_logprobs, topk_indices = torch.log_softmax(teacher, -1).topk(
+        vocab, dim=-1
+    )  # a permutation of the vocab
+    sparse = sparse_distillation_loss(
+        student, topk_logprobs, topk_indices, kind=kind, temperature=temperature, mask=mask
+    )
+    full = logit_distillation_loss(student, teacher, kind=kind, temperature=temperature, mask=mask)
+    torch.testing.assert_close(sparse, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_of(sparse, student), grad_of(full, student), atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_sparse_with_small_k_matches_bucket_reference(kind, reduction):
+    vocab, k, temperature = 17, 4, 1.7
+    student = random_logits(3, 5, vocab).requires_grad_()
+    teacher = random_logits(3, 5, vocab, scale=3.0)
+    mask = torch.rand(3, 5) > 0.3
+    topk_logprobs, topk_indices = torch.log_softmax(teacher, -1).topk(k, dim=-1)
+    loss = sparse_distillation_loss(
+        student,
+        topk_logprobs,
+        topk_indices,
+        kind=kind,
+        temperature=temperature,
+        beta=0.3,
+        mask=mask,
+        reduction=reduction,
+    )
+    student64 = student.detach().double().requires_grad_()
+    per_position = reference_sparse(student64, topk_logprobs, topk_indices, kind, temperature, 0.3)
+    expected = reference_reduce(per_position, mask, reduction)
+    torch.testing.assert_close(loss.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        grad_of(loss, student).double(), grad_of(expected, student64), atol=1e-6, rtol=1e-4
+    )
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_sparse_is_finite_when_the_teacher_tail_is_zero(kind):
+    vocab, k = 11, 3
+    student = random_logits(4, vocab).requires_grad_()
+    teacher = random_logits(4, vocab)
+    teacher[:, 0] = 200.0  # the teacher is certain: the top-k mass rounds to 1 and the tail to 0
+    topk_logprobs, topk_indices = torch.log_softmax(teacher, -1).topk(k, dim=-1)
+    for temperature in (1.0, 3.0):
+        loss = sparse_distillation_loss(
+            student, topk_logprobs, topk_indices, kind=kind, temperature=temperature
+        )
+        assert torch.isfinite(loss)
+        assert torch.isfinite(grad_of(loss, student)).all()
+
+
+def test_sparse_all_masked_is_zero():
+    student = random_logits(2, 3, 9).requires_grad_()
+    topk_logprobs, topk_indices = torch.log_softmax(random_logits(2, 3, 9), -1).topk(3, dim=-1)
+    loss = sparse_distillation_loss(
+        student, topk_logprobs, topk_indices, mask=torch.zeros(2, 3, dtype=torch.bool)
+    )
+    assert loss.item() == 0.0
+    assert torch.equal(grad_of(loss, student), torch.zeros_like(student))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_vocab_mismatch_names_both_sizes_and_the_fix():
+    with pytest.raises(
+        ValueError, match=r"teacher has vocab 32064, student 32000.*slice the teacher's padded rows"
+    ):
+        logit_distillation_loss(torch.zeros(1, 2, 32000), torch.zeros(1, 2, 32064))
+    with pytest.raises(ValueError, match=r"teacher has vocab 12, student 10"):
+        fused_linear_distillation_loss(
+            torch.zeros(3, 4), torch.zeros(10, 4), torch.zeros(3, 5), torch.zeros(12, 5)
+        )
+
+
+def test_position_mismatch_names_both_shapes():
+    with pytest.raises(ValueError, match=r"shape \(2, 5, 7\) but teacher_logits \(2, 6, 7\)"):
+        logit_distillation_loss(torch.zeros(2, 5, 7), torch.zeros(2, 6, 7))
+    with pytest.raises(ValueError, match=r"student_hidden has shape \(3, 4\) but teacher_hidden \(2, 4\)"):
+        fused_linear_distillation_loss(
+            torch.zeros(3, 4), torch.zeros(10, 4), torch.zeros(2, 4), torch.zeros(10, 4)
+        )
+
+
+def test_unknown_kind_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown kind 'kl'.*'forward_kl', 'reverse_kl', 'jsd', 'mse'"):
+        logit_distillation_loss(torch.zeros(2, 3), torch.zeros(2, 3), kind="kl")
+    with pytest.raises(ValueError, match=r"unknown kind 'l1'.*'mse' and 'cosine'"):
+        hidden_state_loss(torch.zeros(2, 3), torch.zeros(2, 3), kind="l1")
+    with pytest.raises(ValueError, match=r"unknown kind 'mse'.*'forward_kl', 'reverse_kl', 'jsd'"):
+        sparse_distillation_loss(
+            torch.zeros(2, 5), torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.long), kind="mse"
+        )
+
+
+def test_bad_mask_temperature_beta_and_chunk_size():
+    student, teacher = torch.zeros(2, 3, 4), torch.zeros(2, 3, 4)
+    with pytest.raises(ValueError, match=r"mask has shape \(2, 4\).*position dims \(2, 3\)"):
+        logit_distillation_loss(student, teacher, mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="temperature must be"):
+        logit_distillation_loss(student, teacher, temperature=0.0)
+    with pytest.raises(ValueError, match="beta must lie in"):
+        logit_distillation_loss(student, teacher, kind="jsd", beta=1.5)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        logit_distillation_loss(student, teacher, chunk_size=0)
+    with pytest.raises(ValueError, match="unknown reduction"):
+        logit_distillation_loss(student, teacher, reduction="batchmean")
+    with pytest.raises(ValueError, match=r"mask has shape \(2, 3\), expected \(batch, q\) = \(2, 4\)"):
+        attention_distillation_loss(torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4), mask=torch.ones(2, 3))
