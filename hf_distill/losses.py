@@ -680,6 +680,52 @@ def attention_distillation_loss(
     return _mean_or_sum(per_query.sum(), per_query.numel(), "mean")
 
 
+class _BucketLogProbs(torch.autograd.Function):
+    """(n, V) logits -> (n, k [+ 1]) log-probabilities at temperature T of k listed tokens [and of all the others].
+
+    One exp pass forward and one in-place pass backward, with the gradient in closed form: for the bucket
+    log-probabilities log p_b of s = logits / T, with upstream gradient G_b,
+      dL/ds_j = G_b(j) - p_j * sum_b G_b        for a listed token j,
+      dL/ds_j = p_j * (G_tail / p_tail - sum_b G_b)   for a token in the tail.
+    The tail mass is summed over the tail tokens themselves, not taken as 1 - sum(listed), so it stays exact when
+    the listed tokens hold nearly all the mass. Backward through it once only.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, indices, inv_temperature, has_tail):
+        scaled = logits.float() * inv_temperature  # (n, V), a new buffer that becomes the exponentials
+        row_max = scaled.amax(-1, keepdim=True)
+        listed_scaled = scaled.gather(-1, indices) - row_max  # (n, k)
+        exps = scaled.sub_(row_max).exp_()  # unnormalised probabilities
+        listed = exps.gather(-1, indices)
+        total = listed.sum(-1, keepdim=True)
+        tail = None
+        if has_tail:
+            exps.scatter_(-1, indices, 0.0)
+            tail = exps.sum(-1, keepdim=True)  # exact mass of the other tokens
+            total = total + tail
+        log_total = total.log()
+        log_p = listed_scaled - log_total
+        if has_tail:
+            log_p = torch.cat([log_p, tail.clamp_min(_TINY).log() - log_total], dim=-1)
+        ctx.save_for_backward(exps, listed, total, tail if has_tail else total, indices)
+        ctx.inv_temperature, ctx.has_tail, ctx.input_dtype = inv_temperature, has_tail, logits.dtype
+        return log_p
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        exps, listed, total, tail, indices = ctx.saved_tensors
+        k = indices.shape[-1]
+        grad_sum = grad_output.sum(-1, keepdim=True)  # (n, 1)
+        row_factor = -grad_sum / total
+        if ctx.has_tail:
+            row_factor = row_factor + grad_output[:, k:] / tail.clamp_min(_TINY)
+        grad = exps.mul_(row_factor)  # tail tokens; listed tokens are overwritten next
+        grad.scatter_(-1, indices, grad_output[:, :k] - listed / total * grad_sum)
+        grad.mul_(ctx.inv_temperature)
+        return grad.to(ctx.input_dtype), None, None, None
+
+
 def sparse_distillation_loss(
     student_logits: torch.Tensor,
     teacher_topk_logprobs: torch.Tensor,
@@ -744,15 +790,8 @@ def sparse_distillation_loss(
         logits, teacher_logprobs, indices = logits[flat_mask], teacher_logprobs[flat_mask], indices[flat_mask]
 
     # Student bucket log-probabilities at temperature T: (n, k) listed tokens, then the tail.
-    scaled = logits / temperature
-    log_normaliser = torch.logsumexp(scaled, dim=-1, keepdim=True)
-    log_p_student = scaled.gather(-1, indices) - log_normaliser
     has_tail = k < vocab
-    if has_tail:
-        # The most negative finite float keeps the logsumexp (and its gradient) finite even if no token is left.
-        others = scaled.scatter(-1, indices, torch.finfo(torch.float32).min)
-        log_tail = torch.logsumexp(others, dim=-1, keepdim=True) - log_normaliser
-        log_p_student = torch.cat([log_p_student, log_tail], dim=-1)  # (n, k + 1)
+    log_p_student = _BucketLogProbs.apply(logits, indices, 1.0 / temperature, has_tail)  # (n, k [+ 1])
 
     # Teacher bucket log-masses at temperature 1, tempered and renormalised.
     log_q = teacher_logprobs.float()
