@@ -7,6 +7,7 @@ k is the output of layer k, so a model with L layers has indices 0..L. Attention
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 from torch import nn
@@ -124,3 +125,33 @@ def attention_matching_loss(
         for s, t in pairs
     ]
     return torch.stack(losses).mean()
+
+
+# ---- what a model's config says about its layers -------------------------------------------------------------
+
+
+def layer_counts(config: Any) -> dict[str, int]:
+    """Layer counts per stack: {'layers': n}, or {'encoder': n, 'decoder': m} for encoder-decoder models."""
+    if getattr(config, "is_encoder_decoder", False):
+        encoder = getattr(config, "encoder_layers", None) or getattr(config, "num_layers", None)
+        decoder = (
+            getattr(config, "decoder_layers", None) or getattr(config, "num_decoder_layers", None) or encoder
+        )
+        return {"encoder": encoder, "decoder": decoder}
+    text_config = config.get_text_config()
+    return {"layers": text_config.num_hidden_layers}
+
+
+def hidden_width(config: Any) -> int:
+    text_config = config.get_text_config()
+    for name in ("hidden_size", "d_model", "dim", "n_embd"):
+        if getattr(text_config, name, None):
+            return getattr(text_config, name)
+    raise ValueError(f"cannot tell the hidden width of {type(config).__name__}; set hidden_weight=0.")
+
+
+def attention_heads(config: Any) -> int | None:
+    text_config = config.get_text_config()
+    return getattr(text_config, "num_attention_heads", None) or getattr(
+        text_config, "encoder_attention_heads", None
+    )

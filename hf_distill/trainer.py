@@ -21,7 +21,14 @@ from .args import DistillationTrainingArguments
 from .checkpoints import is_complete_checkpoint, last_complete_checkpoint
 from .evaluation import dataset_length, first_rows, first_rows_prediction
 from .losses import fused_linear_distillation_loss, logit_distillation_loss, sparse_distillation_loss
-from .matching import HiddenProjections, attention_matching_loss, resolve_layer_map
+from .matching import (
+    HiddenProjections,
+    attention_heads,
+    attention_matching_loss,
+    hidden_width,
+    layer_counts,
+    resolve_layer_map,
+)
 from .task_loss import (
     CAUSAL_LM,
     SEQ2SEQ,
@@ -175,7 +182,7 @@ class DistillationTrainer(Trainer):
                     f"hidden/attention matching needs the {role} to be a transformers model that can return hidden "
                     "states and attentions; set hidden_weight=0 and attention_weight=0 to distil logits only."
                 )
-        student_counts, teacher_counts = _layer_counts(student.config), _layer_counts(teacher.config)
+        student_counts, teacher_counts = layer_counts(student.config), layer_counts(teacher.config)
         maps = {}
         for stack in student_counts:
             spec = args.decoder_layer_map if stack == "decoder" else args.layer_map
@@ -185,8 +192,8 @@ class DistillationTrainer(Trainer):
         return maps
 
     def _check_attention(self, student: nn.Module, teacher: nn.Module) -> None:
-        student_heads = _attention_heads(student.config)
-        teacher_heads = _attention_heads(teacher.config)
+        student_heads = attention_heads(student.config)
+        teacher_heads = attention_heads(teacher.config)
         if student_heads != teacher_heads:
             raise ValueError(
                 f"attention matching compares attention maps head by head, but the student has {student_heads} heads "
@@ -211,8 +218,8 @@ class DistillationTrainer(Trainer):
         projections = nn.ModuleDict()
         if self.args.hidden_weight == 0:
             return projections
-        student_width = _hidden_width(student.config)
-        teacher_width = _hidden_width(teacher.config)
+        student_width = hidden_width(student.config)
+        teacher_width = hidden_width(teacher.config)
         for stack, layer_map in self._layer_maps.items():
             projections[stack] = HiddenProjections(layer_map, student_width, teacher_width)
         projections.to(self.args.device)
@@ -699,30 +706,3 @@ def _output_layer(model: nn.Module, vocab_size: int | None) -> tuple[torch.Tenso
         weight = weight[:vocab_size]
         bias = bias[:vocab_size] if bias is not None else None
     return weight, bias
-
-
-def _layer_counts(config: Any) -> dict[str, int]:
-    """Layer counts per stack: {'layers': n}, or {'encoder': n, 'decoder': m} for encoder-decoder models."""
-    if getattr(config, "is_encoder_decoder", False):
-        encoder = getattr(config, "encoder_layers", None) or getattr(config, "num_layers", None)
-        decoder = (
-            getattr(config, "decoder_layers", None) or getattr(config, "num_decoder_layers", None) or encoder
-        )
-        return {"encoder": encoder, "decoder": decoder}
-    text_config = config.get_text_config()
-    return {"layers": text_config.num_hidden_layers}
-
-
-def _hidden_width(config: Any) -> int:
-    text_config = config.get_text_config()
-    for name in ("hidden_size", "d_model", "dim", "n_embd"):
-        if getattr(text_config, name, None):
-            return getattr(text_config, name)
-    raise ValueError(f"cannot tell the hidden width of {type(config).__name__}; set hidden_weight=0.")
-
-
-def _attention_heads(config: Any) -> int | None:
-    text_config = config.get_text_config()
-    return getattr(text_config, "num_attention_heads", None) or getattr(
-        text_config, "encoder_attention_heads", None
-    )
