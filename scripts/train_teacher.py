@@ -1,0 +1,73 @@
+#!/usr/bin/env python
+"""Fine-tune a teacher for sequence classification, for when the model has no trained head yet (a
+pretrained encoder such as all-MiniLM-L6-v2). Plain `transformers.Trainer`, same data flags as
+distill_glue.py.
+
+    python scripts/train_teacher.py --model_name_or_path <encoder> \
+        --train_file train.csv --validation_file dev.csv --do_train --do_eval \
+        --num_train_epochs 3 --learning_rate 5e-5 --output_dir outputs/teacher
+    python scripts/train_teacher.py teacher.yaml
+
+The fine-tuned model, its tokenizer (with the data's label names in id2label/label2id) and
+train/eval/all_results.json are written to --output_dir, ready for --teacher_model_name_or_path.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from transformers import Trainer, TrainingArguments, set_seed
+
+try:  # installed package: pip install -e .
+    from hf_distill.tasks import classification, common
+except ImportError:  # a source checkout, run as `python scripts/train_teacher.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tasks import classification, common
+
+from transformers.utils import logging  # noqa: E402
+
+logger = logging.get_logger("train_teacher")
+
+ARGUMENT_TYPES = (common.PretrainedModelArguments, classification.DataArguments, TrainingArguments)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    model_args, data_args, training_args = common.parse_args(ARGUMENT_TYPES, argv)
+    common.setup_logging(training_args)
+    set_seed(training_args.seed)
+
+    raw = classification.load_raw_datasets(data_args, model_args)
+    spec = classification.resolve_task(raw, data_args)
+    classification.check_splits(
+        spec, raw, training_args.do_train, training_args.do_eval, training_args.do_predict
+    )
+    model, tokenizer, label_to_id = classification.load_model_for_finetuning(
+        model_args.model_name_or_path, spec, model_args
+    )
+    if model_args.freeze_embeddings:
+        logger.info(f"Froze {common.freeze_input_embeddings(model):,} input-embedding parameters.")
+    with training_args.main_process_first(desc="tokenizing"):
+        tokenized = classification.tokenize_datasets(raw, spec, tokenizer, label_to_id, data_args)
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=tokenized["train"] if training_args.do_train else None,
+        eval_dataset=tokenized[spec.eval_splits[0]] if spec.eval_splits else None,
+        processing_class=tokenizer,
+        data_collator=classification.data_collator(tokenizer, data_args, fp16=training_args.fp16),
+        compute_metrics=classification.make_compute_metrics(spec),
+    )
+    return classification.train_evaluate_predict(
+        trainer,
+        tokenized,
+        spec,
+        training_args,
+        resume_from_checkpoint=common.resume_checkpoint(training_args),
+    )
+
+
+if __name__ == "__main__":
+    main()
