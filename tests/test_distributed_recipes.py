@@ -79,3 +79,30 @@ def test_language_modeling_recipe_on_two_ranks(tmp_path, lm_tokenizer):
     state = json.loads((output_dir / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and any("hidden_loss" in entry for entry in state["log_history"])
     assert (output_dir / "distill_report.json").is_file() and (output_dir / "model.safetensors").is_file()
+
+
+def test_classification_recipe_on_two_ranks(tmp_path, bert_tokenizer):
+    import test_classification as helpers
+
+    teacher = helpers._save_teacher(tmp_path / "teacher", bert_tokenizer)
+    train = helpers._write(tmp_path / "train.csv", helpers._rows(48, seed=1, two_columns=True))
+    validation = helpers._write(tmp_path / "validation.csv", helpers._rows(15, seed=2, two_columns=True))
+    test = helpers._write(tmp_path / "test.csv", helpers._rows(15, seed=3, two_columns=True))
+    output_dir = tmp_path / "out"
+    flags = [
+        "--teacher_model_name_or_path", teacher, "--student_num_layers", "2",
+        "--train_file", train, "--validation_file", validation, "--test_file", test,
+        "--do_train", "--do_eval", "--do_predict", "--hidden_weight", "0.5",
+    ]  # fmt: skip
+    flags += helpers._training_flags(output_dir, max_steps=2) + [
+        "--per_device_eval_batch_size",
+        "4",
+        "--report_to",
+        "none",
+    ]
+    launch_two_ranks("distill_glue.py", flags)
+    # 15 test examples on 2 ranks with batches of 4: the padded repeats must not reach the predictions file
+    rows = (output_dir / "predict_results_custom.txt").read_text().strip().splitlines()
+    assert len(rows) == 1 + 15
+    assert json.loads((output_dir / "eval_results.json").read_text())["eval_samples"] == 15
+    assert (output_dir / "distill_report.json").is_file() and (output_dir / "README.md").is_file()
