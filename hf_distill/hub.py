@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import transformers
 
+from .report import count_parameters
 from .teacher import unwrap_model
 
 DISTILLATION_SETTINGS = (
@@ -37,11 +38,6 @@ _ARCHITECTURE_ROWS = (
     ("Decoder layers", _decoder_layers),
     ("Hidden size", lambda config: getattr(config, "hidden_size", None)),
 )
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    """All parameters, counting ZeRO-3 partitioned ones at their full size."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in unwrap_model(model).parameters())
 
 
 def model_name_or_path(model: torch.nn.Module) -> str:
@@ -73,8 +69,8 @@ def build_model_card(
     teacher = unwrap_model(trainer.teacher_model) if trainer.teacher_model is not None else None
     teacher_name = model_name_or_path(teacher) if teacher is not None else _cached_teacher_name(args)
     model_name = model_name or (args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
-    student_params = count_parameters(student)
-    teacher_params = count_parameters(teacher) if teacher is not None else None
+    student_params = count_parameters(unwrap_model(student))
+    teacher_params = count_parameters(unwrap_model(teacher)) if teacher is not None else None
 
     all_tags = ["hf-distill", "distillation", "knowledge-distillation"]
     for tag in [tags] if isinstance(tags, str) else tags or []:

@@ -44,7 +44,8 @@ _BYTES_PER_MB = 1e6
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters of `model`; tied weights (shared tensors) are counted once."""
+    """Number of parameters of `model`; tied weights (shared tensors) are counted once, and ZeRO-3 partitioned
+    parameters at their full size."""
     seen: set[int] = set()
     total = 0
     for parameter in model.parameters():
@@ -53,7 +54,7 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> in
         if id(parameter) in seen:
             continue
         seen.add(id(parameter))
-        total += parameter.numel()
+        total += getattr(parameter, "ds_numel", parameter.numel())
     return total
 
 
