@@ -2,7 +2,7 @@
 
 Both run the same student/teacher pair on the same batches: teacher forward under no_grad, student
 forward/backward on (1 - alpha) * CE + alpha * KD, gradient clipping, an AdamW step and a linear schedule.
-They alternate in one process (trainer, loop, trainer, loop, ...) so machine noise hits both alike. Time per
+They alternate in one process (trainer, loop, loop, trainer, ...) so machine noise and warm-up hit both alike. Time per
 optimizer step is taken from step end to step end after warm-up steps, so set-up work is not counted for
 either side. Target: trainer step time <= 1.10x the loop's.
 
