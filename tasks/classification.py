@@ -32,8 +32,7 @@ from .common import (
     LoadingArguments,
     ModelArguments,
     build_student,
-    hub_is_reachable,
-    is_offline_mode,
+    load_hub_dataset,
     load_pretrained,
 )
 
@@ -218,21 +217,13 @@ def load_raw_datasets(data_args: DataArguments, loading_args: LoadingArguments |
         if data_args.dataset_name is None
         else (data_args.dataset_name, data_args.dataset_config_name)
     )
-    if not is_offline_mode() and not hub_is_reachable():
-        raise OSError(
-            f"Dataset {name!r} ({config}) must come from the Hugging Face Hub but this machine is offline; pass "
-            "local files with --train_file/--validation_file (csv, json/jsonl or parquet), or set "
-            "HF_HUB_OFFLINE=1 to use a copy already in the datasets cache."
-        )
-    try:
-        return load_dataset(
-            name, config, cache_dir=cache_dir, token=loading_args.token if loading_args else None
-        )
-    except (OSError, ConnectionError) as error:
-        raise OSError(
-            f"Dataset {name!r} ({config}) is not in the local cache and this machine is offline; pass local "
-            f"files with --train_file/--validation_file. ({str(error).splitlines()[0]})"
-        ) from error
+    return load_hub_dataset(
+        name,
+        config,
+        local_files="local csv, json/jsonl or parquet files",
+        cache_dir=cache_dir,
+        token=loading_args.token if loading_args else None,
+    )
 
 
 def _is_float(feature: Any) -> bool:

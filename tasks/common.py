@@ -237,6 +237,34 @@ def hub_is_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def load_hub_dataset(
+    name: str,
+    config: str | None,
+    *,
+    local_files: str,
+    cache_dir: str | None = None,
+    token: Any = None,
+    **kwargs: Any,
+) -> Any:
+    """`datasets.load_dataset(name, config)` from the Hub, failing fast with a clear error when it cannot be had.
+
+    `local_files` names the local alternative in the message, e.g. "local csv, json/jsonl or parquet files".
+    """
+    if not is_offline_mode() and not hub_is_reachable():
+        raise OSError(
+            f"Dataset {name!r} ({config}) must come from the Hugging Face Hub but this machine is offline; pass "
+            f"{local_files} with --train_file/--validation_file, or set HF_HUB_OFFLINE=1 to use a copy already in "
+            "the datasets cache."
+        )
+    try:
+        return datasets.load_dataset(name, config, cache_dir=cache_dir, token=token, **kwargs)
+    except (OSError, ConnectionError) as error:
+        raise OSError(
+            f"Dataset {name!r} ({config}) is not in the local cache and could not be downloaded (is this machine "
+            f"offline?); pass {local_files} with --train_file/--validation_file. ({str(error).splitlines()[0]})"
+        ) from error
+
+
 def _offline_error(role: str, name_or_path: str, detail: str) -> OSError:
     return OSError(
         f"{role} {name_or_path!r} could not be found locally and this machine is offline; pass a local path (a "

@@ -50,8 +50,7 @@ from .common import (
     ModelArguments,
     ReportArguments,
     build_student,
-    hub_is_reachable,
-    is_offline_mode,
+    load_hub_dataset,
     load_pretrained,
 )
 
@@ -320,25 +319,18 @@ def load_raw_datasets(
 
     else:
         name, config = data_args.dataset_name, data_args.dataset_config_name
-        if not is_offline_mode() and not hub_is_reachable():
-            raise OSError(
-                f"Dataset {name!r} must come from the Hugging Face Hub but this machine is offline; pass local "
-                "files with --train_file/--validation_file (.txt, .json/.jsonl, .csv or .parquet), or set "
-                "HF_HUB_OFFLINE=1 to use a copy already in the datasets cache."
-            )
         token = loading_args.token if loading_args else None
 
         def load(split: str) -> Any:
-            try:
-                return load_dataset(
-                    name, config, split=split, cache_dir=cache_dir, token=token, streaming=streaming
-                )
-            except (OSError, ConnectionError) as error:
-                raise OSError(
-                    f"Dataset {name!r} ({config}) is not in the local cache and could not be downloaded (is this "
-                    f"machine offline?); pass local files with --train_file/--validation_file. "
-                    f"({str(error).splitlines()[0]})"
-                ) from error
+            return load_hub_dataset(
+                name,
+                config,
+                local_files="local files (.txt, .json/.jsonl, .csv or .parquet)",
+                split=split,
+                cache_dir=cache_dir,
+                token=token,
+                streaming=streaming,
+            )
 
     raw = IterableDatasetDict() if streaming else DatasetDict()
     has_train = "train" in files or not files

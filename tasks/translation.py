@@ -37,8 +37,7 @@ from .common import (
     LoadingArguments,
     ModelArguments,
     freeze_input_embeddings,
-    hub_is_reachable,
-    is_offline_mode,
+    load_hub_dataset,
     load_pretrained,
 )
 
@@ -254,21 +253,13 @@ def load_raw_datasets(data_args: DataArguments, loading_args: LoadingArguments |
             raw[split] = load_dataset("json", data_files={split: path}, split=split, cache_dir=cache_dir)
         return raw
     name, config = data_args.dataset_name, data_args.dataset_config_name
-    if not is_offline_mode() and not hub_is_reachable():
-        raise OSError(
-            f"Dataset {name!r} ({config}) must come from the Hugging Face Hub but this machine is offline; pass "
-            "local JSON lines files with --train_file/--validation_file, or set HF_HUB_OFFLINE=1 to use a copy "
-            "already in the datasets cache."
-        )
-    try:
-        return load_dataset(
-            name, config, cache_dir=cache_dir, token=loading_args.token if loading_args else None
-        )
-    except (OSError, ConnectionError) as error:
-        raise OSError(
-            f"Dataset {name!r} ({config}) could not be loaded (offline, or not in the local cache); pass local "
-            f"JSON lines files with --train_file/--validation_file. ({str(error).splitlines()[0]})"
-        ) from error
+    return load_hub_dataset(
+        name,
+        config,
+        local_files="local JSON lines files",
+        cache_dir=cache_dir,
+        token=loading_args.token if loading_args else None,
+    )
 
 
 def select_samples(raw: DatasetDict, data_args: DataArguments) -> DatasetDict:
