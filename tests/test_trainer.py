@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TEXTS_FOR_TESTS
 from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import (
@@ -24,20 +25,7 @@ from transformers import (
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments
 
-TEXTS = [
-    "the movie was good",
-    "the plot was boring and very long",
-    "i love this film",
-    "terrible acting and a sad story",
-    "really great music",
-    "it was not fun",
-    "the cat and the dog",
-    "a very happy story",
-    "bad movie",
-    "great actor great film",
-    "i hate long films",
-    "the story was quite short",
-]
+TEXTS = TEXTS_FOR_TESTS[:12]
 
 
 def bert(tokenizer, *, layers=2, hidden=32, heads=2, labels=2, seed=0, **config):
