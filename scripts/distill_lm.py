@@ -260,14 +260,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     results: dict[str, Any] = {}
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=common.resume_checkpoint(training_args))
-        trainer.save_model()
-        metrics = dict(train_result.metrics)
-        if not data_args.streaming:
-            metrics["train_samples"] = len(train_dataset)
-        common.save_metrics(trainer, "train", metrics)
-        trainer.save_state()
-        results["train"] = metrics
+        results["train"] = common.train_and_save(
+            trainer, train_dataset, common.resume_checkpoint(training_args)
+        )
 
     merged = None
     if lora_args.merge_lora:

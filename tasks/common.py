@@ -379,6 +379,22 @@ def save_metrics(trainer: transformers.Trainer, split: str, metrics: Mapping[str
     trainer.save_metrics(split, dict(metrics))
 
 
+def train_and_save(
+    trainer: transformers.Trainer, train_dataset: Any, resume_from_checkpoint: Any = None
+) -> dict:
+    """Train, then save the model, `train_results.json` and the trainer state, as HF's example scripts do."""
+    train_result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    trainer.save_model()
+    metrics = dict(train_result.metrics)
+    try:
+        metrics["train_samples"] = len(train_dataset)
+    except TypeError:  # a streaming dataset has no length
+        pass
+    save_metrics(trainer, "train", metrics)
+    trainer.save_state()
+    return metrics
+
+
 def evaluate_datasets(
     trainer: transformers.Trainer, eval_datasets: Mapping[str, Any], prefix: str = "eval"
 ) -> dict[str, float]:

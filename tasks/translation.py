@@ -758,16 +758,11 @@ def train_evaluate_predict(
 
     Returns {"train": ..., "eval": ..., "predict": ...} for the stages that ran.
     """
-    from .common import save_metrics
+    from .common import save_metrics, train_and_save
 
     results: dict[str, dict[str, float]] = {}
     if args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-        trainer.save_model()
-        metrics = dict(train_result.metrics, train_samples=len(tokenized["train"]))
-        save_metrics(trainer, "train", metrics)
-        trainer.save_state()
-        results["train"] = metrics
+        results["train"] = train_and_save(trainer, tokenized["train"], resume_from_checkpoint)
     if args.do_eval:
         metrics = trainer.evaluate(eval_dataset=tokenized["validation"], metric_key_prefix="eval")
         metrics["eval_samples"] = len(tokenized["validation"])
