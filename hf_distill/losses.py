@@ -681,7 +681,8 @@ def attention_distillation_loss(
 
 
 class _BucketLogProbs(torch.autograd.Function):
-    """(n, V) logits -> (n, k [+ 1]) log-probabilities at temperature T of k listed tokens [and of all the others].
+    """(..., V) logits -> (N, k [+ 1]) log-probabilities at temperature T of k listed tokens [and of all the others],
+    N the number of positions.
 
     One exp pass forward and one in-place pass backward, with the gradient in closed form: for the bucket
     log-probabilities log p_b of s = logits / T, with upstream gradient G_b,
@@ -693,7 +694,9 @@ class _BucketLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, indices, inv_temperature, has_tail):
-        scaled = logits.float() * inv_temperature  # (n, V), a new buffer that becomes the exponentials
+        ctx.input_shape = logits.shape
+        # (N, V): a new contiguous buffer, written in one pass from logits of any strides; it becomes the exponentials
+        scaled = logits.float().mul(inv_temperature).reshape(-1, logits.shape[-1])
         row_max = scaled.amax(-1, keepdim=True)
         listed_scaled = scaled.gather(-1, indices) - row_max  # (n, k)
         exps = scaled.sub_(row_max).exp_()  # unnormalised probabilities
@@ -723,7 +726,7 @@ class _BucketLogProbs(torch.autograd.Function):
         grad = exps.mul_(row_factor)  # tail tokens; listed tokens are overwritten next
         grad.scatter_(-1, indices, grad_output[:, :k] - listed / total * grad_sum)
         grad.mul_(ctx.inv_temperature)
-        return grad.to(ctx.input_dtype), None, None, None
+        return grad.to(ctx.input_dtype).view(ctx.input_shape), None, None, None
 
 
 def sparse_distillation_loss(
@@ -783,15 +786,24 @@ def sparse_distillation_loss(
         )
     flat_mask = _flat_mask(mask, positions, "student_logits")
 
-    logits = student_logits.float().reshape(-1, vocab)  # (N, V)
     teacher_logprobs = teacher_topk_logprobs.detach().reshape(-1, k)  # (N, k)
     indices = teacher_topk_indices.detach().reshape(-1, k).long()
     if flat_mask is not None:
-        logits, teacher_logprobs, indices = logits[flat_mask], teacher_logprobs[flat_mask], indices[flat_mask]
+        # Masked rows are computed like the others and weighted by zero below, which is cheaper than gathering
+        # the unmasked rows of a (N, V) tensor and scattering their gradient back. Their cached values may be
+        # padding, so they get a harmless stand-in: k distinct tokens of equal probability.
+        keep = flat_mask[:, None]
+        indices = torch.where(keep, indices, torch.arange(k, device=indices.device))
+        teacher_logprobs = torch.where(
+            keep, teacher_logprobs, torch.full_like(teacher_logprobs, -math.log(k))
+        )
 
-    # Student bucket log-probabilities at temperature T: (n, k) listed tokens, then the tail.
+    # Student bucket log-probabilities at temperature T: (N, k) listed tokens, then the tail. The logits go in
+    # with their own shape and strides (often a slice such as logits[:, :-1]), copied once inside.
     has_tail = k < vocab
-    log_p_student = _BucketLogProbs.apply(logits, indices, 1.0 / temperature, has_tail)  # (n, k [+ 1])
+    log_p_student = _BucketLogProbs.apply(
+        student_logits, indices, 1.0 / temperature, has_tail
+    )  # (N, k [+ 1])
 
     # Teacher bucket log-masses at temperature 1, tempered and renormalised.
     log_q = teacher_logprobs.float()
@@ -816,4 +828,7 @@ def sparse_distillation_loss(
         log_m = _log_mixture(log_q_floored, log_p_student, beta)
         per_position = beta * kl(q, log_q_floored, log_m) + (1.0 - beta) * kl(p_student, log_p_student, log_m)
     per_position = per_position * temperature**2
+    if flat_mask is not None:
+        per_position = torch.where(flat_mask, per_position, torch.zeros_like(per_position))
+        return _mean_or_sum(per_position.sum(), int(flat_mask.sum()), reduction)
     return _mean_or_sum(per_position.sum(), per_position.shape[0], reduction)

@@ -79,13 +79,18 @@ def align_positions(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(logits, labels, mask) with every leading dim a prediction position.
 
-    Causal LMs predict token t+1 at position t, so logits drop the last position and labels the first. The mask
-    marks the positions that count: labels != -100 where labels exist, else the attention mask.
+    Causal LMs predict token t+1 at position t. As in transformers' own causal-LM loss, the labels are shifted
+    left (padded with -100) rather than the logits cut, so the (batch, seq, vocab) logits are never copied; the
+    last position has no target and is masked. The mask marks the positions that count: labels != -100 where
+    labels exist, else the attention mask.
     """
     if kind == CAUSAL_LM:
-        logits = logits[:, :-1]
-        labels = labels[:, 1:] if labels is not None else None
-        attention_mask = attention_mask[:, 1:] if attention_mask is not None else None
+        if labels is not None:
+            labels = F.pad(labels[:, 1:], (0, 1), value=-100)
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
+            attention_mask = F.pad(attention_mask[:, 1:].bool(), (0, 1), value=False)
     if labels is not None and not labels.is_floating_point():
         mask = labels.ne(-100)
     elif attention_mask is not None and kind != SEQUENCE:

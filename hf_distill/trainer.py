@@ -408,8 +408,8 @@ class DistillationTrainer(Trainer):
         mask: torch.Tensor | None,
         num_items_in_batch: Any,
     ) -> torch.Tensor:
-        logprobs, _, _ = align_positions(kind, cached["teacher_topk_logprobs"], None, None)
-        indices, _, _ = align_positions(kind, cached["teacher_topk_indices"], None, None)
+        # Cached position t holds the teacher's distribution for token t + 1, like the logits at t.
+        logprobs, indices = cached["teacher_topk_logprobs"], cached["teacher_topk_indices"]
         kd_sum = sparse_distillation_loss(
             student_logits[..., : self._vocab_size] if self._vocab_size else student_logits,
             logprobs,
@@ -428,7 +428,7 @@ class DistillationTrainer(Trainer):
     def _fused_kd_sum(
         self, model: nn.Module, student_hidden: torch.Tensor, teacher_outputs: Any, mask: torch.Tensor | None
     ) -> torch.Tensor:
-        teacher_hidden, _, _ = align_positions(CAUSAL_LM, teacher_outputs.hidden_states[-1], None, None)
+        teacher_hidden = teacher_outputs.hidden_states[-1]
         student_weight, student_bias = _output_layer(model, self._vocab_size)
         teacher_weight, teacher_bias = _output_layer(self.teacher_model, self._vocab_size)
         return fused_linear_distillation_loss(
@@ -472,7 +472,6 @@ class DistillationTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None,
     ) -> torch.Tensor:
         args = self.args
-        teacher_logits, _, _ = align_positions(kind, teacher_logits, None, None)
         if self._label_order is not None:
             teacher_logits = teacher_logits[..., self._label_order.to(teacher_logits.device)]
         if self._vocab_size is not None:
