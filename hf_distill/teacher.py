@@ -4,6 +4,7 @@ which inputs it takes, and how its outputs line up with the student's (label ord
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from collections.abc import Mapping
 from typing import Any
@@ -77,9 +78,15 @@ def _deepspeed_inference_engine(teacher: nn.Module, accelerator: Any) -> nn.Modu
 def forward_inputs(model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, Any]:
     """The entries of `inputs` that `model.forward` names (a BERT batch carries token_type_ids that a
     DistilBERT or Llama teacher does not take)."""
-    parameters = inspect.signature(unwrap_model(model).forward).parameters
-    named = {name for name, p in parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    named = _named_forward_inputs(type(unwrap_model(model)))
     return {key: value for key, value in inputs.items() if key in named}
+
+
+@functools.cache
+def _named_forward_inputs(model_class: type) -> frozenset[str]:
+    # Called on every training step: the signature is read once per model class.
+    parameters = inspect.signature(model_class.forward).parameters
+    return frozenset(name for name, p in parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD)
 
 
 def label_permutation(teacher_config: Any, student_config: Any) -> torch.Tensor | None:
