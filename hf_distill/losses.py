@@ -26,6 +26,7 @@ __all__ = [
     "fused_linear_distillation_loss",
     "hidden_state_loss",
     "logit_distillation_loss",
+    "sparse_distillation_and_cross_entropy",
     "sparse_distillation_loss",
 ]
 
@@ -682,26 +683,47 @@ def attention_distillation_loss(
 
 class _BucketLogProbs(torch.autograd.Function):
     """(..., V) logits -> (N, k [+ 1]) log-probabilities at temperature T of k listed tokens [and of all the others],
-    N the number of positions.
+    N the number of positions; with `targets` (N,) also each position's cross-entropy at temperature 1 (0 where
+    the target is -100), from the same exponentials.
 
-    One exp pass forward and one in-place pass backward, with the gradient in closed form: for the bucket
-    log-probabilities log p_b of s = logits / T, with upstream gradient G_b,
+    One exp pass forward and one in-place pass backward, with the gradient in closed form. With s = logits / T,
+    p = softmax(s), the bucket log-probabilities log p_b and their upstream gradient G_b,
       dL/ds_j = G_b(j) - p_j * sum_b G_b        for a listed token j,
-      dL/ds_j = p_j * (G_tail / p_tail - sum_b G_b)   for a token in the tail.
-    The tail mass is summed over the tail tokens themselves, not taken as 1 - sum(listed), so it stays exact when
-    the listed tokens hold nearly all the mass. Backward through it once only.
+      dL/ds_j = p_j * (G_tail / p_tail - sum_b G_b)   for a token in the tail;
+    the cross-entropy adds g * (softmax(logits)_j - [j = target]) for its upstream gradient g. softmax(logits) is
+    p ** T renormalised, so at T = 1 and T = 2 it costs no second exp pass (other temperatures take one more, and
+    keep its buffer for the backward, as F.cross_entropy keeps its log-softmax). The tail mass is summed over the tail
+    tokens themselves, not taken as 1 - sum(listed), so it stays exact when the listed tokens hold nearly all the
+    mass. Backward through it once only.
     """
 
     @staticmethod
-    def forward(ctx, logits, indices, inv_temperature, has_tail):
-        ctx.input_shape = logits.shape
-        # (N, V): a new contiguous buffer, written in one pass from logits of any strides; it becomes the exponentials
-        scaled = logits.float().mul(inv_temperature).reshape(-1, logits.shape[-1])
-        row_max = scaled.amax(-1, keepdim=True)
-        listed_scaled = scaled.gather(-1, indices) - row_max  # (n, k)
-        exps = scaled.sub_(row_max).exp_()  # unnormalised probabilities
+    def forward(ctx, logits, indices, inv_temperature, has_tail, targets):
+        ctx.input_shape, ctx.input_dtype = logits.shape, logits.dtype
+        flat = logits.reshape(-1, logits.shape[-1]).float()
+        row_max = flat.amax(-1, keepdim=True)
+        # exp((logits - max) / T): a new contiguous (N, V) buffer written in one pass from logits of any strides
+        exps = torch.add(row_max * -inv_temperature, flat, alpha=inv_temperature).exp_()
+        listed_scaled = (flat.gather(-1, indices) - row_max) * inv_temperature  # (N, k)
         listed = exps.gather(-1, indices)
         total = listed.sum(-1, keepdim=True)
+        nll = None
+        saved_ce = ()
+        if targets is not None:
+            # exp(logits - max) is exps ** T: exps itself at T = 1, its square at T = 2 (summed in one read with
+            # no exp); other temperatures need their own exp pass, whose buffer is kept for the backward.
+            unscaled = None
+            if inv_temperature == 1.0:
+                full_total = exps.sum(-1, keepdim=True)
+            elif inv_temperature == 0.5:
+                full_total = torch.linalg.vector_norm(exps, 2, dim=-1, keepdim=True).square()
+            else:
+                unscaled = torch.add(-row_max, flat).exp_()
+                full_total = unscaled.sum(-1, keepdim=True)
+            valid = targets.ne(-100)
+            safe_targets = torch.where(valid, targets, 0)[:, None]
+            nll = (row_max + full_total.log() - flat.gather(-1, safe_targets)).squeeze(-1) * valid
+            saved_ce = (unscaled, full_total, valid, safe_targets)
         tail = None
         if has_tail:
             exps.scatter_(-1, indices, 0.0)
@@ -711,22 +733,41 @@ class _BucketLogProbs(torch.autograd.Function):
         log_p = listed_scaled - log_total
         if has_tail:
             log_p = torch.cat([log_p, tail.clamp_min(_TINY).log() - log_total], dim=-1)
-        ctx.save_for_backward(exps, listed, total, tail if has_tail else total, indices)
-        ctx.inv_temperature, ctx.has_tail, ctx.input_dtype = inv_temperature, has_tail, logits.dtype
-        return log_p
+        ctx.save_for_backward(
+            exps, listed_scaled, listed, total, tail if has_tail else total, indices, *saved_ce
+        )
+        ctx.inv_temperature, ctx.has_tail = inv_temperature, has_tail
+        if nll is None:
+            return log_p
+        return log_p, nll
 
     @staticmethod
-    def backward(ctx, grad_output):
-        exps, listed, total, tail, indices = ctx.saved_tensors
-        k = indices.shape[-1]
-        grad_sum = grad_output.sum(-1, keepdim=True)  # (n, 1)
+    def backward(ctx, grad_log_p, grad_nll=None):
+        exps, listed_scaled, listed, total, tail, indices, *saved_ce = ctx.saved_tensors
+        inv_temperature, k = ctx.inv_temperature, indices.shape[-1]
+        grad_sum = grad_log_p.sum(-1, keepdim=True)  # (N, 1)
+        # gradient w.r.t. the logits = inv_temperature * (gradient w.r.t. s)
         row_factor = -grad_sum / total
         if ctx.has_tail:
-            row_factor = row_factor + grad_output[:, k:] / tail.clamp_min(_TINY)
-        grad = exps.mul_(row_factor)  # tail tokens; listed tokens are overwritten next
-        grad.scatter_(-1, indices, grad_output[:, :k] - listed / total * grad_sum)
-        grad.mul_(ctx.inv_temperature)
-        return grad.to(ctx.input_dtype).view(ctx.input_shape), None, None, None
+            row_factor = row_factor + grad_log_p[:, k:] / tail.clamp_min(_TINY)
+        row_factor = row_factor * inv_temperature
+        listed_grad = (grad_log_p[:, :k] - listed / total * grad_sum) * inv_temperature
+        if not saved_ce:
+            grad = exps.mul_(row_factor)  # tail tokens; listed tokens are overwritten next
+            grad.scatter_(-1, indices, listed_grad)
+        else:
+            unscaled, full_total, valid, safe_targets = saved_ce
+            ce_weight = grad_nll[:, None] * valid[:, None] / full_total  # times exp(logits - max)
+            if inv_temperature == 1.0:
+                grad = exps.mul_(row_factor + ce_weight)
+            elif inv_temperature == 0.5:
+                grad = torch.addcmul(row_factor, exps, ce_weight).mul_(exps)  # exps * (row_factor + w * exps)
+            else:
+                grad = unscaled.mul_(ce_weight).addcmul_(exps, row_factor)
+            listed_grad = listed_grad + ce_weight * (listed_scaled / inv_temperature).exp()
+            grad.scatter_(-1, indices, listed_grad)
+            grad.scatter_add_(-1, safe_targets, -(grad_nll[:, None] * valid[:, None]))
+        return grad.to(ctx.input_dtype).view(ctx.input_shape), None, None, None, None
 
 
 def sparse_distillation_loss(
@@ -756,6 +797,72 @@ def sparse_distillation_loss(
     so a tail that rounds to zero gives a large finite reverse-KL term, never inf or NaN. kind="mse" is not
     defined here: the teacher's logits are unknown. Same masking and reductions as `logit_distillation_loss`.
     """
+    kd, _ = _sparse_losses(
+        student_logits,
+        teacher_topk_logprobs,
+        teacher_topk_indices,
+        None,
+        temperature,
+        kind,
+        beta,
+        mask,
+        reduction,
+    )
+    return kd
+
+
+def sparse_distillation_and_cross_entropy(
+    student_logits: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    teacher_topk_indices: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`sparse_distillation_loss(...)`, the student's cross-entropy against `labels`), from one pass over the logits.
+
+    labels: (...) long, the student's target token per position, -100 = no target. The cross-entropy is at
+    temperature 1 over the full vocabulary, as `F.cross_entropy(..., ignore_index=-100)`: the mean over positions
+    with a target, or their sum. Both values and their gradients equal computing the two separately; sharing the
+    softmax pass makes the pair cost about what the cross-entropy alone costs (at temperature 1 or 2; other
+    temperatures add one exp pass over the logits). This is what training from a teacher logits cache runs.
+    """
+    if tuple(labels.shape) != tuple(student_logits.shape[:-1]):
+        raise ValueError(
+            f"labels has shape {tuple(labels.shape)} but student_logits has position dims "
+            f"{tuple(student_logits.shape[:-1])}: pass one target id per position (-100 for none), aligned with "
+            "the logits (for a causal LM, the labels shifted left by one)."
+        )
+    if labels.is_floating_point():
+        raise ValueError(f"labels must be integer token ids, got {labels.dtype}.")
+    return _sparse_losses(
+        student_logits,
+        teacher_topk_logprobs,
+        teacher_topk_indices,
+        labels,
+        temperature,
+        kind,
+        beta,
+        mask,
+        reduction,
+    )
+
+
+def _sparse_losses(
+    student_logits: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    teacher_topk_indices: torch.Tensor,
+    labels: torch.Tensor | None,
+    temperature: float,
+    kind: str,
+    beta: float,
+    mask: torch.Tensor | None,
+    reduction: str,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     _check_options(kind, DIVERGENCE_KINDS, temperature, beta, reduction)
     if student_logits.dim() == 0:
         raise ValueError("student_logits must have at least one dim (..., vocab); got a scalar.")
@@ -798,12 +905,15 @@ def sparse_distillation_loss(
             keep, teacher_logprobs, torch.full_like(teacher_logprobs, -math.log(k))
         )
 
-    # Student bucket log-probabilities at temperature T: (N, k) listed tokens, then the tail. The logits go in
-    # with their own shape and strides (often a slice such as logits[:, :-1]), copied once inside.
+    # Student bucket log-probabilities at temperature T: (N, k) listed tokens, then the tail [, and the per-position
+    # cross-entropy]. The logits go in with their own shape and strides (often a slice), read once inside.
     has_tail = k < vocab
-    log_p_student = _BucketLogProbs.apply(
-        student_logits, indices, 1.0 / temperature, has_tail
-    )  # (N, k [+ 1])
+    targets = None if labels is None else labels.detach().reshape(-1).long()
+    outputs = _BucketLogProbs.apply(student_logits, indices, 1.0 / temperature, has_tail, targets)
+    log_p_student, nll = outputs if targets is not None else (outputs, None)  # (N, k [+ 1]), (N,)
+    ce = None
+    if nll is not None:
+        ce = _mean_or_sum(nll.sum(), int(targets.ne(-100).sum()), reduction)
 
     # Teacher bucket log-masses at temperature 1, tempered and renormalised.
     log_q = teacher_logprobs.float()
@@ -830,5 +940,5 @@ def sparse_distillation_loss(
     per_position = per_position * temperature**2
     if flat_mask is not None:
         per_position = torch.where(flat_mask, per_position, torch.zeros_like(per_position))
-        return _mean_or_sum(per_position.sum(), int(flat_mask.sum()), reduction)
-    return _mean_or_sum(per_position.sum(), per_position.shape[0], reduction)
+        return _mean_or_sum(per_position.sum(), int(flat_mask.sum()), reduction), ce
+    return _mean_or_sum(per_position.sum(), per_position.shape[0], reduction), ce

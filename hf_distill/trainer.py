@@ -20,7 +20,12 @@ from . import hub
 from .args import DistillationTrainingArguments
 from .checkpoints import is_complete_checkpoint, last_complete_checkpoint
 from .evaluation import dataset_length, first_rows, first_rows_prediction
-from .losses import fused_linear_distillation_loss, logit_distillation_loss, sparse_distillation_loss
+from .losses import (
+    fused_linear_distillation_loss,
+    logit_distillation_loss,
+    sparse_distillation_and_cross_entropy,
+    sparse_distillation_loss,
+)
 from .matching import (
     HiddenProjections,
     attention_heads,
@@ -310,13 +315,21 @@ class DistillationTrainer(Trainer):
             kind, position_source, labels, inputs.get("decoder_attention_mask", inputs.get("attention_mask"))
         )
         token_level = kind != SEQUENCE
-        uses_teacher = (
-            cached or args.alpha > 0 or labels is None or args.hidden_weight > 0 or args.attention_weight > 0
+        uses_teacher = not cached and (
+            args.alpha > 0 or labels is None or args.hidden_weight > 0 or args.attention_weight > 0
         )
 
         components: dict[str, torch.Tensor] = {}
         weights: dict[str, float] = {}
-        if labels is not None:
+        kd_weight = args.alpha if labels is not None else 1.0
+        if cached:
+            components.update(
+                self._cached_terms(kind, positions, position_labels, cached, mask, num_items_in_batch)
+            )
+            weights["kd_loss"] = kd_weight
+            if labels is not None:
+                weights["ce_loss"] = 1.0 - args.alpha
+        elif labels is not None:
             if fused:
                 weight, bias = _output_layer(model, self._vocab_size)
                 ce_sum, ce_count = linear_cross_entropy_sum(positions, weight, position_labels, bias=bias)
@@ -324,12 +337,8 @@ class DistillationTrainer(Trainer):
                 ce_sum, ce_count = hard_label_loss(kind, self._task.problem_type, positions, position_labels)
             components["ce_loss"] = self._normalise(ce_sum, ce_count, num_items_in_batch, token_level)
             weights["ce_loss"] = 1.0 - args.alpha if uses_teacher else 1.0
-        kd_weight = args.alpha if labels is not None else 1.0
 
-        if cached:
-            components["kd_loss"] = self._cached_kd_term(kind, positions, cached, mask, num_items_in_batch)
-            weights["kd_loss"] = kd_weight
-        elif uses_teacher:
+        if uses_teacher:
             with torch.no_grad():
                 teacher_outputs = self.teacher_model(
                     **forward_inputs(self.teacher_model, student_inputs), **extra
@@ -400,30 +409,47 @@ class DistillationTrainer(Trainer):
         model.train()  # generate() may leave the model in eval mode
         return batch
 
-    def _cached_kd_term(
+    def _cached_terms(
         self,
         kind: str,
         student_logits: torch.Tensor,
+        labels: torch.Tensor | None,
         cached: dict[str, torch.Tensor],
         mask: torch.Tensor | None,
         num_items_in_batch: Any,
-    ) -> torch.Tensor:
-        # Cached position t holds the teacher's distribution for token t + 1, like the logits at t.
-        logprobs, indices = cached["teacher_topk_logprobs"], cached["teacher_topk_indices"]
-        kd_sum = sparse_distillation_loss(
-            student_logits[..., : self._vocab_size] if self._vocab_size else student_logits,
-            logprobs,
-            indices.long(),
-            temperature=self.args.temperature,
-            kind=self.args.kd_loss,
-            beta=self.args.jsd_beta,
-            mask=mask,
-            reduction="sum",
-        )
+    ) -> dict[str, torch.Tensor]:
+        """The KD term against a cached teacher, and the CE term when there are labels, normalised.
+
+        Cached position t holds the teacher's distribution for token t + 1, like the logits at t. With labels over
+        the student's whole vocabulary, one pass over the logits gives both terms.
+        """
+        options = {
+            "temperature": self.args.temperature,
+            "kind": self.args.kd_loss,
+            "beta": self.args.jsd_beta,
+            "mask": mask,
+            "reduction": "sum",
+        }
+        logprobs, indices = cached["teacher_topk_logprobs"], cached["teacher_topk_indices"].long()
+        sliced = self._vocab_size is not None and self._vocab_size != student_logits.shape[-1]
+        terms = {}
+        if labels is not None and not sliced:
+            kd_sum, ce_sum = sparse_distillation_and_cross_entropy(
+                student_logits, logprobs, indices, labels, **options
+            )
+        else:
+            kd_logits = student_logits[..., : self._vocab_size] if sliced else student_logits
+            kd_sum = sparse_distillation_loss(kd_logits, logprobs, indices, **options)
+            if labels is not None:
+                ce_sum, _ = hard_label_loss(kind, self._task.problem_type, student_logits, labels)
+        token_level = kind != SEQUENCE
+        if labels is not None:
+            terms["ce_loss"] = self._normalise(ce_sum, labels.ne(-100).sum(), num_items_in_batch, token_level)
         count = mask.sum() if mask is not None else student_logits.shape[:-1].numel()
-        return self._normalise(
-            kd_sum, count, num_items_in_batch if mask is not None else None, kind != SEQUENCE
+        terms["kd_loss"] = self._normalise(
+            kd_sum, count, num_items_in_batch if mask is not None else None, token_level
         )
+        return terms
 
     def _fused_kd_sum(
         self, model: nn.Module, student_hidden: torch.Tensor, teacher_outputs: Any, mask: torch.Tensor | None

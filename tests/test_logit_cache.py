@@ -255,11 +255,6 @@ def test_rebuilding_needs_overwrite_and_replaces_atomically(built_cache, lm_toke
 
 
 # --------------------------------------------------------------------------------------------- scripts
-def _trainer_supports_cache() -> bool:
-    source = (REPO / "hf_distill" / "trainer.py").read_text()
-    return "teacher_logits_cache" in source and "sparse_distillation_loss" in source
-
-
 def test_cache_script_then_training_from_the_cache(tmp_path, lm_tokenizer, monkeypatch):
     cache_script = _load_script("cache_teacher_logits")
     distill_lm = _load_script("distill_lm")
@@ -290,9 +285,6 @@ def test_cache_script_then_training_from_the_cache(tmp_path, lm_tokenizer, monke
     # A cache built with another block size is refused before training.
     with pytest.raises(ValueError, match="built with block_size 16, this run uses 8"):
         distill_lm.main(training + [value if value != "16" else "8" for value in data])
-
-    if not _trainer_supports_cache():
-        pytest.skip("DistillationTrainer has no teacher_logits_cache support yet (lead's trainer hook).")
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher must not be loaded when training from the cache")

@@ -13,6 +13,7 @@ from hf_distill.losses import (
     fused_linear_distillation_loss,
     hidden_state_loss,
     logit_distillation_loss,
+    sparse_distillation_and_cross_entropy,
     sparse_distillation_loss,
 )
 
@@ -533,6 +534,84 @@ def test_sparse_all_masked_is_zero():
     )
     assert loss.item() == 0.0
     assert torch.equal(grad_of(loss, student), torch.zeros_like(student))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sparse_distillation_and_cross_entropy: both losses from one pass
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 1.7])  # the three ways softmax(logits) is formed inside
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("k", [4, 17])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_kd_and_ce_in_one_pass_equal_the_two_apart(temperature, kind, k, reduction):
+    vocab = 17
+    padded = random_logits(3, 5, vocab + 3, scale=3.0)  # sliced below: logits with strides, as in the trainer
+    together, apart = padded.clone().requires_grad_(), padded.clone().requires_grad_()
+    labels = torch.randint(0, vocab, (3, 5))
+    labels[0, :2] = -100
+    labels[2, -1] = -100
+    mask = labels.ne(-100)
+    topk_logprobs, topk_indices = torch.log_softmax(random_logits(3, 5, vocab, scale=3.0), -1).topk(k, dim=-1)
+    options = {"temperature": temperature, "kind": kind, "beta": 0.3, "mask": mask, "reduction": reduction}
+
+    kd, ce = sparse_distillation_and_cross_entropy(
+        together[..., :vocab], topk_logprobs, topk_indices, labels, **options
+    )
+    kd_apart = sparse_distillation_loss(apart[..., :vocab], topk_logprobs, topk_indices, **options)
+    ce_apart = F.cross_entropy(
+        apart[..., :vocab].reshape(-1, vocab), labels.reshape(-1), ignore_index=-100, reduction=reduction
+    )
+    torch.testing.assert_close(kd, kd_apart)
+    torch.testing.assert_close(ce, ce_apart)
+    (0.3 * kd + 0.7 * ce).backward()
+    (0.3 * kd_apart + 0.7 * ce_apart).backward()
+    torch.testing.assert_close(together.grad, apart.grad, atol=1e-6, rtol=1e-5)
+    assert together.grad[..., vocab:].abs().sum() == 0
+
+
+def test_kd_and_ce_in_one_pass_from_bfloat16_logits():
+    vocab, k = 29, 5
+    logits = random_logits(2, 6, vocab, dtype=torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, vocab, (2, 6))
+    topk_logprobs, topk_indices = torch.log_softmax(random_logits(2, 6, vocab), -1).topk(k, dim=-1)
+    kd, ce = sparse_distillation_and_cross_entropy(
+        logits, topk_logprobs, topk_indices, labels, temperature=2.0
+    )
+    assert kd.dtype == ce.dtype == torch.float32
+    (kd + ce).backward()
+    assert logits.grad.dtype == torch.bfloat16
+
+    reference = logits.detach().float().requires_grad_()
+    expected = sparse_distillation_loss(reference, topk_logprobs, topk_indices, temperature=2.0)
+    expected = expected + F.cross_entropy(reference.reshape(-1, vocab), labels.reshape(-1))
+    expected.backward()
+    torch.testing.assert_close(kd + ce, expected)
+    torch.testing.assert_close(logits.grad.float(), reference.grad, atol=1e-2, rtol=1e-2)
+
+
+def test_kd_and_ce_with_nothing_to_learn_are_zero():
+    logits = random_logits(2, 3, 9).requires_grad_()
+    topk_logprobs, topk_indices = torch.log_softmax(random_logits(2, 3, 9), -1).topk(3, dim=-1)
+    labels = torch.full((2, 3), -100)
+    kd, ce = sparse_distillation_and_cross_entropy(
+        logits, topk_logprobs, topk_indices, labels, mask=labels.ne(-100)
+    )
+    assert kd.item() == 0.0 and ce.item() == 0.0
+    (kd + ce).backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_kd_and_ce_reject_misaligned_or_float_labels():
+    logits = torch.zeros(2, 5, 7)
+    topk_logprobs, topk_indices = torch.zeros(2, 5, 2), torch.zeros(2, 5, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"labels has shape \(2, 4\).*position dims \(2, 5\).*shifted left"):
+        sparse_distillation_and_cross_entropy(
+            logits, topk_logprobs, topk_indices, torch.zeros(2, 4, dtype=torch.long)
+        )
+    with pytest.raises(ValueError, match="labels must be integer token ids"):
+        sparse_distillation_and_cross_entropy(logits, topk_logprobs, topk_indices, torch.zeros(2, 5))
 
 
 # ----------------------------------------------------------------------------------------------------------------

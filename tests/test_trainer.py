@@ -24,6 +24,7 @@ from transformers import (
 )
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments
+from hf_distill.losses import sparse_distillation_loss
 
 TEXTS = TEXTS_FOR_TESTS[:12]
 
@@ -599,10 +600,11 @@ def test_fused_kd_loss_is_refused_for_classification(tmp_path, bert_tokenizer):
         classification_trainer(tmp_path, bert_tokenizer, fused_kd_loss=True)
 
 
-def test_cached_teacher_topk_replaces_the_teacher(tmp_path, lm_tokenizer):
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 1.5])
+def test_cached_teacher_topk_replaces_the_teacher(tmp_path, lm_tokenizer, temperature):
     """With k = vocabulary size the cache holds the whole distribution, so the loss equals the live teacher's."""
     teacher = llama(len(lm_tokenizer), seed=2)
-    live = lm_trainer(tmp_path, lm_tokenizer, teacher=teacher, alpha=0.7)
+    live = lm_trainer(tmp_path, lm_tokenizer, teacher=teacher, alpha=0.7, temperature=temperature)
     batch = live.data_collator([lm_data(lm_tokenizer)[i] for i in (0, 3)])
     live_loss, live_grads = _loss_and_grads(live, batch)
 
@@ -613,13 +615,41 @@ def test_cached_teacher_topk_replaces_the_teacher(tmp_path, lm_tokenizer):
     cached = DistillationTrainer(
         model=llama(len(lm_tokenizer), layers=1, seed=1),
         teacher_model=None,
-        args=make_args(tmp_path, alpha=0.7, teacher_logits_cache=str(tmp_path / "cache")),
+        args=make_args(
+            tmp_path, alpha=0.7, temperature=temperature, teacher_logits_cache=str(tmp_path / "cache")
+        ),
         processing_class=lm_tokenizer,
     )
     cached_loss, cached_grads = _loss_and_grads(cached, cached_batch)
     assert cached_loss.item() == pytest.approx(live_loss.item(), rel=1e-4)
     for name, grad in live_grads.items():
         torch.testing.assert_close(cached_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_cached_teacher_without_labels_is_pure_kd_over_the_attended_positions(tmp_path, lm_tokenizer):
+    student = llama(len(lm_tokenizer), layers=1, seed=1)
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=None,
+        args=make_args(tmp_path, alpha=0.7, teacher_logits_cache=str(tmp_path / "cache")),
+        processing_class=lm_tokenizer,
+    )
+    collator = DataCollatorForLanguageModeling(lm_tokenizer, mlm=False)
+    batch = collator([lm_data(lm_tokenizer)[i] for i in (0, 3)])  # two lengths: the second row is padded
+    batch.pop("labels")
+    with torch.no_grad():
+        teacher_logits = llama(len(lm_tokenizer), seed=2)(input_ids=batch["input_ids"]).logits
+    top = torch.log_softmax(teacher_logits, -1).topk(5, dim=-1)
+    batch = dict(batch, teacher_topk_logprobs=top.values, teacher_topk_indices=top.indices)
+    loss, _ = _loss_and_grads(trainer, batch)
+
+    with torch.no_grad():
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # position t predicts token t + 1: it counts where that next token is attended
+    mask = torch.nn.functional.pad(batch["attention_mask"][:, 1:].bool(), (0, 1), value=False)
+    assert not mask.all()
+    expected = sparse_distillation_loss(logits, top.values, top.indices, temperature=2.0, mask=mask)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_cached_teacher_columns_survive_the_dataloader_and_train(tmp_path, lm_tokenizer):
