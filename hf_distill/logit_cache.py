@@ -7,13 +7,16 @@ A cache directory holds::
     data/            a `datasets.Dataset` (save_to_disk), row i <-> row i of the tokenized training set:
         teacher_topk_logprobs  float32 (or float16 with logprobs_dtype="float16"), T_i * k values
         teacher_topk_indices   int32, T_i * k values
+        teacher_tail_logmass   float32, T_i values: log of the teacher's probability mass outside the top k
 
 Each row is stored flat, row-major over (position, rank): reading one flat list back through `datasets` is
 several times faster than a nested (T, k) list, and the cache is read at every training step. The recipe's
 collator reshapes rows to (T, k). Position t holds the teacher's distribution over the token at t + 1, like the
 teacher's `logits[:, t]`; the probabilities are at temperature 1 over the tokenizer's vocabulary (padded
-embedding rows beyond it are cut off), ranked by probability. The mass outside the top k is not stored: it is
-1 - sum(exp(topk)).
+embedding rows beyond it are cut off), ranked by probability. The remaining mass is summed from the teacher's own
+log-probabilities when the cache is built (-inf when the top k hold everything), so it is exact even where
+1 - sum(exp(topk)) would cancel to nothing or the top k were stored in float16. Caches of format 1 (before this
+column) still load; the loss then derives the remaining mass from the top k.
 
 float32 keeps the log-probabilities exact; float16 saves a quarter of the disk (indices stay int32) and rounds
 a log-probability of -10 by about 0.004.
@@ -27,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -47,9 +51,12 @@ MANIFEST_NAME = "manifest.json"
 DATA_DIR = "data"
 LOGPROBS_COLUMN = "teacher_topk_logprobs"
 INDICES_COLUMN = "teacher_topk_indices"
-CACHE_COLUMNS = (LOGPROBS_COLUMN, INDICES_COLUMN)
+TAIL_COLUMN = "teacher_tail_logmass"
+CACHE_COLUMNS = (LOGPROBS_COLUMN, INDICES_COLUMN, TAIL_COLUMN)
 LOGPROBS_DTYPES = ("float32", "float16")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Columns each readable format version holds (format 1 had no remaining-mass column).
+_FORMAT_COLUMNS = {1: (LOGPROBS_COLUMN, INDICES_COLUMN), 2: CACHE_COLUMNS}
 _TEMP_MARKER = ".tmp-"
 
 
@@ -181,20 +188,28 @@ def read_manifest(directory: str | os.PathLike, what: str = "teacher logits cach
 # --------------------------------------------------------------------------------------------- building
 def teacher_topk(
     logits: torch.Tensor, top_k: int, vocab_size: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k log-probabilities (float32) and their token ids (long) of logits (..., V), over the first
-    `vocab_size` columns (all when None); both (..., k), ranked by probability."""
+    `vocab_size` columns (all when None), both (..., k) and ranked by probability; and the log of the mass of the
+    other tokens (..., ), a logsumexp over them (-inf when k covers the vocabulary)."""
     if vocab_size is not None:
         logits = logits[..., :vocab_size]
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     values, indices = torch.topk(log_probs, top_k, dim=-1)
-    return values, indices
+    tail_logmass = log_probs.scatter(-1, indices, -math.inf).logsumexp(-1)
+    return values, indices, tail_logmass
 
 
 def _features(logprobs_dtype: str):
     from datasets import Features, List, Value
 
-    return Features({LOGPROBS_COLUMN: List(Value(logprobs_dtype)), INDICES_COLUMN: List(Value("int32"))})
+    return Features(
+        {
+            LOGPROBS_COLUMN: List(Value(logprobs_dtype)),
+            INDICES_COLUMN: List(Value("int32")),
+            TAIL_COLUMN: List(Value("float32")),
+        }
+    )
 
 
 def _batches(dataset: Any, batch_size: int) -> Iterator[list[list[int]]]:
@@ -305,12 +320,15 @@ def build_logit_cache(
                     logits = teacher(
                         input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
                     ).logits  # (B, T, V)
-                logprobs, indices = [], []
+                logprobs, indices, tails = [], [], []
                 for i, length in enumerate(lengths):
-                    values, ids = teacher_topk(logits[i, :length], top_k, vocab_size)  # (T_i, k)
+                    values, ids, tail = teacher_topk(
+                        logits[i, :length], top_k, vocab_size
+                    )  # (T_i, k), (T_i,)
                     logprobs.append(values.cpu().numpy().astype(numpy_dtype).reshape(-1))
                     indices.append(ids.cpu().numpy().astype(np.int32).reshape(-1))
-                writer.write_batch({LOGPROBS_COLUMN: logprobs, INDICES_COLUMN: indices})
+                    tails.append(tail.cpu().numpy().astype(np.float32))
+                writer.write_batch({LOGPROBS_COLUMN: logprobs, INDICES_COLUMN: indices, TAIL_COLUMN: tails})
                 num_tokens += sum(lengths)
             writer.finalize()
         finally:
@@ -354,10 +372,14 @@ def verify_manifest(
     """Raise ValueError listing every way the cache differs from the run (tokenizer, block size, k, data)."""
     where = f"teacher logits cache {str(cache_dir)!r}" if cache_dir is not None else "teacher logits cache"
     problems = []
-    if manifest.get("kind") != "teacher_topk_logprobs" or manifest.get("format_version") != FORMAT_VERSION:
+    if (
+        manifest.get("kind") != "teacher_topk_logprobs"
+        or manifest.get("format_version") not in _FORMAT_COLUMNS
+    ):
         problems.append(
             f"it is not a cache of this format (kind {manifest.get('kind')!r}, format_version "
-            f"{manifest.get('format_version')!r}; expected 'teacher_topk_logprobs' version {FORMAT_VERSION})"
+            f"{manifest.get('format_version')!r}; expected 'teacher_topk_logprobs' version "
+            f"{' or '.join(str(version) for version in _FORMAT_COLUMNS)})"
         )
     cached_tokenizer = manifest.get("tokenizer", {})
     if cached_tokenizer.get("vocab_hash") != vocab_hash(tokenizer):
@@ -412,11 +434,12 @@ def load_logit_cache(
         cache_dir=cache_dir,
     )
     cache = load_from_disk(str(Path(cache_dir) / DATA_DIR))
-    missing = [column for column in CACHE_COLUMNS if column not in cache.column_names]
+    columns = _FORMAT_COLUMNS[manifest["format_version"]]
+    missing = [column for column in columns if column not in cache.column_names]
     if missing or len(cache) != len(train_dataset):
         raise ValueError(
             f"teacher logits cache {str(cache_dir)!r} is damaged: {len(cache)} rows with columns "
-            f"{cache.column_names}, expected {len(train_dataset)} rows with {list(CACHE_COLUMNS)}. Rebuild it."
+            f"{cache.column_names}, expected {len(train_dataset)} rows with {list(columns)}. Rebuild it."
         )
     clashing = [column for column in CACHE_COLUMNS if column in train_dataset.column_names]
     if clashing:

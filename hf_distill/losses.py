@@ -780,15 +780,20 @@ def sparse_distillation_loss(
     beta: float = 0.5,
     mask: torch.Tensor | None = None,
     reduction: str = "mean",
+    teacher_tail_logmass: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Distillation from a cached teacher known only through its top-k tokens, over k + 1 buckets.
 
     student_logits: (..., V). teacher_topk_logprobs: (..., k) teacher log-probabilities at temperature 1 of the
-    distinct tokens teacher_topk_indices: (..., k) long. mask: (...) bool, True = counts. Returns a float32 scalar.
+    distinct tokens teacher_topk_indices: (..., k) long. mask: (...) bool, True = counts. teacher_tail_logmass:
+    (...) optional, the log of the teacher's probability mass outside the top k at each position, as the cache
+    stores it. Returns a float32 scalar.
 
     Buckets: the k listed tokens plus, when k < V, one "tail" bucket holding every other token.
-      teacher: log-mass per bucket l_i = teacher_topk_logprobs_i, l_tail = log(max(1 - sum_i exp(l_i), 0)) (the sum
-               in float64); tempered and renormalised, q = softmax(l / T) over the buckets.
+      teacher: log-mass per bucket l_i = teacher_topk_logprobs_i, l_tail = teacher_tail_logmass, or when that is
+               not given log(max(1 - sum_i exp(l_i), 0)) (the sum in float64, which loses precision when the top k
+               hold nearly all the mass or were stored in float16); tempered and renormalised, q = softmax(l / T)
+               over the buckets.
       student: p_s = softmax(student_logits / T) over the full vocabulary; its bucket probabilities are p_s at the
                k indices, and the tail is the mass of all other tokens (a logsumexp over them, exact when small).
     The divergence (forward_kl, reverse_kl or jsd as in `logit_distillation_loss`, times T**2) is taken between
@@ -801,6 +806,7 @@ def sparse_distillation_loss(
         student_logits,
         teacher_topk_logprobs,
         teacher_topk_indices,
+        teacher_tail_logmass,
         None,
         temperature,
         kind,
@@ -822,6 +828,7 @@ def sparse_distillation_and_cross_entropy(
     beta: float = 0.5,
     mask: torch.Tensor | None = None,
     reduction: str = "mean",
+    teacher_tail_logmass: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(`sparse_distillation_loss(...)`, the student's cross-entropy against `labels`), from one pass over the logits.
 
@@ -843,6 +850,7 @@ def sparse_distillation_and_cross_entropy(
         student_logits,
         teacher_topk_logprobs,
         teacher_topk_indices,
+        teacher_tail_logmass,
         labels,
         temperature,
         kind,
@@ -856,6 +864,7 @@ def _sparse_losses(
     student_logits: torch.Tensor,
     teacher_topk_logprobs: torch.Tensor,
     teacher_topk_indices: torch.Tensor,
+    teacher_tail_logmass: torch.Tensor | None,
     labels: torch.Tensor | None,
     temperature: float,
     kind: str,
@@ -891,9 +900,15 @@ def _sparse_losses(
         raise ValueError(
             f"teacher_topk_indices must be an integer (long) tensor, got {teacher_topk_indices.dtype}."
         )
+    if teacher_tail_logmass is not None and tuple(teacher_tail_logmass.shape) != tuple(positions):
+        raise ValueError(
+            f"teacher_tail_logmass has shape {tuple(teacher_tail_logmass.shape)}, expected one value per position "
+            f"{tuple(positions)} (the log of the teacher's mass outside its top k)."
+        )
     flat_mask = _flat_mask(mask, positions, "student_logits")
 
     teacher_logprobs = teacher_topk_logprobs.detach().reshape(-1, k)  # (N, k)
+    tail_logmass = None if teacher_tail_logmass is None else teacher_tail_logmass.detach().reshape(-1, 1)
     indices = teacher_topk_indices.detach().reshape(-1, k).long()
     if flat_mask is not None:
         # Masked rows are computed like the others and weighted by zero below, which is cheaper than gathering
@@ -904,6 +919,8 @@ def _sparse_losses(
         teacher_logprobs = torch.where(
             keep, teacher_logprobs, torch.full_like(teacher_logprobs, -math.log(k))
         )
+        if tail_logmass is not None:
+            tail_logmass = torch.where(keep, tail_logmass, torch.full_like(tail_logmass, -math.inf))
 
     # Student bucket log-probabilities at temperature T: (N, k) listed tokens, then the tail [, and the per-position
     # cross-entropy]. The logits go in with their own shape and strides (often a slice), read once inside.
@@ -918,8 +935,10 @@ def _sparse_losses(
     # Teacher bucket log-masses at temperature 1, tempered and renormalised.
     log_q = teacher_logprobs.float()
     if has_tail:
-        tail_mass = (1.0 - teacher_logprobs.double().exp().sum(-1, keepdim=True)).clamp_min(0.0)
-        log_q = torch.cat([log_q, tail_mass.log().float()], dim=-1)
+        if tail_logmass is None:
+            tail_mass = (1.0 - teacher_logprobs.double().exp().sum(-1, keepdim=True)).clamp_min(0.0)
+            tail_logmass = tail_mass.log()
+        log_q = torch.cat([log_q, tail_logmass.float()], dim=-1)
     log_q = torch.log_softmax(log_q / temperature, dim=-1)
     q = log_q.exp()
     log_q_floored = log_q.clamp_min(math.log(_TINY))

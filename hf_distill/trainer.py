@@ -20,6 +20,7 @@ from . import hub
 from .args import DistillationTrainingArguments
 from .checkpoints import is_complete_checkpoint, last_complete_checkpoint
 from .evaluation import dataset_length, first_rows, first_rows_prediction
+from .logit_cache import CACHE_COLUMNS, INDICES_COLUMN, LOGPROBS_COLUMN, TAIL_COLUMN
 from .losses import (
     fused_linear_distillation_loss,
     logit_distillation_loss,
@@ -57,8 +58,6 @@ logger = logging.get_logger(__name__)
 
 PROJECTIONS_NAME = "distill_projections.safetensors"
 LOSS_COMPONENTS = ("ce_loss", "kd_loss", "hidden_loss", "attention_loss")
-# Columns that carry a cached teacher (scripts/cache_teacher_logits.py) instead of a teacher model.
-CACHE_COLUMNS = ("teacher_topk_logprobs", "teacher_topk_indices")
 
 
 class DistillationTrainer(Trainer):
@@ -429,8 +428,9 @@ class DistillationTrainer(Trainer):
             "beta": self.args.jsd_beta,
             "mask": mask,
             "reduction": "sum",
+            "teacher_tail_logmass": cached.get(TAIL_COLUMN),
         }
-        logprobs, indices = cached["teacher_topk_logprobs"], cached["teacher_topk_indices"].long()
+        logprobs, indices = cached[LOGPROBS_COLUMN], cached[INDICES_COLUMN].long()
         sliced = self._vocab_size is not None and self._vocab_size != student_logits.shape[-1]
         terms = {}
         if labels is not None and not sliced:

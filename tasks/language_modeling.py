@@ -37,6 +37,7 @@ from transformers.utils import logging
 from hf_distill.logit_cache import (
     INDICES_COLUMN,
     LOGPROBS_COLUMN,
+    TAIL_COLUMN,
     atomic_directory,
     model_fingerprint,
     read_manifest,
@@ -645,8 +646,9 @@ class CausalLMCollator:
     """Right-pads rows into a batch: input_ids with the pad id, attention_mask with 0, labels with -100.
 
     Rows may be lists, arrays or tensors. Cached teacher columns (`teacher_topk_logprobs`, `teacher_topk_indices`,
-    stored flat as T * k values per row) become (B, T, k) float32 / long tensors padded with 0.0 / 0; padded
-    positions have labels -100 and count in no loss. Rows without labels learn every token.
+    stored flat as T * k values per row) become (B, T, k) float32 / long tensors padded with 0.0 / 0, and
+    `teacher_tail_logmass` (T values) a (B, T) float32 tensor padded with 0.0; padded positions have labels -100
+    and count in no loss. Rows without labels learn every token.
     """
 
     pad_token_id: int
@@ -682,6 +684,11 @@ class CausalLMCollator:
                 indices[i, :size] = np.asarray(feature[INDICES_COLUMN]).reshape(size, k)
             batch[LOGPROBS_COLUMN] = torch.from_numpy(logprobs)
             batch[INDICES_COLUMN] = torch.from_numpy(indices)
+        if TAIL_COLUMN in features[0]:
+            tails = np.zeros((batch_size, length), dtype=np.float32)
+            for i, (feature, size) in enumerate(zip(features, lengths)):
+                tails[i, :size] = np.asarray(feature[TAIL_COLUMN])
+            batch[TAIL_COLUMN] = torch.from_numpy(tails)
         return batch
 
 

@@ -291,12 +291,14 @@ def test_collator_pads_rows_and_cached_columns(lm_tokenizer):
             "labels": [-100, 6, 7],
             "teacher_topk_logprobs": [-0.1 * i for i in range(3 * k)],
             "teacher_topk_indices": list(range(3 * k)),
+            "teacher_tail_logmass": [-2.0, -3.0, -4.0],
         },
         {
             "input_ids": [8, 9],
             "labels": [8, 9],
             "teacher_topk_logprobs": [-1.0] * (2 * k),
             "teacher_topk_indices": [4] * (2 * k),
+            "teacher_tail_logmass": [-5.0, -6.0],
         },
     ]
     batch = lm.CausalLMCollator(pad_token_id=0)(features)
@@ -309,6 +311,8 @@ def test_collator_pads_rows_and_cached_columns(lm_tokenizer):
     assert batch["teacher_topk_indices"][0].tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
     assert batch["teacher_topk_indices"][1, 2].tolist() == [0, 0, 0]
     assert batch["teacher_topk_logprobs"][1, 2].tolist() == [0.0, 0.0, 0.0]
+    assert batch["teacher_tail_logmass"].dtype == torch.float32
+    assert batch["teacher_tail_logmass"].tolist() == [[-2.0, -3.0, -4.0], [-5.0, -6.0, 0.0]]
     assert lm.CausalLMCollator(pad_token_id=0, pad_to_multiple_of=8)(features)["input_ids"].shape == (2, 8)
 
 

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import random
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from hf_distill import logit_cache
 from hf_distill.logit_cache import (
     INDICES_COLUMN,
     LOGPROBS_COLUMN,
+    TAIL_COLUMN,
     build_logit_cache,
     load_logit_cache,
     read_manifest,
@@ -71,11 +73,16 @@ def rows_dataset(lengths: list[int], vocab: int, seed: int = 0) -> Dataset:
     return Dataset.from_dict({"input_ids": rows, "labels": rows})
 
 
-def reference_topk(teacher, input_ids: list[int], k: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's top-k log-probabilities for one unpadded row, straight from its logits."""
+def reference_topk(teacher, input_ids: list[int], k: int, vocab: int):
+    """The teacher's top-k log-probabilities and token ids for one unpadded row, straight from its logits, and
+    the log of the remaining mass, summed in float64 over the other tokens' probabilities."""
     with torch.no_grad():
         logits = teacher(torch.tensor([input_ids])).logits[0, :, :vocab]  # (T, vocab)
-    return torch.topk(torch.log_softmax(logits.float(), dim=-1), k, dim=-1)
+    log_probs = torch.log_softmax(logits.double(), dim=-1)
+    values, indices = torch.topk(log_probs, k, dim=-1)
+    others = torch.ones_like(log_probs, dtype=torch.bool).scatter(-1, indices, False)
+    tail = torch.where(others, log_probs.exp(), 0.0).sum(-1).log()
+    return values.float(), indices, tail
 
 
 def build(teacher, dataset, path, tokenizer, **options):
@@ -96,20 +103,47 @@ def test_cached_topk_equals_the_teachers_topk(tmp_path, lm_tokenizer, dtype, tol
     assert manifest["logprobs_dtype"] == dtype and manifest["top_k"] == 5
 
     cached, _ = load_logit_cache(tmp_path / "cache", dataset, tokenizer=lm_tokenizer, block_size=16)
-    assert cached.column_names == ["input_ids", "labels", LOGPROBS_COLUMN, INDICES_COLUMN]
+    assert cached.column_names == ["input_ids", "labels", LOGPROBS_COLUMN, INDICES_COLUMN, TAIL_COLUMN]
     assert cached.features[INDICES_COLUMN].feature.dtype == "int32"
     assert cached.features[LOGPROBS_COLUMN].feature.dtype == dtype
+    assert cached.features[TAIL_COLUMN].feature.dtype == "float32"  # stored exactly whatever the top-k dtype
     for i in range(len(dataset)):
         row = cached[i]
         length = len(row["input_ids"])
         values = np.asarray(row[LOGPROBS_COLUMN]).reshape(length, 5)
         indices = np.asarray(row[INDICES_COLUMN]).reshape(length, 5)
-        expected_values, expected_indices = reference_topk(teacher, dataset[i]["input_ids"], 5, vocab)
+        expected_values, expected_indices, expected_tail = reference_topk(
+            teacher, dataset[i]["input_ids"], 5, vocab
+        )
         # Position t holds the distribution over token t + 1: the teacher's logits[:, t].
         np.testing.assert_array_equal(indices, expected_indices.numpy())
         np.testing.assert_allclose(values.astype(np.float32), expected_values.numpy(), atol=tolerance, rtol=0)
-        tail = 1.0 - np.exp(values.astype(np.float64)).sum(-1)  # the mass outside the top k, derived
-        assert (tail > -1e-3).all() and (tail < 1).all()
+        np.testing.assert_allclose(np.asarray(row[TAIL_COLUMN]), expected_tail.numpy(), atol=1e-5, rtol=0)
+
+
+def test_stored_remaining_mass_is_exact_where_deriving_it_from_the_top_k_is_not(tmp_path, lm_tokenizer):
+    """A confident teacher: its top 5 hold nearly all the mass, and 1 - sum(exp(top k)) loses the rest to rounding
+    (entirely so from float16 log-probabilities), while the stored remaining mass keeps it."""
+    vocab = len(lm_tokenizer)
+    teacher = tiny_llama(vocab)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(300.0)
+    dataset = rows_dataset([16, 9], vocab)
+    build(teacher, dataset, tmp_path / "cache", lm_tokenizer, logprobs_dtype="float16")
+    cached, _ = load_logit_cache(tmp_path / "cache", dataset, tokenizer=lm_tokenizer, block_size=16)
+    for i in range(len(dataset)):
+        _, _, expected_tail = reference_topk(teacher, dataset[i]["input_ids"], 5, vocab)
+        assert (expected_tail < -8).any()  # somewhere the top 5 hold all but a tiny remainder
+        stored = np.asarray(cached[i][TAIL_COLUMN], dtype=np.float64)
+        np.testing.assert_allclose(stored, expected_tail.numpy(), atol=1e-3, rtol=1e-5)
+        derived_mass = 1.0 - np.exp(np.asarray(cached[i][LOGPROBS_COLUMN], dtype=np.float64)).reshape(
+            -1, 5
+        ).sum(-1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            derived = np.log(np.clip(derived_mass, 0.0, None))
+        assert (
+            np.nanmax(np.abs(derived - expected_tail.numpy())) > 1.0
+        )  # the derived tail is far off somewhere
 
 
 def test_padded_teacher_vocabulary_is_cut_to_the_tokenizer(tmp_path, lm_tokenizer):
@@ -123,10 +157,14 @@ def test_padded_teacher_vocabulary_is_cut_to_the_tokenizer(tmp_path, lm_tokenize
     cached, _ = load_logit_cache(tmp_path / "cache", dataset, tokenizer=lm_tokenizer, block_size=8)
     indices = np.asarray(cached[0][INDICES_COLUMN]).reshape(8, 5)
     values = np.asarray(cached[0][LOGPROBS_COLUMN]).reshape(8, 5)
-    expected_values, expected_indices = reference_topk(teacher, dataset[0]["input_ids"], 5, vocab)
+    expected_values, expected_indices, expected_tail = reference_topk(
+        teacher, dataset[0]["input_ids"], 5, vocab
+    )
     assert indices.max() < vocab
     np.testing.assert_array_equal(indices, expected_indices.numpy())
     np.testing.assert_allclose(values, expected_values.numpy(), atol=1e-5)
+    # the remaining mass is over the tokenizer's vocabulary too: top k plus the rest sum to 1 without the padding
+    np.testing.assert_allclose(np.asarray(cached[0][TAIL_COLUMN]), expected_tail.numpy(), atol=1e-5)
 
 
 def test_manifest_describes_the_cache(tmp_path, lm_tokenizer):
@@ -216,6 +254,24 @@ def test_a_directory_without_manifest_is_never_used(built_cache, lm_tokenizer):
     cache, dataset = built_cache
     (cache / "manifest.json").unlink()  # a partial cache: data written, manifest never reached
     with pytest.raises(ValueError, match="has no manifest.json: it is incomplete"):
+        load_logit_cache(cache, dataset, tokenizer=lm_tokenizer, block_size=16)
+
+
+def test_a_cache_of_format_1_without_the_remaining_mass_still_loads(built_cache, lm_tokenizer):
+    from datasets import load_from_disk
+
+    cache, dataset = built_cache
+    manifest = read_manifest(cache)
+    old_data = load_from_disk(str(cache / "data")).remove_columns([TAIL_COLUMN])
+    old_data.save_to_disk(str(cache / "data_v1"))
+    shutil.rmtree(cache / "data")
+    (cache / "data_v1").rename(cache / "data")
+    logit_cache.write_manifest(cache, dict(manifest, format_version=1))
+    cached, _ = load_logit_cache(cache, dataset, tokenizer=lm_tokenizer, block_size=16)
+    assert TAIL_COLUMN not in cached.column_names and LOGPROBS_COLUMN in cached.column_names
+
+    logit_cache.write_manifest(cache, dict(manifest))  # format 2 promises the column, which is gone
+    with pytest.raises(ValueError, match="is damaged.*teacher_tail_logmass.*Rebuild it"):
         load_logit_cache(cache, dataset, tokenizer=lm_tokenizer, block_size=16)
 
 

@@ -439,19 +439,22 @@ def test_attention_loss_without_mask_and_all_masked():
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def reference_sparse(student, topk_logprobs, topk_indices, kind, temperature, beta):
-    """Per-position loop over the k + 1 buckets in float64, exactly as documented."""
+def reference_sparse(student, topk_logprobs, topk_indices, kind, temperature, beta, tail_logmass=None):
+    """Per-position loop over the k + 1 buckets in float64, exactly as documented; the teacher's remaining mass
+    is `tail_logmass` when given, else 1 - sum of the top k."""
     vocab = student.shape[-1]
     s = student.double().reshape(-1, vocab)
     lp = topk_logprobs.double().reshape(s.shape[0], -1)
     idx = topk_indices.reshape(s.shape[0], -1)
+    tails = None if tail_logmass is None else tail_logmass.double().reshape(-1)
     values = []
     for row in range(s.shape[0]):
         teacher_mass = lp[row].exp()
         student_probs = torch.softmax(s[row] / temperature, -1)
         p_s = student_probs[idx[row]]
         if idx.shape[1] < vocab:
-            teacher_mass = torch.cat([teacher_mass, (1 - teacher_mass.sum()).clamp_min(0).reshape(1)])
+            rest = (1 - teacher_mass.sum()).clamp_min(0) if tails is None else tails[row].exp()
+            teacher_mass = torch.cat([teacher_mass, rest.reshape(1)])
             p_s = torch.cat([p_s, (1 - p_s.sum()).reshape(1)])
         q = teacher_mass ** (1 / temperature)
         q = q / q.sum()
@@ -509,6 +512,51 @@ def test_sparse_with_small_k_matches_bucket_reference(kind, reduction):
     torch.testing.assert_close(
         grad_of(loss, student).double(), grad_of(expected, student64), atol=1e-6, rtol=1e-4
     )
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_sparse_uses_the_given_remaining_mass(kind):
+    vocab, k, temperature = 17, 4, 1.7
+    student = random_logits(3, 5, vocab).requires_grad_()
+    topk_logprobs, topk_indices = torch.log_softmax(random_logits(3, 5, vocab, scale=3.0), -1).topk(k, dim=-1)
+    tail = torch.rand(3, 5).clamp_min(0.05).log()  # unrelated to the top k: the buckets are renormalised
+    mask = torch.rand(3, 5) > 0.3
+    options = {"kind": kind, "temperature": temperature, "beta": 0.3, "mask": mask}
+    loss = sparse_distillation_loss(
+        student, topk_logprobs, topk_indices, teacher_tail_logmass=tail, **options
+    )
+    student64 = student.detach().double().requires_grad_()
+    per_position = reference_sparse(student64, topk_logprobs, topk_indices, kind, temperature, 0.3, tail)
+    expected = reference_reduce(per_position, mask, "mean")
+    torch.testing.assert_close(loss.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        grad_of(loss, student).double(), grad_of(expected, student64), atol=1e-6, rtol=1e-4
+    )
+    # the same through the one-pass function that also gives the cross-entropy
+    labels = torch.randint(0, vocab, (3, 5))
+    kd, _ = sparse_distillation_and_cross_entropy(
+        student, topk_logprobs, topk_indices, labels, teacher_tail_logmass=tail, **options
+    )
+    torch.testing.assert_close(kd, loss)
+
+
+def test_sparse_with_the_exact_remaining_mass_is_finite_where_the_top_k_hold_everything():
+    vocab, k = 11, 3
+    student = random_logits(4, vocab).requires_grad_()
+    teacher = random_logits(4, vocab)
+    teacher[:, 0] = 200.0
+    log_probs = torch.log_softmax(teacher, -1)
+    topk_logprobs, topk_indices = log_probs.topk(k, dim=-1)
+    tail = log_probs.scatter(-1, topk_indices, -math.inf).logsumexp(-1)  # about -200: tiny but exact
+    for kind in ("forward_kl", "reverse_kl", "jsd"):
+        loss = sparse_distillation_loss(
+            student, topk_logprobs, topk_indices, kind=kind, temperature=2.0, teacher_tail_logmass=tail
+        )
+        assert torch.isfinite(loss) and torch.isfinite(grad_of(loss, student)).all()
+    with pytest.raises(
+        ValueError, match=r"teacher_tail_logmass has shape \(4, 1\).*one value per position \(4,\)"
+    ):
+        sparse_distillation_loss(student, topk_logprobs, topk_indices, teacher_tail_logmass=tail[:, None])
 
 
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])

@@ -640,7 +640,11 @@ def test_cached_teacher_without_labels_is_pure_kd_over_the_attended_positions(tm
     with torch.no_grad():
         teacher_logits = llama(len(lm_tokenizer), seed=2)(input_ids=batch["input_ids"]).logits
     top = torch.log_softmax(teacher_logits, -1).topk(5, dim=-1)
-    batch = dict(batch, teacher_topk_logprobs=top.values, teacher_topk_indices=top.indices)
+    # a remaining mass unlike 1 - sum(exp(top k)), so the loss shows whether the stored column was used
+    tail = torch.full(top.values.shape[:-1], math.log(0.05))
+    batch = dict(
+        batch, teacher_topk_logprobs=top.values, teacher_topk_indices=top.indices, teacher_tail_logmass=tail
+    )
     loss, _ = _loss_and_grads(trainer, batch)
 
     with torch.no_grad():
@@ -648,8 +652,11 @@ def test_cached_teacher_without_labels_is_pure_kd_over_the_attended_positions(tm
     # position t predicts token t + 1: it counts where that next token is attended
     mask = torch.nn.functional.pad(batch["attention_mask"][:, 1:].bool(), (0, 1), value=False)
     assert not mask.all()
-    expected = sparse_distillation_loss(logits, top.values, top.indices, temperature=2.0, mask=mask)
+    options = {"temperature": 2.0, "mask": mask}
+    expected = sparse_distillation_loss(logits, top.values, top.indices, teacher_tail_logmass=tail, **options)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    derived = sparse_distillation_loss(logits, top.values, top.indices, **options)
+    assert abs(derived.item() - expected.item()) > 1e-3
 
 
 def test_cached_teacher_columns_survive_the_dataloader_and_train(tmp_path, lm_tokenizer):
