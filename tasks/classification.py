@@ -702,7 +702,7 @@ def train_evaluate_predict(
             if "labels" in dataset.column_names:
                 predict_metrics.update(output.metrics, **{f"{prefix}_samples": len(dataset)})
             if trainer.is_world_process_zero():
-                name = spec.name if index == 0 else f"{spec.name}_{split_suffix(split)}"
+                name = spec.name if index == 0 else f"{spec.name}-{split_suffix(split)}"  # run_glue's mnli-mm
                 path = Path(args.output_dir) / f"predict_results_{name}.txt"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 predictions = predictions_from_logits(output.predictions, spec.is_regression)

@@ -464,3 +464,76 @@ def test_student_flags_are_validated():
         )
     with pytest.raises(ValueError, match="lists 3 layers but student_num_layers is 2"):
         common.ModelArguments(teacher_model_name_or_path="t", student_num_layers=2, student_layers="0,2,4")
+
+
+# --------------------------------------------------------------------------------------------- GLUE from the Hub
+MNLI_LABELS = ["entailment", "neutral", "contradiction"]
+
+
+def _fake_mnli(seed: int) -> DatasetDict:
+    """GLUE MNLI's layout: premise/hypothesis/label/idx, two validation and two test splits (test labels -1)."""
+    rng = random.Random(seed)
+    features = Features(
+        {
+            "premise": Value("string"),
+            "hypothesis": Value("string"),
+            "label": ClassLabel(names=MNLI_LABELS),
+            "idx": Value("int32"),
+        }
+    )
+
+    def split(n: int, labelled: bool = True) -> Dataset:
+        rows = {"premise": [], "hypothesis": [], "label": [], "idx": []}
+        for i in range(n):
+            label = rng.randrange(3)
+            words = [POSITIVE, NEUTRAL, NEGATIVE][label]
+            rows["premise"].append(_sentence(rng, NEUTRAL))
+            rows["hypothesis"].append(_sentence(rng, words))
+            rows["label"].append(label if labelled else -1)
+            rows["idx"].append(i)
+        return Dataset.from_dict(rows, features=features)
+
+    return DatasetDict(
+        train=split(48),
+        validation_matched=split(12),
+        validation_mismatched=split(10),
+        test_matched=split(8, labelled=False),
+        test_mismatched=split(6, labelled=False),
+    )
+
+
+def test_glue_task_from_the_hub_mnli_end_to_end(tmp_path, bert_tokenizer, monkeypatch):
+    """--task_name mnli with the Hub loader replaced by a local stand-in of the same layout: both validation
+    splits are evaluated, both unlabelled test splits predicted with label names, and nothing else is fetched."""
+    requested = []
+
+    def fake_load_dataset(name, config=None, **kwargs):
+        requested.append((name, config))
+        return _fake_mnli(seed=7)
+
+    monkeypatch.setattr(common.datasets, "load_dataset", fake_load_dataset)
+    teacher = _save_teacher(
+        tmp_path / "teacher",
+        bert_tokenizer,
+        num_labels=3,
+        id2label=dict(enumerate(MNLI_LABELS)),
+        label2id={name: i for i, name in enumerate(MNLI_LABELS)},
+    )
+    output = tmp_path / "out"
+    results = distill_glue.main(
+        ["--task_name", "mnli", "--teacher_model_name_or_path", teacher, "--student_num_layers", "1",
+         "--do_train", "--do_eval", "--do_predict"] + _training_flags(output)
+    )  # fmt: skip
+    assert requested == [("nyu-mll/glue", "mnli")]
+    evaluation = json.loads((output / "eval_results.json").read_text())
+    assert evaluation["eval_samples"] == 12 and evaluation["eval_samples_mm"] == 10
+    for key in ("eval_accuracy", "eval_accuracy_mm"):
+        assert 0.0 <= evaluation[key] <= 1.0
+    assert results["eval"]["eval_accuracy_mm"] == evaluation["eval_accuracy_mm"]
+    # run_glue's file names; one prediction per test row, as label names
+    for name, rows in (("predict_results_mnli.txt", 8), ("predict_results_mnli-mm.txt", 6)):
+        lines = (output / name).read_text().splitlines()
+        assert lines[0] == "index\tprediction" and len(lines) == rows + 1
+        assert {line.split("\t")[1] for line in lines[1:]} <= set(MNLI_LABELS)
+    report = json.loads((output / "distill_report.json").read_text())
+    assert report["primary_metric"] == "accuracy" and report["split"] == "validation_matched"
