@@ -81,7 +81,8 @@ class DistillationTrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "Directory of cached teacher top-k log-probabilities (scripts/cache_teacher_logits.py). Training "
-            "then needs no teacher in memory; batches carry teacher_topk_logprobs/teacher_topk_indices."
+            "then needs no teacher in memory; batches carry teacher_topk_logprobs/teacher_topk_indices (and "
+            "teacher_tail_logmass, the teacher's remaining mass)."
         },
     )
     lmbda: float = field(

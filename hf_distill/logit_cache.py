@@ -416,7 +416,8 @@ def load_logit_cache(
     block_size: int | None,
     top_k: int | None = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """`train_dataset` with the cache's two columns added, after checking the manifest against it.
+    """`train_dataset` with the cache's columns added (top-k log-probabilities and ids, and from format 2 the
+    remaining mass), after checking the manifest against it.
 
     Returns (dataset, manifest). The dataset is in numpy format (rows as arrays), which the recipe's collator
     takes and which is much faster to read than Python lists.

@@ -686,7 +686,8 @@ class _BucketLogProbs(torch.autograd.Function):
     N the number of positions; with `targets` (N,) also each position's cross-entropy at temperature 1 (0 where
     the target is -100), from the same exponentials.
 
-    One exp pass forward and one in-place pass backward, with the gradient in closed form. With s = logits / T,
+    One exp pass forward (its float32 (N, V) buffer is written straight from half-precision or strided logits) and
+    a closed-form gradient backward, written over that buffer (at T = 2 into one new one). With s = logits / T,
     p = softmax(s), the bucket log-probabilities log p_b and their upstream gradient G_b,
       dL/ds_j = G_b(j) - p_j * sum_b G_b        for a listed token j,
       dL/ds_j = p_j * (G_tail / p_tail - sum_b G_b)   for a token in the tail;
@@ -694,17 +695,20 @@ class _BucketLogProbs(torch.autograd.Function):
     p ** T renormalised, so at T = 1 and T = 2 it costs no second exp pass (other temperatures take one more, and
     keep its buffer for the backward, as F.cross_entropy keeps its log-softmax). The tail mass is summed over the tail
     tokens themselves, not taken as 1 - sum(listed), so it stays exact when the listed tokens hold nearly all the
-    mass. Backward through it once only.
+    mass. Backward through it once only. float64 logits are computed in float32.
     """
 
     @staticmethod
     def forward(ctx, logits, indices, inv_temperature, has_tail, targets):
         ctx.input_shape, ctx.input_dtype = logits.shape, logits.dtype
-        flat = logits.reshape(-1, logits.shape[-1]).float()
-        row_max = flat.amax(-1, keepdim=True)
-        # exp((logits - max) / T): a new contiguous (N, V) buffer written in one pass from logits of any strides
+        flat = logits.reshape(-1, logits.shape[-1])  # a view unless the logits are a strided slice
+        if flat.dtype == torch.float64:
+            flat = flat.float()
+        row_max = flat.amax(-1, keepdim=True).float()
+        # exp((logits - max) / T): a new contiguous float32 (N, V) buffer written in one pass (type promotion
+        # upcasts half-precision logits on the way, with no float32 copy of them)
         exps = torch.add(row_max * -inv_temperature, flat, alpha=inv_temperature).exp_()
-        listed_scaled = (flat.gather(-1, indices) - row_max) * inv_temperature  # (N, k)
+        listed_scaled = (flat.gather(-1, indices).float() - row_max) * inv_temperature  # (N, k)
         listed = exps.gather(-1, indices)
         total = listed.sum(-1, keepdim=True)
         nll = None
@@ -722,7 +726,8 @@ class _BucketLogProbs(torch.autograd.Function):
                 full_total = unscaled.sum(-1, keepdim=True)
             valid = targets.ne(-100)
             safe_targets = torch.where(valid, targets, 0)[:, None]
-            nll = (row_max + full_total.log() - flat.gather(-1, safe_targets)).squeeze(-1) * valid
+            nll = (row_max + full_total.log() - flat.gather(-1, safe_targets).float()).squeeze(-1)
+            nll = torch.where(valid, nll, 0.0)  # never 0 * inf where an ignored position has a -inf logit
             saved_ce = (unscaled, full_total, valid, safe_targets)
         tail = None
         if has_tail:
@@ -787,7 +792,7 @@ def sparse_distillation_loss(
     student_logits: (..., V). teacher_topk_logprobs: (..., k) teacher log-probabilities at temperature 1 of the
     distinct tokens teacher_topk_indices: (..., k) long. mask: (...) bool, True = counts. teacher_tail_logmass:
     (...) optional, the log of the teacher's probability mass outside the top k at each position, as the cache
-    stores it. Returns a float32 scalar.
+    stores it (unused when k = V). Returns a float32 scalar.
 
     Buckets: the k listed tokens plus, when k < V, one "tail" bucket holding every other token.
       teacher: log-mass per bucket l_i = teacher_topk_logprobs_i, l_tail = teacher_tail_logmass, or when that is
@@ -834,7 +839,8 @@ def sparse_distillation_and_cross_entropy(
 
     labels: (...) long, the student's target token per position, -100 = no target. The cross-entropy is at
     temperature 1 over the full vocabulary, as `F.cross_entropy(..., ignore_index=-100)`: the mean over positions
-    with a target, or their sum. Both values and their gradients equal computing the two separately; sharing the
+    with a target, or their sum (0.0 with a zero gradient when no position has one, where F.cross_entropy gives
+    NaN). Both values and their gradients equal computing the two separately; sharing the
     softmax pass makes the pair cost about what the cross-entropy alone costs (at temperature 1 or 2; other
     temperatures add one exp pass over the logits). This is what training from a teacher logits cache runs.
     """
@@ -930,7 +936,8 @@ def _sparse_losses(
     log_p_student, nll = outputs if targets is not None else (outputs, None)  # (N, k [+ 1]), (N,)
     ce = None
     if nll is not None:
-        ce = _mean_or_sum(nll.sum(), int(targets.ne(-100).sum()), reduction)
+        # counted only for the mean: int() waits for the device
+        ce = _mean_or_sum(nll.sum(), int(targets.ne(-100).sum()) if reduction == "mean" else 0, reduction)
 
     # Teacher bucket log-masses at temperature 1, tempered and renormalised.
     log_q = teacher_logprobs.float()
@@ -959,5 +966,6 @@ def _sparse_losses(
     per_position = per_position * temperature**2
     if flat_mask is not None:
         per_position = torch.where(flat_mask, per_position, torch.zeros_like(per_position))
-        return _mean_or_sum(per_position.sum(), int(flat_mask.sum()), reduction), ce
+        count = int(flat_mask.sum()) if reduction == "mean" else 0
+        return _mean_or_sum(per_position.sum(), count, reduction), ce
     return _mean_or_sum(per_position.sum(), per_position.shape[0], reduction), ce

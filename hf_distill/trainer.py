@@ -420,7 +420,7 @@ class DistillationTrainer(Trainer):
         """The KD term against a cached teacher, and the CE term when there are labels, normalised.
 
         Cached position t holds the teacher's distribution for token t + 1, like the logits at t. With labels over
-        the student's whole vocabulary, one pass over the logits gives both terms.
+        the student's whole vocabulary (token-level tasks), one pass over the logits gives both terms.
         """
         options = {
             "temperature": self.args.temperature,
@@ -432,8 +432,9 @@ class DistillationTrainer(Trainer):
         }
         logprobs, indices = cached[LOGPROBS_COLUMN], cached[INDICES_COLUMN].long()
         sliced = self._vocab_size is not None and self._vocab_size != student_logits.shape[-1]
+        token_level = kind != SEQUENCE
         terms = {}
-        if labels is not None and not sliced:
+        if labels is not None and token_level and not sliced:
             kd_sum, ce_sum = sparse_distillation_and_cross_entropy(
                 student_logits, logprobs, indices, labels, **options
             )
@@ -441,10 +442,11 @@ class DistillationTrainer(Trainer):
             kd_logits = student_logits[..., : self._vocab_size] if sliced else student_logits
             kd_sum = sparse_distillation_loss(kd_logits, logprobs, indices, **options)
             if labels is not None:
-                ce_sum, _ = hard_label_loss(kind, self._task.problem_type, student_logits, labels)
-        token_level = kind != SEQUENCE
+                ce_sum, ce_count = hard_label_loss(kind, self._task.problem_type, student_logits, labels)
         if labels is not None:
-            terms["ce_loss"] = self._normalise(ce_sum, labels.ne(-100).sum(), num_items_in_batch, token_level)
+            if token_level:
+                ce_count = labels.ne(-100).sum()
+            terms["ce_loss"] = self._normalise(ce_sum, ce_count, num_items_in_batch, token_level)
         count = mask.sum() if mask is not None else student_logits.shape[:-1].numel()
         terms["kd_loss"] = self._normalise(
             kd_sum, count, num_items_in_batch if mask is not None else None, token_level

@@ -589,27 +589,46 @@ def test_sparse_all_masked_is_zero():
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("temperature", [1.0, 2.0, 1.7])  # the three ways softmax(logits) is formed inside
+ONE_PASS_TEMPERATURES = [1.0, 2.0, 1.7]  # the three ways softmax(logits) is formed inside
+
+
+def _kd_and_ce_apart(logits, topk_logprobs, topk_indices, labels, reduction="mean", **options):
+    vocab = logits.shape[-1]
+    kd = sparse_distillation_loss(logits, topk_logprobs, topk_indices, reduction=reduction, **options)
+    ce = F.cross_entropy(
+        logits.reshape(-1, vocab), labels.reshape(-1), ignore_index=-100, reduction=reduction
+    )
+    return kd, ce
+
+
+@pytest.mark.parametrize("temperature", ONE_PASS_TEMPERATURES)
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
 @pytest.mark.parametrize("k", [4, 17])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_kd_and_ce_in_one_pass_equal_the_two_apart(temperature, kind, k, reduction):
+@pytest.mark.parametrize("with_tail", [False, True])
+def test_kd_and_ce_in_one_pass_equal_the_two_apart(temperature, kind, k, reduction, with_tail):
     vocab = 17
     padded = random_logits(3, 5, vocab + 3, scale=3.0)  # sliced below: logits with strides, as in the trainer
     together, apart = padded.clone().requires_grad_(), padded.clone().requires_grad_()
     labels = torch.randint(0, vocab, (3, 5))
     labels[0, :2] = -100
     labels[2, -1] = -100
-    mask = labels.ne(-100)
+    mask = torch.rand(3, 5) > 0.3  # independent of the labels: KD and CE each keep their own positions
     topk_logprobs, topk_indices = torch.log_softmax(random_logits(3, 5, vocab, scale=3.0), -1).topk(k, dim=-1)
-    options = {"temperature": temperature, "kind": kind, "beta": 0.3, "mask": mask, "reduction": reduction}
+    tail = torch.rand(3, 5).clamp_min(0.05).log() if with_tail else None
+    options = {
+        "temperature": temperature,
+        "kind": kind,
+        "beta": 0.3,
+        "mask": mask,
+        "teacher_tail_logmass": tail,
+    }
 
     kd, ce = sparse_distillation_and_cross_entropy(
-        together[..., :vocab], topk_logprobs, topk_indices, labels, **options
+        together[..., :vocab], topk_logprobs, topk_indices, labels, reduction=reduction, **options
     )
-    kd_apart = sparse_distillation_loss(apart[..., :vocab], topk_logprobs, topk_indices, **options)
-    ce_apart = F.cross_entropy(
-        apart[..., :vocab].reshape(-1, vocab), labels.reshape(-1), ignore_index=-100, reduction=reduction
+    kd_apart, ce_apart = _kd_and_ce_apart(
+        apart[..., :vocab], topk_logprobs, topk_indices, labels, reduction=reduction, **options
     )
     torch.testing.assert_close(kd, kd_apart)
     torch.testing.assert_close(ce, ce_apart)
@@ -619,36 +638,62 @@ def test_kd_and_ce_in_one_pass_equal_the_two_apart(temperature, kind, k, reducti
     assert together.grad[..., vocab:].abs().sum() == 0
 
 
-def test_kd_and_ce_in_one_pass_from_bfloat16_logits():
+@pytest.mark.parametrize("temperature", ONE_PASS_TEMPERATURES)
+def test_kd_and_ce_in_one_pass_from_bfloat16_logits(temperature):
     vocab, k = 29, 5
     logits = random_logits(2, 6, vocab, dtype=torch.bfloat16).requires_grad_()
     labels = torch.randint(0, vocab, (2, 6))
     topk_logprobs, topk_indices = torch.log_softmax(random_logits(2, 6, vocab), -1).topk(k, dim=-1)
     kd, ce = sparse_distillation_and_cross_entropy(
-        logits, topk_logprobs, topk_indices, labels, temperature=2.0
+        logits, topk_logprobs, topk_indices, labels, temperature=temperature
     )
     assert kd.dtype == ce.dtype == torch.float32
     (kd + ce).backward()
     assert logits.grad.dtype == torch.bfloat16
 
     reference = logits.detach().float().requires_grad_()
-    expected = sparse_distillation_loss(reference, topk_logprobs, topk_indices, temperature=2.0)
-    expected = expected + F.cross_entropy(reference.reshape(-1, vocab), labels.reshape(-1))
+    expected = sum(_kd_and_ce_apart(reference, topk_logprobs, topk_indices, labels, temperature=temperature))
     expected.backward()
     torch.testing.assert_close(kd + ce, expected)
     torch.testing.assert_close(logits.grad.float(), reference.grad, atol=1e-2, rtol=1e-2)
 
 
-def test_kd_and_ce_with_nothing_to_learn_are_zero():
+@pytest.mark.parametrize("temperature", ONE_PASS_TEMPERATURES)
+def test_kd_and_ce_with_nothing_to_learn_are_zero(temperature):
     logits = random_logits(2, 3, 9).requires_grad_()
     topk_logprobs, topk_indices = torch.log_softmax(random_logits(2, 3, 9), -1).topk(3, dim=-1)
     labels = torch.full((2, 3), -100)
     kd, ce = sparse_distillation_and_cross_entropy(
-        logits, topk_logprobs, topk_indices, labels, mask=labels.ne(-100)
+        logits, topk_logprobs, topk_indices, labels, temperature=temperature, mask=labels.ne(-100)
     )
     assert kd.item() == 0.0 and ce.item() == 0.0
     (kd + ce).backward()
     assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+@pytest.mark.parametrize("temperature", ONE_PASS_TEMPERATURES)
+def test_kd_and_ce_with_minus_inf_logits(temperature):
+    """A token no position may produce (logit -inf), also at positions without a target: finite and equal to the
+    two losses apart, never 0 * inf."""
+    vocab, k = 9, 3
+    base = random_logits(2, 4, vocab)
+    base[..., 0] = -math.inf
+    together, apart = base.clone().requires_grad_(), base.clone().requires_grad_()
+    labels = torch.randint(1, vocab, (2, 4))
+    labels[0, 0] = -100
+    mask = labels.ne(-100)
+    topk_logprobs, topk_indices = torch.log_softmax(random_logits(2, 4, vocab), -1)[..., 1:].topk(k, dim=-1)
+    topk_indices = topk_indices + 1  # the teacher's top k avoid token 0 too
+    options = {"temperature": temperature, "mask": mask}
+    kd, ce = sparse_distillation_and_cross_entropy(together, topk_logprobs, topk_indices, labels, **options)
+    kd_apart, ce_apart = _kd_and_ce_apart(apart, topk_logprobs, topk_indices, labels, **options)
+    assert torch.isfinite(kd) and torch.isfinite(ce)
+    torch.testing.assert_close(kd, kd_apart)
+    torch.testing.assert_close(ce, ce_apart)
+    (kd + ce).backward()
+    (kd_apart + ce_apart).backward()
+    assert torch.isfinite(together.grad).all()
+    torch.testing.assert_close(together.grad, apart.grad, atol=1e-6, rtol=1e-5)
 
 
 def test_kd_and_ce_reject_misaligned_or_float_labels():

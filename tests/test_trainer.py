@@ -659,6 +659,39 @@ def test_cached_teacher_without_labels_is_pure_kd_over_the_attended_positions(tm
     assert abs(derived.item() - expected.item()) > 1e-3
 
 
+@pytest.mark.parametrize("problem_type", ["single_label_classification", "multi_label_classification"])
+def test_cached_teacher_for_sequence_classification_keeps_its_own_hard_loss(
+    tmp_path, bert_tokenizer, problem_type
+):
+    """Cached top-k columns over a classifier's labels: the hard loss stays the task's (cross-entropy or BCE),
+    averaged over examples, mixed with the sparse KD."""
+    student = bert(bert_tokenizer, labels=3, problem_type=problem_type)
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=None,
+        args=make_args(tmp_path, alpha=0.7, teacher_logits_cache=str(tmp_path / "cache")),
+    )
+    torch.manual_seed(3)
+    input_ids = torch.randint(5, len(bert_tokenizer), (4, 6))
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones(4, 6, dtype=torch.long)}
+    if problem_type == "multi_label_classification":
+        labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    else:
+        labels = torch.tensor([0, 2, 1, 2])
+    top = torch.log_softmax(torch.randn(4, 3) * 2, -1).topk(2, dim=-1)
+    batch = dict(inputs, labels=labels, teacher_topk_logprobs=top.values, teacher_topk_indices=top.indices)
+    loss, _ = _loss_and_grads(trainer, batch)
+
+    with torch.no_grad():
+        logits = student(**inputs).logits
+    if problem_type == "multi_label_classification":
+        hard = F.binary_cross_entropy_with_logits(logits, labels)
+    else:
+        hard = F.cross_entropy(logits, labels)
+    kd = sparse_distillation_loss(logits, top.values, top.indices, temperature=2.0)
+    assert loss.item() == pytest.approx((0.3 * hard + 0.7 * kd).item(), rel=1e-5)
+
+
 def test_cached_teacher_columns_survive_the_dataloader_and_train(tmp_path, lm_tokenizer):
     data = lm_data(lm_tokenizer, n=8)
     data = data.map(lambda row: {"input_ids": (row["input_ids"] + [1] * 6)[:6]})
