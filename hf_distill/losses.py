@@ -622,7 +622,7 @@ def hidden_state_loss(
     if student_hidden.shape != teacher_hidden.shape:
         raise ValueError(
             f"student_hidden has shape {tuple(student_hidden.shape)} but teacher_hidden {tuple(teacher_hidden.shape)}: "
-            "project the student to the teacher's width (matching.HiddenStateProjection) and align the positions."
+            "project the student to the teacher's width (matching.HiddenProjections) and align the positions."
         )
     student = student_hidden.float()
     teacher = teacher_hidden.detach().float()
