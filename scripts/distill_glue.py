@@ -9,7 +9,7 @@
     accelerate launch scripts/distill_glue.py run.yaml
 
 Flags: the model flags of tasks/common.py (ModelArguments), the data flags of tasks/classification.py
-(DataArguments, as in transformers' run_glue.py), the report flags (ReportArguments, e.g.
+(DataArguments, as in transformers' run_glue.py), the report flags (ClassificationReportArguments, e.g.
 --compare_no_kd) and every DistillationTrainingArguments flag (all of TrainingArguments plus
 --temperature, --alpha, --kd_loss, --hidden_weight, ...).
 
@@ -43,7 +43,7 @@ logger = logging.get_logger("distill_glue")
 ARGUMENT_TYPES = (
     common.ModelArguments,
     classification.DataArguments,
-    common.ReportArguments,
+    classification.ClassificationReportArguments,
     DistillationTrainingArguments,
 )
 

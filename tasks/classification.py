@@ -31,6 +31,7 @@ from transformers.utils import logging
 from .common import (
     LoadingArguments,
     ModelArguments,
+    ReportArguments,
     build_student,
     load_hub_dataset,
     load_pretrained,
@@ -80,6 +81,19 @@ FILE_REGRESSION_METRICS = ("pearson", "spearmanr", "combined_score")
 _FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 # Short names for the metric keys of the extra evaluation splits (MNLI mismatched -> eval_accuracy_mm).
 _SPLIT_SUFFIXES = {"validation_mismatched": "mm", "test_mismatched": "mm"}
+
+
+@dataclass
+class ClassificationReportArguments(ReportArguments):
+    """The report flags, plus a student trained without the teacher for comparison."""
+
+    compare_no_kd: bool = field(
+        default=False,
+        metadata={
+            "help": "Also train the same student initialisation on the task labels alone (no teacher) and add "
+            "it to the report as student_no_kd, to show what distillation added."
+        },
+    )
 
 
 @dataclass

@@ -67,8 +67,8 @@ class ModelArguments(LoadingArguments):
 
     teacher_model_name_or_path: str = field(
         metadata={
-            "help": "The teacher: a Hub name or a local directory with config.json, already fine-tuned on the "
-            "task (see scripts/train_teacher.py)."
+            "help": "The teacher: a Hub name or a local directory with config.json, already trained for the "
+            "task (scripts/train_teacher.py fine-tunes classifiers)."
         }
     )
     student_model_name_or_path: str | None = field(
@@ -140,13 +140,6 @@ class PretrainedModelArguments(LoadingArguments):
 class ReportArguments:
     """The distillation report written at the end of a run with evaluation."""
 
-    compare_no_kd: bool = field(
-        default=False,
-        metadata={
-            "help": "Also train the same student initialisation on the task labels alone (no teacher) and add "
-            "it to the report as student_no_kd, to show what distillation added."
-        },
-    )
     report_batch_sizes: str = field(
         default="1,32", metadata={"help": "Batch sizes at which latency is measured, comma-separated."}
     )

@@ -168,8 +168,8 @@ class DataArguments:
     streaming: bool = field(
         default=False,
         metadata={
-            "help": "Stream the data instead of loading it (needs --max_steps, and --max_eval_samples with "
-            "--do_eval; not with --teacher_logits_cache or --seq_kd)."
+            "help": "Stream the data instead of loading it (training then needs --max_steps, and evaluation "
+            "--max_eval_samples; not with --teacher_logits_cache or --seq_kd, nor for building a cache)."
         },
     )
 
@@ -410,7 +410,8 @@ def check_splits(raw: Mapping[str, Any], do_train: bool, do_eval: bool) -> None:
     """Fail before any model is loaded when a requested stage has no data."""
     if do_train and "train" not in raw:
         raise ValueError(
-            f"--do_train needs training data, but the loaded splits are {list(raw)}; pass --train_file."
+            f"training needs a train split, but the loaded splits are {list(raw)}; pass --train_file or a "
+            "--dataset_name that has one."
         )
     if do_eval and "validation" not in raw:
         raise ValueError(
