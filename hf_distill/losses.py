@@ -757,12 +757,13 @@ class _BucketLogProbs(torch.autograd.Function):
             row_factor = row_factor + grad_log_p[:, k:] / tail.clamp_min(_TINY)
         row_factor = row_factor * inv_temperature
         listed_grad = (grad_log_p[:, :k] - listed / total * grad_sum) * inv_temperature
+        # tail tokens first; the listed tokens are overwritten below
         if not saved_ce:
-            grad = exps.mul_(row_factor)  # tail tokens; listed tokens are overwritten next
-            grad.scatter_(-1, indices, listed_grad)
+            grad = exps.mul_(row_factor)
         else:
             unscaled, full_total, valid, safe_targets = saved_ce
-            ce_weight = grad_nll[:, None] * valid[:, None] / full_total  # times exp(logits - max)
+            ce_grad = grad_nll[:, None] * valid[:, None]  # (N, 1), 0 where there is no target
+            ce_weight = ce_grad / full_total  # times exp(logits - max) gives the softmax term
             if inv_temperature == 1.0:
                 grad = exps.mul_(row_factor + ce_weight)
             elif inv_temperature == 0.5:
@@ -770,8 +771,9 @@ class _BucketLogProbs(torch.autograd.Function):
             else:
                 grad = unscaled.mul_(ce_weight).addcmul_(exps, row_factor)
             listed_grad = listed_grad + ce_weight * (listed_scaled / inv_temperature).exp()
-            grad.scatter_(-1, indices, listed_grad)
-            grad.scatter_add_(-1, safe_targets, -(grad_nll[:, None] * valid[:, None]))
+        grad.scatter_(-1, indices, listed_grad)
+        if saved_ce:
+            grad.scatter_add_(-1, safe_targets, -ce_grad)
         return grad.to(ctx.input_dtype).view(ctx.input_shape), None, None, None, None
 
 
@@ -896,13 +898,7 @@ def _sparse_losses(
         raise ValueError(
             f"k = {k} cached teacher tokens for a student vocab of {vocab}: need 1 <= k <= vocab."
         )
-    if teacher_topk_indices.dtype in (
-        torch.float16,
-        torch.bfloat16,
-        torch.float32,
-        torch.float64,
-        torch.bool,
-    ):
+    if teacher_topk_indices.is_floating_point() or teacher_topk_indices.dtype == torch.bool:
         raise ValueError(
             f"teacher_topk_indices must be an integer (long) tensor, got {teacher_topk_indices.dtype}."
         )

@@ -438,14 +438,13 @@ class DistillationTrainer(Trainer):
             kd_sum, ce_sum = sparse_distillation_and_cross_entropy(
                 student_logits, logprobs, indices, labels, **options
             )
+            ce_count = labels.ne(-100).sum()
         else:
             kd_logits = student_logits[..., : self._vocab_size] if sliced else student_logits
             kd_sum = sparse_distillation_loss(kd_logits, logprobs, indices, **options)
             if labels is not None:
                 ce_sum, ce_count = hard_label_loss(kind, self._task.problem_type, student_logits, labels)
         if labels is not None:
-            if token_level:
-                ce_count = labels.ne(-100).sum()
             terms["ce_loss"] = self._normalise(ce_sum, ce_count, num_items_in_batch, token_level)
         count = mask.sum() if mask is not None else student_logits.shape[:-1].numel()
         terms["kd_loss"] = self._normalise(

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Run a causal-LM teacher once over the tokenized training set and cache its top-k log-probabilities (with the
-mass of the other tokens), so that distillation runs (scripts/distill_lm.py --teacher_logits_cache DIR) need no teacher in memory.
+mass of the other tokens), so that distillation runs (scripts/distill_lm.py --teacher_logits_cache DIR) need no
+teacher in memory.
 
     python scripts/cache_teacher_logits.py \
         --teacher_model_name_or_path outputs/teacher --train_file train.txt --block_size 512 \
