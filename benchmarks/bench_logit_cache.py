@@ -43,6 +43,7 @@ from hf_distill import DistillationTrainer, DistillationTrainingArguments  # noq
 from hf_distill.logit_cache import (  # noqa: E402
     INDICES_COLUMN,
     LOGPROBS_COLUMN,
+    TAIL_COLUMN,
     build_logit_cache,
     load_logit_cache,
 )
@@ -130,6 +131,8 @@ def step_breakdown(student, batch, temperature: float) -> dict[str, float]:
     labels = batch["labels"][:, 1:]
     mask = labels.ne(-100)
     logprobs, indices = batch[LOGPROBS_COLUMN][:, :-1], batch[INDICES_COLUMN][:, :-1]
+    # the cache's remaining mass, tempered at `temperature` as the cache run uses it
+    tail = {"teacher_tail_logmass": batch[TAIL_COLUMN][:, :-1], "tail_temperature": temperature}
 
     def student_step():
         student.zero_grad(set_to_none=True)
@@ -146,13 +149,13 @@ def step_breakdown(student, batch, temperature: float) -> dict[str, float]:
     def kd_only():
         logits = fixed_logits.clone().requires_grad_()
         sparse_distillation_loss(
-            logits, logprobs, indices, temperature=temperature, mask=mask, reduction="sum"
+            logits, logprobs, indices, temperature=temperature, mask=mask, reduction="sum", **tail
         ).backward()
 
     def ce_and_kd():
         logits = fixed_logits.clone().requires_grad_()
         kd, ce = sparse_distillation_and_cross_entropy(
-            logits, logprobs, indices, labels, temperature=temperature, mask=mask, reduction="sum"
+            logits, logprobs, indices, labels, temperature=temperature, mask=mask, reduction="sum", **tail
         )
         (kd + ce).backward()
 
@@ -214,13 +217,18 @@ def main() -> None:
             tokenizer=tokenizer,
             teacher_name="bench-teacher",
             block_size=options.block_size,
+            temperature=options.temperature,
             top_k=options.top_k,
             logprobs_dtype=options.logprobs_dtype,
         )
         build_seconds = time.perf_counter() - start
         del teacher
         cached_train, manifest = load_logit_cache(
-            Path(workdir) / "cache", train, tokenizer=tokenizer, block_size=options.block_size
+            Path(workdir) / "cache",
+            train,
+            tokenizer=tokenizer,
+            block_size=options.block_size,
+            temperature=options.temperature,
         )
         plain_train = train.with_format("numpy")  # the same row format as the cached dataset
         student = llama(vocab, hidden=options.student_hidden, layers=options.student_layers, seed=0)

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
+from .task_loss import TASK_TYPES
+
 KD_LOSSES = ("forward_kl", "reverse_kl", "jsd", "mse")
 HIDDEN_LOSSES = ("mse", "cosine")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -82,7 +84,8 @@ class DistillationTrainingArguments(TrainingArguments):
         metadata={
             "help": "Directory of cached teacher top-k log-probabilities (scripts/cache_teacher_logits.py). Training "
             "then needs no teacher in memory; batches carry teacher_topk_logprobs/teacher_topk_indices (and "
-            "teacher_tail_logmass, the teacher's remaining mass)."
+            "teacher_tail_logmass, the teacher's remaining mass tempered at the cache's temperature, which must equal "
+            "--temperature)."
         },
     )
     lmbda: float = field(
@@ -94,10 +97,21 @@ class DistillationTrainingArguments(TrainingArguments):
     )
     on_policy_max_new_tokens: int = field(
         default=64,
-        metadata={"help": "Tokens the student samples per prompt for on-policy steps (lmbda > 0)."},
+        metadata={
+            "help": "Tokens the student samples per prompt for on-policy steps (lmbda > 0); the LM recipe lowers it, "
+            "with a warning, so that prompt and completion fit the model's position limit."
+        },
     )
     on_policy_temperature: float = field(
         default=1.0, metadata={"help": "Sampling temperature of the student for on-policy steps (lmbda > 0)."}
+    )
+    task_type: str | None = field(
+        default=None,
+        metadata={
+            "help": "What the student's outputs mean, one of "
+            f"{sorted(TASK_TYPES)}; by default read from the model's class (subclasses of transformers heads "
+            "included) and config. Needed for custom models that neither says."
+        },
     )
     teacher_dtype: str = field(
         default="auto",
@@ -150,6 +164,10 @@ class DistillationTrainingArguments(TrainingArguments):
                 "teacher_logits_cache holds only the teacher's top-k output probabilities, so hidden/attention "
                 "matching and on-policy steps (lmbda), which need the teacher itself, cannot use it; drop "
                 "--teacher_logits_cache or set hidden_weight, attention_weight and lmbda to 0."
+            )
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise ValueError(
+                f"task_type must be one of {sorted(TASK_TYPES)} or None, got {self.task_type!r}."
             )
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}.")

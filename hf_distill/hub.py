@@ -1,17 +1,52 @@
-"""The model card of a distilled student: what it was distilled from, how, and what it kept."""
+"""The model card of a distilled student: what it was distilled from, how, and what it kept.
+
+The metadata is a `huggingface_hub.ModelCardData`, written by its YAML dumper, so every value (a tag such as
+"my-tag: v1" included) reads back as it was given. It follows `transformers.Trainer.create_model_card`: the same
+arguments, `model-index` from the last evaluation when a task and a dataset are known, and the tags of a README
+already in the folder kept. Two things differ on purpose:
+
+- `base_model` is only ever a Hub repo id (`is_hub_repo_id`); a teacher loaded from a local folder is described in
+  the text instead, because the Hub rejects a card whose `base_model` is not a model it hosts;
+- a PEFT student's card stays a PEFT card (`library_name: peft`, the adapter's base as `base_model`), and any other
+  metadata PEFT or a person put in the README is kept: the keys computed here are replaced, the rest merged.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import transformers
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from transformers.modelcard import METRIC_TAGS, TASK_MAPPING, TASK_TAG_TO_NAME_MAPPING
+from transformers.utils import logging
 
 from .report import count_parameters
 from .teacher import unwrap_model
+
+logger = logging.get_logger(__name__)
+
+HF_DISTILL_TAGS = ("hf-distill", "distillation", "knowledge-distillation")
+# Metadata computed from this run on every write; an existing README's value of these keys is never kept.
+_COMPUTED_METADATA = ("library_name", "base_model", "metrics", "model-index", "model_name", "eval_results")
+# `datasets` builders that name a file format, not a dataset on the Hub (TrainingSummary skips the same ones).
+_FILE_BUILDERS = (
+    "csv",
+    "json",
+    "pandas",
+    "parquet",
+    "text",
+    "arrow",
+    "generator",
+    "imagefolder",
+    "audiofolder",
+)
 
 DISTILLATION_SETTINGS = (
     "temperature",
@@ -45,6 +80,51 @@ def model_name_or_path(model: torch.nn.Module) -> str:
     return getattr(config, "_name_or_path", "") or type(unwrap_model(model)).__name__
 
 
+def is_hub_repo_id(name: Any) -> bool:
+    """Whether `name` can stand for a model on the Hub: `owner/name`, valid for huggingface_hub, and not a path that
+    exists here. A name without an owner (`teacher_glue`) is refused: Hub models live under an owner (the old
+    un-namespaced ids such as `gpt2` are redirects), while a bare name is usually a local folder seen from another
+    working directory, e.g. in a teacher-logits cache's manifest. Nothing is looked up on the Hub."""
+    if not isinstance(name, str) or name.count("/") != 1 or os.path.exists(name):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def card_arguments(
+    language: str | list[str] | None = None,
+    license: str | None = None,
+    tags: str | list[str] | None = None,
+    model_name: str | None = None,
+    finetuned_from: str | None = None,
+    tasks: str | list[str] | None = None,
+    dataset_tags: str | list[str] | None = None,
+    dataset: str | list[str] | None = None,
+    dataset_args: str | list[str] | None = None,
+) -> dict[str, Any]:
+    """The arguments of `Trainer.create_model_card`, in its order, as a dict of those that were given. Lists are
+    copied: `Trainer.push_to_hub` appends to the tags list it passes."""
+    given = {
+        "language": language,
+        "license": license,
+        "tags": tags,
+        "model_name": model_name,
+        "finetuned_from": finetuned_from,
+        "tasks": tasks,
+        "dataset_tags": dataset_tags,
+        "dataset": dataset,
+        "dataset_args": dataset_args,
+    }
+    return {
+        name: list(value) if isinstance(value, (list, tuple)) else value
+        for name, value in given.items()
+        if value is not None
+    }
+
+
 def write_atomic(path: str, text: str) -> None:
     """Write through a temporary file in the same folder and rename it, so a reader never sees half a file."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -61,34 +141,84 @@ def write_atomic(path: str, text: str) -> None:
 
 
 def build_model_card(
-    trainer: Any, model_name: str | None = None, tags: list[str] | str | None = None, **_: Any
-) -> str:
-    """Markdown with Hub metadata for `trainer.model`, distilled from `trainer.teacher_model`."""
+    trainer: Any,
+    *,
+    existing_metadata: Mapping[str, Any] | None = None,
+    language: str | list[str] | None = None,
+    license: str | None = None,
+    tags: str | list[str] | None = None,
+    model_name: str | None = None,
+    finetuned_from: str | None = None,
+    tasks: str | list[str] | None = None,
+    dataset_tags: str | list[str] | None = None,
+    dataset: str | list[str] | None = None,
+    dataset_args: str | list[str] | None = None,
+) -> ModelCard:
+    """The card of `trainer.model`, distilled from `trainer.teacher_model` (or a teacher-logits cache).
+
+    The other arguments are `Trainer.create_model_card`'s and mean the same; `existing_metadata` is the metadata of
+    a README already in the folder, whose keys this run does not compute are kept (tags are merged).
+    """
     args = trainer.args
+    peft_student = _peft_model(trainer.model)
     student = unwrap_model(trainer.model)
     teacher = unwrap_model(trainer.teacher_model) if trainer.teacher_model is not None else None
     teacher_name = model_name_or_path(teacher) if teacher is not None else _cached_teacher_name(args)
-    model_name = model_name or (args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)))
+    model_name = model_name or _default_model_name(args)
     student_params = count_parameters(unwrap_model(student))
     teacher_params = count_parameters(unwrap_model(teacher)) if teacher is not None else None
+    base_model, base_model_note = _base_model(peft_student, student, teacher_name, finetuned_from)
 
-    all_tags = ["hf-distill", "distillation", "knowledge-distillation"]
-    for tag in [tags] if isinstance(tags, str) else tags or []:
-        if tag not in all_tags:
-            all_tags.append(tag)
-    front_matter = ["---", "library_name: transformers"]
-    if teacher_name and not os.path.isabs(teacher_name):
-        front_matter.append(f"base_model: {teacher_name}")
-    front_matter += ["tags:"] + [f"- {tag}" for tag in all_tags] + ["---", ""]
+    datasets = _datasets(trainer, dataset_tags, dataset, dataset_args)
+    metrics = _last_eval_metrics(trainer)
+    hub_metrics = _hub_metrics(metrics)
+    eval_results = [
+        EvalResult(
+            task_type=task,
+            task_name=TASK_TAG_TO_NAME_MAPPING.get(task),
+            dataset_type=entry["type"],
+            dataset_name=entry["name"],
+            dataset_config=entry.get("config"),
+            dataset_split=entry.get("split"),
+            dataset_args=entry.get("args"),
+            metric_type=metric_type,
+            metric_name=metric_name,
+            metric_value=value,
+        )
+        for task in _tasks(tasks, student)
+        for entry in datasets
+        for metric_type, (metric_name, value) in hub_metrics.items()
+    ]
+
+    metadata = {k: v for k, v in (existing_metadata or {}).items() if k not in _COMPUTED_METADATA}
+    metadata["library_name"] = "peft" if peft_student is not None else "transformers"
+    if base_model is not None:
+        metadata["base_model"] = base_model
+    if language is not None:
+        metadata["language"] = _listify(language)
+    if license is not None:
+        metadata["license"] = license
+    if datasets:
+        metadata["datasets"] = [entry["type"] for entry in datasets]
+    if hub_metrics:
+        metadata["metrics"] = list(hub_metrics)
+    metadata["tags"] = _merge_tags(HF_DISTILL_TAGS, _listify(tags), _listify(metadata.get("tags")))
+    card_data = ModelCardData(
+        **metadata, eval_results=eval_results or None, model_name=model_name if eval_results else None
+    )
 
     size = f"it has {_millions(student_params)} parameters"
     if teacher_params:
         size += f", {student_params / teacher_params:.1%} of the teacher's {_millions(teacher_params)}"
+    dataset_names = _listify(dataset) or [entry["name"] for entry in datasets]
+    trained_on = f" on {_dataset_phrase(dataset_names)}" if dataset_names else ""
     lines = [
         f"# {model_name}",
         "",
-        f"This model was distilled from **{teacher_name}** with [hf_distill](https://pypi.org/project/hf-distill/): "
-        f"{size}.",
+        f"This model was distilled from **{teacher_name}** with [hf_distill](https://pypi.org/project/hf-distill/)"
+        f"{trained_on}: {size}.",
+        "",
+        base_model_note,
         "",
         "## Teacher and student",
         "",
@@ -111,7 +241,6 @@ def build_model_card(
     lines += ["", "## Distillation settings", "", "| Setting | Value |", "|---|---|"]
     lines += [f"| {name} | {getattr(args, name)} |" for name in DISTILLATION_SETTINGS if hasattr(args, name)]
 
-    metrics = _last_eval_metrics(trainer)
     if metrics:
         lines += ["", "## Evaluation of the student", "", "| Metric | Value |", "|---|---|"]
         lines += [f"| {name} | {_format(value)} |" for name, value in sorted(metrics.items())]
@@ -128,15 +257,19 @@ def build_model_card(
         f"gradient accumulation {args.gradient_accumulation_steps}, seed {args.seed}",
         f"- steps {trainer.state.global_step}, epochs {_format(trainer.state.epoch or 0)}, "
         f"bf16 {args.bf16}, fp16 {args.fp16}",
-        f"- transformers {transformers.__version__}, torch {torch.__version__}",
+        f"- transformers {transformers.__version__}, torch {torch.__version__}" + _peft_version(peft_student),
         "",
     ]
-    return "\n".join(front_matter + lines)
+    # Parsed back before it is written, so a card the Hub library cannot read fails here, not at upload.
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
-def write_model_card(trainer: Any, output_dir: str, *args: Any, **kwargs: Any) -> str:
+def write_model_card(trainer: Any, output_dir: str, **card_arguments: Any) -> str:
+    """Write `output_dir`/README.md (atomically), keeping what an existing README's metadata says that this run
+    does not compute (e.g. what PEFT's `save_pretrained` wrote). `card_arguments` are `build_model_card`'s."""
     path = os.path.join(output_dir, "README.md")
-    write_atomic(path, build_model_card(trainer, *args, **kwargs))
+    card = build_model_card(trainer, existing_metadata=_read_metadata(path), **card_arguments)
+    write_atomic(path, str(card))
     return path
 
 
@@ -156,6 +289,228 @@ def _last_eval_metrics(trainer: Any) -> dict[str, float]:
         if metrics:
             return {k: v for k, v in metrics.items() if not k.endswith(("_runtime", "_per_second"))}
     return {}
+
+
+def _read_metadata(path: str) -> dict[str, Any]:
+    """The metadata of the README at `path`; {} when there is none, or (with a warning) when it cannot be read."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        return ModelCard.load(path, ignore_metadata_errors=True).data.to_dict()
+    except (ValueError, TypeError, yaml.YAMLError) as error:
+        logger.warning(
+            f"The metadata of {path} cannot be read ({error}); the new model card replaces it. Fix that README's "
+            "YAML block before saving to keep what it said."
+        )
+        return {}
+
+
+def _peft_model(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The `peft.PeftModel` under DDP/DeepSpeed wrappers, or None when the student is not one."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    if hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None)):
+        return model
+    return None
+
+
+def _adapter_base(peft_model: torch.nn.Module) -> str | None:
+    """`base_model_name_or_path` of the active adapter's config: the model the adapter must be loaded onto."""
+    configs = peft_model.peft_config
+    config = configs.get(getattr(peft_model, "active_adapter", None)) or next(iter(configs.values()), None)
+    return getattr(config, "base_model_name_or_path", None) or None
+
+
+def _base_model(
+    peft_student: torch.nn.Module | None,
+    student: torch.nn.Module,
+    teacher_name: str,
+    finetuned_from: str | None,
+) -> tuple[str | None, str]:
+    """The Hub repo id for `base_model` (None for none) and a sentence for the card saying what it is."""
+    if peft_student is not None:
+        adapter_base = _adapter_base(peft_student)
+        if finetuned_from is not None and finetuned_from != adapter_base:
+            logger.warning(
+                f"finetuned_from={finetuned_from!r} is not written as the card's base_model: a PEFT adapter's "
+                f"base_model must be the model it is loaded onto, {adapter_base!r} (its adapter_config.json)."
+            )
+        if is_hub_repo_id(adapter_base):
+            return adapter_base, (
+                f"The student is a PEFT adapter on [{adapter_base}](https://huggingface.co/{adapter_base}), "
+                "the card's `base_model`."
+            )
+        on = (
+            f"`{adapter_base}`, which is not a Hub repository id (owner/name)"
+            if adapter_base
+            else "an unnamed model"
+        )
+        return None, (
+            f"The student is a PEFT adapter on {on}, so the card names no `base_model`: load that model, then the "
+            "adapter onto it."
+        )
+    if finetuned_from is not None:
+        if is_hub_repo_id(finetuned_from):
+            return finetuned_from, (
+                f"The card's `base_model` is [{finetuned_from}](https://huggingface.co/{finetuned_from}), given as "
+                "`finetuned_from`."
+            )
+        logger.warning(
+            f"finetuned_from={finetuned_from!r} is a local path or otherwise not a Hub repo id (owner/name), so the "
+            "model card names it in its text and leaves base_model out. Pass the Hub id of the model (e.g. "
+            "'google-bert/bert-base-uncased', not 'bert-base-uncased') to link it."
+        )
+        return None, (
+            f"It was fine-tuned from `{finetuned_from}`, which is not a Hub repository id (owner/name), so the card "
+            "names no `base_model`."
+        )
+    candidates = (
+        (teacher_name, "the teacher"),
+        (getattr(student.config, "_name_or_path", None), "the checkpoint the student was initialised from"),
+        (
+            _recorded_origin(teacher_name),
+            f"the model that the config.json of the local teacher `{teacher_name}` names as its origin "
+            "(`_name_or_path`); the student was distilled from that local teacher, not from it directly",
+        ),
+    )
+    for repo_id, what in candidates:
+        if is_hub_repo_id(repo_id):
+            return (
+                repo_id,
+                f"The card's `base_model` is [{repo_id}](https://huggingface.co/{repo_id}), {what}.",
+            )
+    return None, (
+        f"The teacher, `{teacher_name}`, is a local path or otherwise not a Hub repository id (owner/name), so the "
+        "card names no `base_model`."
+    )
+
+
+def _recorded_origin(path: str) -> str | None:
+    """`_name_or_path` in the config.json of a local model folder: where that model had been loaded from when it was
+    saved. transformers 4 wrote it; 5 leaves it out, so this is None for folders that 5 saved."""
+    if not path or not os.path.isdir(path):
+        return None
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            origin = json.load(f).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return origin if isinstance(origin, str) else None
+
+
+def _default_model_name(args: Any) -> str:
+    """The repo's name, as `Trainer.push_to_hub` names the model: the last part of hub_model_id, else output_dir's."""
+    if args.hub_model_id:
+        return args.hub_model_id.split("/")[-1]
+    return os.path.basename(os.path.abspath(args.output_dir))
+
+
+def _datasets(trainer: Any, dataset_tags: Any, dataset: Any, dataset_args: Any) -> list[dict[str, Any]]:
+    """One dict per dataset: "type" (the Hub dataset id), "name", and when known "config", "split" and "args" (keyword
+    arguments of load_dataset). From the arguments as `Trainer.create_model_card` reads them (a string in
+    dataset_args is a config name, as run_glue.py passes the GLUE task), or else, as `TrainingSummary.from_trainer`
+    does, from a Hub dataset that the trainer holds."""
+    if dataset_tags is not None:
+        entries: list[dict[str, Any]] = [{"type": tag} for tag in _listify(dataset_tags)]
+        extras = [dataset_args] if isinstance(dataset_args, (str, Mapping)) else list(dataset_args or [])
+        for entry, extra in zip(entries, extras):
+            if isinstance(extra, Mapping):
+                entry["args"] = dict(extra)
+            elif extra is not None:
+                entry["config"] = str(extra)
+    else:
+        entries = _hub_dataset(trainer)
+    names = _listify(dataset)
+    for index, entry in enumerate(entries):
+        entry["name"] = names[index] if index < len(names) else entry["type"]
+    return entries
+
+
+def _hub_dataset(trainer: Any) -> list[dict[str, Any]]:
+    """The evaluation (else training) dataset as a model-index dataset, when it was loaded from the Hub."""
+    one = trainer.eval_dataset if trainer.eval_dataset is not None else trainer.train_dataset
+    if isinstance(one, Mapping):
+        one = next(iter(one.values()), None)
+    builder = getattr(one, "builder_name", None)
+    if not isinstance(builder, str) or not builder or builder in _FILE_BUILDERS:
+        return []
+    split = getattr(one, "split", None)
+    return [
+        {
+            "type": builder,
+            "config": getattr(one, "config_name", None),
+            "split": None if split is None else str(split),
+        }
+    ]
+
+
+def _tasks(tasks: Any, student: torch.nn.Module) -> list[str]:
+    """The Hub task ids: `tasks` as given, or the task whose transformers auto-class includes the student's class
+    (the last match, as `TrainingSummary.from_trainer` takes)."""
+    if tasks is not None:
+        return _listify(tasks)
+    class_name = type(student).__name__
+    found = []
+    for task, mapping in TASK_MAPPING.items():
+        names = [
+            name for value in mapping.values() for name in ([value] if isinstance(value, str) else value)
+        ]
+        if class_name in names:
+            found.append(task)
+    return found[-1:]
+
+
+def _hub_metrics(metrics: Mapping[str, float]) -> dict[str, tuple[str, float]]:
+    """Hub metric id -> (display name, value) for the evaluation metrics the Hub has an id for, picked and named as
+    `TrainingSummary` does: eval_matthews_correlation -> ("matthews_correlation", "Matthews Correlation")."""
+    found = {}
+    for key, value in metrics.items():
+        name = key.removeprefix("eval_")
+        if name.lower() in METRIC_TAGS:
+            metric_type = name.lower()
+        elif name.lower() == "rouge1":
+            metric_type = "rouge"
+        else:
+            continue
+        found[metric_type] = (" ".join(part.capitalize() for part in name.split("_")), float(value))
+    return found
+
+
+def _merge_tags(*groups: list[Any]) -> list[str]:
+    """The tags of all groups in order, each once. Left out: anything but a string (a README written before tags
+    were quoted reads "my-tag: v1" as a mapping) and a `base_model:...` tag naming no Hub repo (PEFT writes
+    `base_model:adapter:<path>` for a local base)."""
+    merged: list[str] = []
+    for group in groups:
+        for tag in group:
+            if not isinstance(tag, str) or tag in merged:
+                continue
+            if tag.startswith("base_model:") and not is_hub_repo_id(tag.rsplit(":", 1)[-1]):
+                continue
+            merged.append(tag)
+    return merged
+
+
+def _listify(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, (str, Mapping)):
+        return [value]
+    return list(value)
+
+
+def _dataset_phrase(names: list[str]) -> str:
+    if len(names) == 1:
+        return f"the {names[0]} dataset"
+    return ", ".join(f"the {name}" for name in names[:-1]) + f" and the {names[-1]} datasets"
+
+
+def _peft_version(peft_student: torch.nn.Module | None) -> str:
+    if peft_student is None:
+        return ""
+    import peft
+
+    return f", peft {peft.__version__}"
 
 
 def _millions(count: int) -> str:

@@ -7,16 +7,25 @@ A cache directory holds::
     data/            a `datasets.Dataset` (save_to_disk), row i <-> row i of the tokenized training set:
         teacher_topk_logprobs  float32 (or float16 with logprobs_dtype="float16"), T_i * k values
         teacher_topk_indices   int32, T_i * k values
-        teacher_tail_logmass   float32, T_i values: log of the teacher's probability mass outside the top k
+        teacher_tail_logmass   float32, T_i values: the teacher's remaining mass tempered at the training
+                               temperature T, log sum_{j not in top k} p_j**(1/T) (at T = 1 the log of the mass
+                               outside the top k)
 
 Each row is stored flat, row-major over (position, rank): reading one flat list back through `datasets` is
 several times faster than a nested (T, k) list, and the cache is read at every training step. The recipe's
 collator reshapes rows to (T, k). Position t holds the teacher's distribution over the token at t + 1, like the
 teacher's `logits[:, t]`; the probabilities are at temperature 1 over the tokenizer's vocabulary (padded
-embedding rows beyond it are cut off), ranked by probability. The remaining mass is summed from the teacher's own
-log-probabilities when the cache is built (-inf when the top k hold everything), so it is exact even where
-1 - sum(exp(topk)) would cancel to nothing or the top k were stored in float16. Caches of format 1 (before this
-column) still load; the loss then derives the remaining mass from the top k.
+embedding rows beyond it are cut off), ranked by probability.
+
+The remaining mass is summed from the teacher's own log-probabilities when the cache is built (-inf when the top k
+hold everything), so it is exact even where 1 - sum(exp(topk)) would cancel to nothing or the top k were stored in
+float16. It is tempered at the temperature the cache is built for (manifest `tail_temperature`), because the loss
+at temperature T needs sum_j p_j**(1/T) over the other tokens, which no function of their plain mass sum_j p_j
+gives: with it, the teacher's k + 1 buckets at T are exactly softmax([topk / T, tail]), and a student equal to the
+teacher gets zero loss (see `hf_distill.losses.sparse_distillation_loss`). A cache therefore serves training runs
+at that one temperature; `check_tail_temperature` refuses any other, before training. Older formats still load:
+format 2 stored the plain mass (its tail temperature is 1), and format 1 had no tail column (the loss derives the
+mass from the top k, which is valid at temperature 1 only); both are refused at any other temperature.
 
 float32 keeps the log-probabilities exact; float16 saves a quarter of the disk (indices stay int32) and rounds
 a log-probability of -10 by about 0.004.
@@ -54,9 +63,9 @@ INDICES_COLUMN = "teacher_topk_indices"
 TAIL_COLUMN = "teacher_tail_logmass"
 CACHE_COLUMNS = (LOGPROBS_COLUMN, INDICES_COLUMN, TAIL_COLUMN)
 LOGPROBS_DTYPES = ("float32", "float16")
-FORMAT_VERSION = 2
-# Columns each readable format version holds (format 1 had no remaining-mass column).
-_FORMAT_COLUMNS = {1: (LOGPROBS_COLUMN, INDICES_COLUMN), 2: CACHE_COLUMNS}
+FORMAT_VERSION = 3
+# Columns each readable format version holds (format 1 had no remaining-mass column; format 3 tempers it).
+_FORMAT_COLUMNS = {1: (LOGPROBS_COLUMN, INDICES_COLUMN), 2: CACHE_COLUMNS, 3: CACHE_COLUMNS}
 _TEMP_MARKER = ".tmp-"
 
 
@@ -187,16 +196,19 @@ def read_manifest(directory: str | os.PathLike, what: str = "teacher logits cach
 
 # --------------------------------------------------------------------------------------------- building
 def teacher_topk(
-    logits: torch.Tensor, top_k: int, vocab_size: int | None = None
+    logits: torch.Tensor, top_k: int, vocab_size: int | None = None, *, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k log-probabilities (float32) and their token ids (long) of logits (..., V), over the first
-    `vocab_size` columns (all when None), both (..., k) and ranked by probability; and the log of the mass of the
-    other tokens (..., ), a logsumexp over them (-inf when k covers the vocabulary)."""
+    """Top-k log-probabilities at temperature 1 (float32) and their token ids (long) of logits (..., V), over the
+    first `vocab_size` columns (all when None), both (..., k) and ranked by probability; and the other tokens'
+    tempered mass (..., ), log sum_{j not in top k} p_j**(1/temperature), a logsumexp of log p_j / temperature over
+    them (-inf when k covers the vocabulary; at temperature 1 the log of their probability mass)."""
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
     if vocab_size is not None:
         logits = logits[..., :vocab_size]
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     values, indices = torch.topk(log_probs, top_k, dim=-1)
-    tail_logmass = log_probs.scatter(-1, indices, -math.inf).logsumexp(-1)
+    tail_logmass = log_probs.scatter(-1, indices, -math.inf).div_(temperature).logsumexp(-1)
     return values, indices, tail_logmass
 
 
@@ -230,6 +242,7 @@ def build_manifest(
     data_checksum: str,
     logprobs_dtype: str,
     vocab_size: int,
+    tail_temperature: float,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     from . import __version__
@@ -253,6 +266,7 @@ def build_manifest(
         "num_tokens": num_tokens,
         "data_checksum": data_checksum,
         "logprobs_dtype": logprobs_dtype,
+        "tail_temperature": float(tail_temperature),
         "layout": "flat row-major (position, rank); position t predicts token t + 1",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **dict(extra or {}),
@@ -267,6 +281,7 @@ def build_logit_cache(
     tokenizer: Any,
     teacher_name: str,
     block_size: int | None,
+    temperature: float,
     top_k: int = 64,
     batch_size: int = 8,
     logprobs_dtype: str = "float32",
@@ -279,7 +294,13 @@ def build_logit_cache(
 
     Rows are right-padded per batch of `batch_size`; causal attention makes a row's distributions independent of
     the padding after it. `block_size` is the run's --block_size: recorded, and checked by training runs.
+    `temperature` is the KD temperature of the training runs the cache is for (their --temperature): the remaining
+    mass is stored tempered at it (manifest `tail_temperature`) and runs at any other temperature are refused.
     """
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(
+            f"temperature must be a finite number > 0 (the training run's --temperature), got {temperature!r}."
+        )
     from datasets import Dataset
     from datasets.arrow_writer import ArrowWriter
 
@@ -323,7 +344,7 @@ def build_logit_cache(
                 logprobs, indices, tails = [], [], []
                 for i, length in enumerate(lengths):
                     values, ids, tail = teacher_topk(
-                        logits[i, :length], top_k, vocab_size
+                        logits[i, :length], top_k, vocab_size, temperature=temperature
                     )  # (T_i, k), (T_i,)
                     logprobs.append(values.cpu().numpy().astype(numpy_dtype).reshape(-1))
                     indices.append(ids.cpu().numpy().astype(np.int32).reshape(-1))
@@ -347,13 +368,15 @@ def build_logit_cache(
             data_checksum=data_checksum,
             logprobs_dtype=logprobs_dtype,
             vocab_size=vocab_size,
+            tail_temperature=temperature,
             extra=extra_manifest,
         )
         write_manifest(temporary, manifest)
     elapsed = time.perf_counter() - start_time
     logger.info(
         f"Cached the teacher's top-{top_k} log-probabilities of {len(dataset)} rows ({num_tokens} tokens) in "
-        f"{cache_dir} ({elapsed:.1f}s, {num_tokens / max(elapsed, 1e-9):.0f} tokens/s)."
+        f"{cache_dir}, for training at temperature {temperature:g} ({elapsed:.1f}s, "
+        f"{num_tokens / max(elapsed, 1e-9):.0f} tokens/s)."
     )
     return manifest
 
@@ -408,6 +431,62 @@ def verify_manifest(
         )
 
 
+def cached_tail_temperature(manifest: Mapping[str, Any]) -> float:
+    """The temperature a cache's remaining mass is tempered at: the manifest's `tail_temperature` from format 3;
+    1.0 for formats 1 and 2 (the plain mass, derived from the top k or stored)."""
+    if manifest.get("format_version") in (1, 2):
+        return 1.0
+    value = manifest.get("tail_temperature")
+    if not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(
+            f"the teacher logits cache's manifest has tail_temperature {value!r}, expected a number > 0; it is "
+            "damaged. Rebuild it with scripts/cache_teacher_logits.py."
+        )
+    return float(value)
+
+
+def check_tail_temperature(
+    manifest: Mapping[str, Any], temperature: float, cache_dir: str | os.PathLike | None = None
+) -> None:
+    """Raise ValueError, naming both temperatures and the fix, when a run distilling at `temperature` would use a
+    remaining mass tempered at another one, which biases the loss (see `hf_distill.losses.sparse_distillation_loss`).
+    A cache whose top k cover its whole vocabulary has an empty tail, valid at every temperature."""
+    top_k, vocab = manifest.get("top_k"), manifest.get("cached_vocab_size")
+    if isinstance(top_k, int) and isinstance(vocab, int) and top_k >= vocab:
+        return
+    cached = cached_tail_temperature(manifest)
+    if math.isclose(cached, temperature, rel_tol=1e-9, abs_tol=0.0):
+        return
+    where = f"teacher logits cache {str(cache_dir)!r}" if cache_dir is not None else "teacher logits cache"
+    held = {
+        1: "has no remaining-mass column (format 1); it is derived from the top k, which holds at temperature 1 only",
+        2: "stores the teacher's remaining mass at temperature 1 (format 2)",
+    }.get(
+        manifest.get("format_version"),
+        f"stores the teacher's remaining mass tempered at temperature {cached:g}",
+    )
+    raise ValueError(
+        f"The {where} {held}, but this run distils at temperature {temperature:g}: the remaining mass at one "
+        "temperature does not give it at another, so the top-k KD loss would be biased. Rebuild the cache with "
+        f"scripts/cache_teacher_logits.py --temperature {temperature:g} (and the same data flags), or train with "
+        f"--temperature {cached:g}."
+    )
+
+
+def check_cache_temperature(cache_dir: str | os.PathLike, temperature: float) -> None:
+    """`check_tail_temperature` against the manifest in `cache_dir`, for callers that hold only the directory (the
+    trainer). A directory that does not exist cannot be checked: a warning says so, and the cached columns in the
+    data are then taken as tempered at `temperature`."""
+    if not Path(cache_dir).exists():
+        logger.warning(
+            f"teacher logits cache {str(cache_dir)!r} does not exist, so the temperature of its remaining mass "
+            f"cannot be checked; a {TAIL_COLUMN} column in the training data is taken as computed at temperature "
+            f"{temperature:g}. Point teacher_logits_cache at the cache the data came from."
+        )
+        return
+    check_tail_temperature(read_manifest(cache_dir), temperature, cache_dir)
+
+
 def load_logit_cache(
     cache_dir: str | os.PathLike,
     train_dataset: Any,
@@ -415,9 +494,11 @@ def load_logit_cache(
     tokenizer: Any,
     block_size: int | None,
     top_k: int | None = None,
+    temperature: float | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """`train_dataset` with the cache's columns added (top-k log-probabilities and ids, and from format 2 the
-    remaining mass), after checking the manifest against it.
+    remaining mass), after checking the manifest against it; with `temperature` (the run's KD temperature), also
+    that the remaining mass was tempered at it (`check_tail_temperature`).
 
     Returns (dataset, manifest). The dataset is in numpy format (rows as arrays), which the recipe's collator
     takes and which is much faster to read than Python lists.
@@ -434,6 +515,8 @@ def load_logit_cache(
         top_k=top_k,
         cache_dir=cache_dir,
     )
+    if temperature is not None:
+        check_tail_temperature(manifest, temperature, cache_dir)
     cache = load_from_disk(str(Path(cache_dir) / DATA_DIR))
     columns = _FORMAT_COLUMNS[manifest["format_version"]]
     missing = [column for column in columns if column not in cache.column_names]

@@ -23,6 +23,7 @@ __all__ = [
     "DIVERGENCE_KINDS",
     "LOGIT_KINDS",
     "attention_distillation_loss",
+    "bernoulli_distillation_loss",
     "fused_linear_distillation_loss",
     "hidden_state_loss",
     "logit_distillation_loss",
@@ -58,6 +59,16 @@ def _check_options(
         raise ValueError(f"beta must lie in [0, 1] for kind='jsd', got {beta!r}.")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; valid reductions are 'mean' and 'sum'.")
+
+
+def _jsd_endpoint(kind: str, beta: float) -> str:
+    """TRL's convention for the generalised JSD's end points: beta = 0 is forward KL(p_t || p_s) and beta = 1 is
+    reverse KL(p_s || p_t). (The mixture divergence itself is identically 0 there, which trains nothing.)"""
+    if kind == "jsd" and beta == 0.0:
+        return "forward_kl"
+    if kind == "jsd" and beta == 1.0:
+        return "reverse_kl"
+    return kind
 
 
 def _check_chunk_size(chunk_size: int | None) -> None:
@@ -193,16 +204,10 @@ def _rows_loss_and_grad(
       mse:        2 / V * (s - t)
     Callers fold `factor` into the (smaller, or anyway needed) scaling by grad_output, saving a pass per chunk.
     """
-    n, vocab = student_rows.shape
+    vocab = student_rows.shape[-1]
     if kind == "mse":
         difference = out.copy_(student_rows).sub_(teacher_rows)  # (n, V) s - t in float32
         return _rowdot(difference, difference) / vocab, 2.0 / vocab
-
-    if kind == "jsd" and beta in (0.0, 1.0):
-        # The mixture equals one of the two distributions, so the divergence is identically zero.
-        if want_grad:
-            out.zero_()
-        return out.new_zeros(n), 0.0
 
     t2 = temperature**2
     log_p_student = _log_softmax_rows(student_rows, temperature, out=out, scratch=scratch[0])
@@ -247,44 +252,44 @@ def _chunks(count: int, chunk_size: int):
 
 
 class _ChunkedLogitDistillation(torch.autograd.Function):
-    """Loss over (..., V) logits, `chunk_size` unmasked positions at a time.
+    """Loss over (..., V) logits, `chunk_size` consecutive positions at a time, masked inside each chunk.
 
     The gradient w.r.t. the student logits is written chunk by chunk during the forward into one buffer of the
     input's shape and dtype (the gradient itself: unavoidable), and scaled by grad_output in place in backward.
+    Masked positions are computed with their chunk and zeroed (loss and gradient) rather than gathered out first:
+    gathering copies rows, so a mask would cost memory that no mask does not. Chunks with nothing unmasked are
+    skipped.
     """
 
     @staticmethod
     def forward(
-        ctx, student_logits, teacher_logits, rows, kind, temperature, beta, chunk_size, reduction, want_grad
+        ctx, student_logits, teacher_logits, mask, kind, temperature, beta, chunk_size, reduction, want_grad
     ):
         vocab = student_logits.shape[-1]
         student_flat = student_logits.reshape(-1, vocab)  # (N, V), a view when the layout allows
         teacher_flat = teacher_logits.reshape(-1, vocab)
-        count = student_flat.shape[0] if rows is None else rows.numel()
+        positions = student_flat.shape[0]
+        count = positions if mask is None else int(mask.sum())
         grad_scale = 1.0 / max(count, 1) if reduction == "mean" else 1.0
 
         grad = grad_flat = None
         if want_grad:
-            make = torch.empty if rows is None else torch.zeros  # masked rows keep a zero gradient
+            make = torch.empty if mask is None else torch.zeros  # skipped chunks keep a zero gradient
             grad = make(student_logits.shape, dtype=student_logits.dtype, device=student_logits.device)
             grad_flat = grad.view(-1, vocab)
-        # Write the float32 gradient straight into its final place when no cast or scatter is needed.
-        direct = grad is not None and rows is None and grad.dtype == torch.float32
-        workspace = _Workspace(min(chunk_size, max(count, 1)), vocab, student_logits.device)
+        # Write the float32 gradient straight into its final place when no cast is needed.
+        direct = grad is not None and grad.dtype == torch.float32
+        workspace = _Workspace(min(chunk_size, max(positions, 1)), vocab, student_logits.device)
         scratch_slots = range(1, 1 + _scratch_slots(kind))
 
         total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
         factor = 0.0
-        for start, end in _chunks(count, chunk_size):
+        for start, end in _chunks(positions, chunk_size):
             n = end - start
-            if rows is None:
-                student_rows, teacher_rows = student_flat[start:end], teacher_flat[start:end]
-            else:
-                index = rows[start:end]
-                student_rows, teacher_rows = (
-                    student_flat.index_select(0, index),
-                    teacher_flat.index_select(0, index),
-                )
+            keep = None if mask is None else mask[start:end]  # (n,) bool
+            if keep is not None and not bool(keep.any()):
+                continue
+            student_rows, teacher_rows = student_flat[start:end], teacher_flat[start:end]
             out = grad_flat[start:end] if direct else workspace.take(0, n)
             loss_rows, factor = _rows_loss_and_grad(
                 student_rows,
@@ -296,12 +301,14 @@ class _ChunkedLogitDistillation(torch.autograd.Function):
                 out=out,
                 scratch=tuple(workspace.take(slot, n) for slot in scratch_slots),
             )
+            if keep is not None:
+                # where, not a product: a masked row may hold -inf logits, and NaN * 0 is NaN
+                loss_rows = torch.where(keep, loss_rows, torch.zeros_like(loss_rows))
+                if want_grad:
+                    out.masked_fill_(~keep.unsqueeze(1), 0.0)
             total += loss_rows.sum()
             if want_grad and not direct:
-                if rows is None:
-                    grad_flat[start:end] = out
-                else:
-                    grad_flat.index_copy_(0, index, out.to(grad_flat.dtype))
+                grad_flat[start:end] = out
             del student_rows, teacher_rows, loss_rows, out
 
         ctx.grad = grad
@@ -347,7 +354,7 @@ def logit_distillation_loss(
       forward_kl: T**2 * KL(p_t || p_s)                               (Hinton et al., 2015)
       reverse_kl: T**2 * KL(p_s || p_t)
       jsd:        T**2 * (beta * KL(p_t || m) + (1 - beta) * KL(p_s || m)),  m = beta * p_t + (1 - beta) * p_s
-                  (log m via logaddexp; identically 0 at beta = 0 or 1)
+                  (log m via logaddexp); as in TRL, beta = 0 is forward_kl and beta = 1 is reverse_kl
       mse:        mean over V of (student - teacher)**2, no temperature (regression heads, V = 1)
     reduction="mean" averages over unmasked positions (0.0 with a zero gradient if there are none);
     reduction="sum" sums them (divide by the Trainer's num_items_in_batch outside).
@@ -355,9 +362,11 @@ def logit_distillation_loss(
     Inputs are upcast to float32 before any arithmetic; teacher_logits never receive a gradient.
     chunk_size=None uses plain autograd over the full (N, V) tensors. chunk_size=N runs a custom autograd Function
     over N unmasked positions at a time, holding at most one chunk of float32 (N, V) intermediates plus the
-    gradient buffer (input dtype and shape), with the same value and gradient. Backward through it once only.
+    gradient buffer (input dtype and shape), with the same value and gradient; a mask adds no memory (masked
+    positions are zeroed inside their chunk). Backward through it once only.
     """
     _check_options(kind, LOGIT_KINDS, temperature, beta, reduction)
+    kind = _jsd_endpoint(kind, beta)
     _check_chunk_size(chunk_size)
     _check_logit_shapes(student_logits, teacher_logits)
     flat_mask = _flat_mask(mask, student_logits.shape[:-1], "the logits")
@@ -372,14 +381,13 @@ def logit_distillation_loss(
         per_position = _divergence_rows(student_rows, teacher_rows, kind, temperature, beta)
         return _mean_or_sum(per_position.sum(), per_position.shape[0], reduction)
 
-    rows = None
-    if flat_mask is not None and not bool(flat_mask.all()):
-        rows = flat_mask.nonzero().view(-1)  # select unmasked rows first: masked ones cost nothing
+    if flat_mask is not None and bool(flat_mask.all()):
+        flat_mask = None
     want_grad = torch.is_grad_enabled() and student_logits.requires_grad
     return _ChunkedLogitDistillation.apply(
         student_logits,
         teacher_logits,
-        rows,
+        flat_mask,
         kind,
         float(temperature),
         float(beta),
@@ -546,6 +554,7 @@ def fused_linear_distillation_loss(
     Backward through the result once only.
     """
     _check_options(kind, LOGIT_KINDS, temperature, beta, reduction)
+    kind = _jsd_endpoint(kind, beta)
     _check_chunk_size(chunk_size)
     positions = student_hidden.shape[:-1]
     if student_hidden.dim() == 0 or teacher_hidden.shape[:-1] != positions:
@@ -600,6 +609,58 @@ def fused_linear_distillation_loss(
         reduction,
         wants,
     )
+
+
+def bernoulli_distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Divergence between independent per-label Bernoulli distributions: multi-label classification heads.
+
+    student_logits, teacher_logits: (..., L), one logit per label; every leading dim is an example.
+    mask: (...) bool over the examples, True = counts. Returns a float32 scalar.
+
+    With p_s = sigmoid(student / T) and p_t = sigmoid(teacher / T) per label, the per-example loss is the mean over
+    the L labels of
+      forward_kl: T**2 * KL(Bern(p_t) || Bern(p_s)) = T**2 * (p_t log(p_t / p_s) + (1 - p_t) log((1 - p_t) / (1 - p_s)))
+      reverse_kl: T**2 * KL(Bern(p_s) || Bern(p_t))
+      jsd:        T**2 * (beta * KL(Bern(p_t) || Bern(m)) + (1 - beta) * KL(Bern(p_s) || Bern(m))),
+                  m = beta * p_t + (1 - beta) * p_s; beta = 0 is forward_kl and beta = 1 reverse_kl
+    A softmax over the labels would be blind to a student that adds the same constant to every logit; each label
+    is its own yes/no question here. Logs come from logsigmoid (exact for large |logits|). Same reductions as
+    `logit_distillation_loss`; teacher_logits never receive a gradient.
+    """
+    _check_options(kind, DIVERGENCE_KINDS, temperature, beta, reduction)
+    kind = _jsd_endpoint(kind, beta)
+    _check_logit_shapes(student_logits, teacher_logits)
+    flat_mask = _flat_mask(mask, student_logits.shape[:-1], "the logits")
+    labels = student_logits.shape[-1]
+    student_rows = student_logits.float().reshape(-1, labels) / temperature  # (N, L)
+    teacher_rows = teacher_logits.detach().float().reshape(-1, labels) / temperature
+    if flat_mask is not None:
+        student_rows, teacher_rows = student_rows[flat_mask], teacher_rows[flat_mask]
+    # (2, N, L): log-probabilities of "yes" and "no" for each label
+    log_p_student = torch.stack([F.logsigmoid(student_rows), F.logsigmoid(-student_rows)])
+    log_p_teacher = torch.stack([F.logsigmoid(teacher_rows), F.logsigmoid(-teacher_rows)])
+
+    def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:  # KL(p || q) per label, (N, L)
+        return (log_p.exp() * (log_p - log_q)).sum(0)
+
+    if kind == "forward_kl":
+        per_label = kl(log_p_teacher, log_p_student)
+    elif kind == "reverse_kl":
+        per_label = kl(log_p_student, log_p_teacher)
+    else:
+        log_m = _log_mixture(log_p_teacher, log_p_student, beta)
+        per_label = beta * kl(log_p_teacher, log_m) + (1.0 - beta) * kl(log_p_student, log_m)
+    per_example = per_label.mean(-1) * temperature**2
+    return _mean_or_sum(per_example.sum(), per_example.shape[0], reduction)
 
 
 def hidden_state_loss(
@@ -684,13 +745,14 @@ def attention_distillation_loss(
 class _BucketLogProbs(torch.autograd.Function):
     """(..., V) logits -> (N, k [+ 1]) log-probabilities at temperature T of k listed tokens [and of all the others],
     N the number of positions; with `targets` (N,) also each position's cross-entropy at temperature 1 (0 where
-    the target is -100), from the same exponentials.
+    the target is -100), from the same exponentials. Without the tail bucket (`has_tail` False) the k listed
+    tokens are renormalised among themselves (all V tokens when k = V), and the other tokens get no KD gradient.
 
     One exp pass forward (its float32 (N, V) buffer is written straight from half-precision or strided logits) and
     a closed-form gradient backward, written over that buffer (at T = 2 into one new one). With s = logits / T,
-    p = softmax(s), the bucket log-probabilities log p_b and their upstream gradient G_b,
+    p = softmax(s) over the buckets, the bucket log-probabilities log p_b and their upstream gradient G_b,
       dL/ds_j = G_b(j) - p_j * sum_b G_b        for a listed token j,
-      dL/ds_j = p_j * (G_tail / p_tail - sum_b G_b)   for a token in the tail;
+      dL/ds_j = p_j * (G_tail / p_tail - sum_b G_b)   for a token in the tail (0 without a tail bucket);
     the cross-entropy adds g * (softmax(logits)_j - [j = target]) for its upstream gradient g. softmax(logits) is
     p ** T renormalised, so at T = 1 and T = 2 it costs no second exp pass (other temperatures take one more, and
     keep its buffer for the backward, as F.cross_entropy keeps its log-softmax). The tail mass is summed over the tail
@@ -709,8 +771,6 @@ class _BucketLogProbs(torch.autograd.Function):
         # upcasts half-precision logits on the way, with no float32 copy of them)
         exps = torch.add(row_max * -inv_temperature, flat, alpha=inv_temperature).exp_()
         listed_scaled = (flat.gather(-1, indices).float() - row_max) * inv_temperature  # (N, k)
-        listed = exps.gather(-1, indices)
-        total = listed.sum(-1, keepdim=True)
         nll = None
         saved_ce = ()
         if targets is not None:
@@ -729,18 +789,21 @@ class _BucketLogProbs(torch.autograd.Function):
             nll = (row_max + full_total.log() - flat.gather(-1, safe_targets).float()).squeeze(-1)
             nll = torch.where(valid, nll, 0.0)  # never 0 * inf where an ignored position has a -inf logit
             saved_ce = (unscaled, full_total, valid, safe_targets)
-        tail = None
+        tail = total = None
         if has_tail:
+            listed = exps.gather(-1, indices)
             exps.scatter_(-1, indices, 0.0)
             tail = exps.sum(-1, keepdim=True)  # exact mass of the other tokens
-            total = total + tail
-        log_total = total.log()
-        log_p = listed_scaled - log_total
-        if has_tail:
-            log_p = torch.cat([log_p, tail.clamp_min(_TINY).log() - log_total], dim=-1)
-        ctx.save_for_backward(
-            exps, listed_scaled, listed, total, tail if has_tail else total, indices, *saved_ce
-        )
+            total = listed.sum(-1, keepdim=True) + tail
+            log_total = total.log()
+            log_p = torch.cat([listed_scaled - log_total, tail.clamp_min(_TINY).log() - log_total], dim=-1)
+            listed_p = listed / total
+        else:
+            # Relative to the listed tokens' own maximum: finite even where the student puts nearly all its
+            # mass on other tokens, whose exps would round the listed ones to 0.
+            log_p = torch.log_softmax(listed_scaled, dim=-1)
+            listed_p = log_p.exp()
+        ctx.save_for_backward(exps, listed_scaled, listed_p, total, tail, indices, *saved_ce)
         ctx.inv_temperature, ctx.has_tail = inv_temperature, has_tail
         if nll is None:
             return log_p
@@ -748,15 +811,16 @@ class _BucketLogProbs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_log_p, grad_nll=None):
-        exps, listed_scaled, listed, total, tail, indices, *saved_ce = ctx.saved_tensors
+        exps, listed_scaled, listed_p, total, tail, indices, *saved_ce = ctx.saved_tensors
         inv_temperature, k = ctx.inv_temperature, indices.shape[-1]
         grad_sum = grad_log_p.sum(-1, keepdim=True)  # (N, 1)
-        # gradient w.r.t. the logits = inv_temperature * (gradient w.r.t. s)
-        row_factor = -grad_sum / total
+        # gradient w.r.t. the logits = inv_temperature * (gradient w.r.t. s); row_factor * exps is the KD
+        # gradient of the unlisted tokens
         if ctx.has_tail:
-            row_factor = row_factor + grad_log_p[:, k:] / tail.clamp_min(_TINY)
-        row_factor = row_factor * inv_temperature
-        listed_grad = (grad_log_p[:, :k] - listed / total * grad_sum) * inv_temperature
+            row_factor = (grad_log_p[:, k:] / tail.clamp_min(_TINY) - grad_sum / total) * inv_temperature
+        else:
+            row_factor = torch.zeros_like(grad_sum)
+        listed_grad = (grad_log_p[:, :k] - listed_p * grad_sum) * inv_temperature
         # tail tokens first; the listed tokens are overwritten below
         if not saved_ce:
             grad = exps.mul_(row_factor)
@@ -788,23 +852,36 @@ def sparse_distillation_loss(
     mask: torch.Tensor | None = None,
     reduction: str = "mean",
     teacher_tail_logmass: torch.Tensor | None = None,
+    tail_temperature: float = 1.0,
 ) -> torch.Tensor:
     """Distillation from a cached teacher known only through its top-k tokens, over k + 1 buckets.
 
     student_logits: (..., V). teacher_topk_logprobs: (..., k) teacher log-probabilities at temperature 1 of the
     distinct tokens teacher_topk_indices: (..., k) long. mask: (...) bool, True = counts. teacher_tail_logmass:
-    (...) optional, the log of the teacher's probability mass outside the top k at each position, as the cache
-    stores it (unused when k = V). Returns a float32 scalar.
+    (...) optional, the teacher's tempered remaining mass at each position, log sum_{j not in top k} p_j**(1/T')
+    with p the teacher's probabilities at temperature 1 and T' = `tail_temperature` (at T' = 1 simply the log of
+    the mass outside the top k), as the cache stores it (`logit_cache.teacher_topk`). It must have been computed
+    at the loss's temperature: a tail with tail_temperature != temperature raises ValueError, since
+    sum_j p_j**(1/T) cannot be recovered from sum_j p_j (nor from a tail at another temperature). Unused when
+    k = V. Returns a float32 scalar.
 
     Buckets: the k listed tokens plus, when k < V, one "tail" bucket holding every other token.
-      teacher: log-mass per bucket l_i = teacher_topk_logprobs_i, l_tail = teacher_tail_logmass, or when that is
-               not given log(max(1 - sum_i exp(l_i), 0)) (the sum in float64, which loses precision when the top k
-               hold nearly all the mass or were stored in float16); tempered and renormalised, q = softmax(l / T)
-               over the buckets.
+      teacher: q = softmax([l_1 / T, ..., l_k / T, tail]) with l_i = teacher_topk_logprobs_i and tail =
+               teacher_tail_logmass. This is exactly the teacher's full softmax(teacher_logits / T) summed into the
+               buckets: p_i**(1/T) = exp(l_i / T) and the tail term sums p_j**(1/T) over the other tokens, all with
+               the same normaliser.
       student: p_s = softmax(student_logits / T) over the full vocabulary; its bucket probabilities are p_s at the
-               k indices, and the tail is the mass of all other tokens (a logsumexp over them, exact when small).
+               k indices, and the tail is the mass of all other tokens (summed over them, exact when small).
+    So a student equal to the teacher gives 0 with a zero gradient at every temperature.
+    Without teacher_tail_logmass:
+      T = 1:   the tail is derived as log(max(1 - sum_i exp(l_i), 0)) (the sum in float64; it loses precision when
+               the top k hold nearly all the mass or were stored in float16).
+      T != 1:  the tail bucket is dropped on both sides and both distributions are renormalised over the k listed
+               tokens: q = softmax(l / T) over them, the student's p_s restricted to them and renormalised. This
+               ignores how much mass each side puts outside the top k (the student gets no gradient on the other
+               tokens) and keeps only the shape of the distribution within them.
     The divergence (forward_kl, reverse_kl or jsd as in `logit_distillation_loss`, times T**2) is taken between
-    these two (k + 1)-bucket distributions; with k = V it equals the full-vocabulary loss. Zero-probability buckets
+    the two bucket distributions; with k = V it equals the full-vocabulary loss. Zero-probability buckets
     contribute 0, and inside log q the teacher's probabilities are floored at the smallest normal float32 (~1e-38)
     so a tail that rounds to zero gives a large finite reverse-KL term, never inf or NaN. kind="mse" is not
     defined here: the teacher's logits are unknown. Same masking and reductions as `logit_distillation_loss`.
@@ -814,6 +891,7 @@ def sparse_distillation_loss(
         teacher_topk_logprobs,
         teacher_topk_indices,
         teacher_tail_logmass,
+        tail_temperature,
         None,
         temperature,
         kind,
@@ -836,9 +914,12 @@ def sparse_distillation_and_cross_entropy(
     mask: torch.Tensor | None = None,
     reduction: str = "mean",
     teacher_tail_logmass: torch.Tensor | None = None,
+    tail_temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(`sparse_distillation_loss(...)`, the student's cross-entropy against `labels`), from one pass over the logits.
 
+    The KD term, its buckets, `teacher_tail_logmass`/`tail_temperature` and the fallback without a tail are
+    exactly those of `sparse_distillation_loss`.
     labels: (...) long, the student's target token per position, -100 = no target. The cross-entropy is at
     temperature 1 over the full vocabulary, as `F.cross_entropy(..., ignore_index=-100)`: the mean over positions
     with a target, or their sum (0.0 with a zero gradient when no position has one, where F.cross_entropy gives
@@ -859,6 +940,7 @@ def sparse_distillation_and_cross_entropy(
         teacher_topk_logprobs,
         teacher_topk_indices,
         teacher_tail_logmass,
+        tail_temperature,
         labels,
         temperature,
         kind,
@@ -868,11 +950,31 @@ def sparse_distillation_and_cross_entropy(
     )
 
 
+def _check_tail_temperature(tail_temperature: float, temperature: float) -> None:
+    """A stored tail is usable only at the temperature it was tempered at (see sparse_distillation_loss)."""
+    if not (
+        isinstance(tail_temperature, (int, float))
+        and math.isfinite(tail_temperature)
+        and tail_temperature > 0
+    ):
+        raise ValueError(f"tail_temperature must be a finite number > 0, got {tail_temperature!r}.")
+    if not math.isclose(tail_temperature, temperature, rel_tol=1e-9, abs_tol=0.0):
+        raise ValueError(
+            f"teacher_tail_logmass was computed at temperature {tail_temperature:g} (tail_temperature) but the "
+            f"loss runs at temperature {temperature:g}; the tempered tail sum_j p_j**(1/T) at one temperature does "
+            f"not give it at another, so this tail would bias the loss. Pass a tail computed at {temperature:g} "
+            f"(logit_cache.teacher_topk(..., temperature={temperature:g}); a cache built by "
+            f"scripts/cache_teacher_logits.py --temperature {temperature:g}) with tail_temperature={temperature:g}, "
+            "or pass no tail to renormalise over the top k."
+        )
+
+
 def _sparse_losses(
     student_logits: torch.Tensor,
     teacher_topk_logprobs: torch.Tensor,
     teacher_topk_indices: torch.Tensor,
     teacher_tail_logmass: torch.Tensor | None,
+    tail_temperature: float,
     labels: torch.Tensor | None,
     temperature: float,
     kind: str,
@@ -881,6 +983,7 @@ def _sparse_losses(
     reduction: str,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     _check_options(kind, DIVERGENCE_KINDS, temperature, beta, reduction)
+    kind = _jsd_endpoint(kind, beta)
     if student_logits.dim() == 0:
         raise ValueError("student_logits must have at least one dim (..., vocab); got a scalar.")
     positions, vocab = student_logits.shape[:-1], student_logits.shape[-1]
@@ -907,6 +1010,11 @@ def _sparse_losses(
             f"teacher_tail_logmass has shape {tuple(teacher_tail_logmass.shape)}, expected one value per position "
             f"{tuple(positions)} (the log of the teacher's mass outside its top k)."
         )
+    if k < vocab and teacher_tail_logmass is not None:
+        _check_tail_temperature(tail_temperature, temperature)
+    # The tail bucket: the given tempered tail, or at T = 1 one derived from the top k; without a tail at T != 1,
+    # no tail bucket on either side (see sparse_distillation_loss). With k = V there are no other tokens.
+    has_tail = k < vocab and (teacher_tail_logmass is not None or temperature == 1.0)
     flat_mask = _flat_mask(mask, positions, "student_logits")
 
     teacher_logprobs = teacher_topk_logprobs.detach().reshape(-1, k)  # (N, k)
@@ -926,7 +1034,6 @@ def _sparse_losses(
 
     # Student bucket log-probabilities at temperature T: (N, k) listed tokens, then the tail [, and the per-position
     # cross-entropy]. The logits go in with their own shape and strides (often a slice), read once inside.
-    has_tail = k < vocab
     targets = None if labels is None else labels.detach().reshape(-1).long()
     outputs = _BucketLogProbs.apply(student_logits, indices, 1.0 / temperature, has_tail, targets)
     log_p_student, nll = outputs if targets is not None else (outputs, None)  # (N, k [+ 1]), (N,)
@@ -935,14 +1042,15 @@ def _sparse_losses(
         # counted only for the mean: int() waits for the device
         ce = _mean_or_sum(nll.sum(), int(targets.ne(-100).sum()) if reduction == "mean" else 0, reduction)
 
-    # Teacher bucket log-masses at temperature 1, tempered and renormalised.
-    log_q = teacher_logprobs.float()
+    # Teacher bucket log-masses at temperature T, unnormalised: log p_i**(1/T) = l_i / T for the listed tokens, and
+    # the tail already tempered (log sum_j p_j**(1/T)); renormalised over the buckets.
+    log_q = teacher_logprobs.float() / temperature
     if has_tail:
-        if tail_logmass is None:
+        if tail_logmass is None:  # T = 1 here
             tail_mass = (1.0 - teacher_logprobs.double().exp().sum(-1, keepdim=True)).clamp_min(0.0)
             tail_logmass = tail_mass.log()
         log_q = torch.cat([log_q, tail_logmass.float()], dim=-1)
-    log_q = torch.log_softmax(log_q / temperature, dim=-1)
+    log_q = torch.log_softmax(log_q, dim=-1)
     q = log_q.exp()
     log_q_floored = log_q.clamp_min(math.log(_TINY))
     p_student = log_p_student.exp()

@@ -42,13 +42,24 @@ def parse_layer_map(spec: str | LayerMap) -> str | LayerMap:
     return pairs
 
 
-def resolve_layer_map(spec: str | LayerMap, num_student_layers: int, num_teacher_layers: int) -> LayerMap:
+def resolve_layer_map(
+    spec: str | LayerMap,
+    num_student_layers: int,
+    num_teacher_layers: int,
+    built_from: list[int] | None = None,
+) -> LayerMap:
     """Pairs (student_index, teacher_index) into the `hidden_states` tuples, checked against the layer counts.
 
     `uniform` maps student layer i (1..S) to teacher layer round(i * T / S), so the last layers always match.
+    When the student was initialised from teacher layers (`built_from[j]` = the 0-based teacher layer copied into
+    student layer j, as `create_student` records it), `uniform` follows them instead: student output j + 1 is
+    matched with teacher output built_from[j] + 1, the layer it started as.
     """
     parsed = parse_layer_map(spec)
     if parsed == "uniform":
+        if built_from is not None and len(built_from) == num_student_layers:
+            if all(0 <= index < num_teacher_layers for index in built_from):
+                return [(j + 1, index + 1) for j, index in enumerate(built_from)]
         return [
             (i, round(i * num_teacher_layers / num_student_layers)) for i in range(1, num_student_layers + 1)
         ]

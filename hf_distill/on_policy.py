@@ -14,13 +14,46 @@ Returned batches have the same layout, right-padded.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 IGNORE_INDEX = -100
+
+
+@contextlib.contextmanager
+def gathered_for_generation(model: nn.Module, accelerator: Any) -> Iterator[nn.Module]:
+    """The model to call `generate` on, with its full parameters present for as long as the block runs.
+
+    `generate` runs many forward passes outside the training engine's own forward, where sharded parameters are
+    not gathered:
+    - DeepSpeed ZeRO-3: every parameter is gathered for the block (`deepspeed.zero.GatheredParameters`, read-only;
+      one full copy of the model in memory), and the unwrapped module generates.
+    - FSDP (v1): the unwrapped module generates inside `summon_full_params(writeback=False)`.
+    - FSDP2, DDP, one device: the unwrapped module (FSDP2's per-module hooks gather as in training).
+    """
+    from .teacher import unwrap_model
+
+    distributed_type = str(getattr(accelerator, "distributed_type", ""))
+    if "DEEPSPEED" in distributed_type:
+        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None and plugin.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+                yield unwrap_model(model)
+            return
+    if "FSDP" in distributed_type:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if isinstance(model, FullyShardedDataParallel):
+            with FullyShardedDataParallel.summon_full_params(model, writeback=False, recurse=True):
+                yield unwrap_model(model)
+            return
+    yield unwrap_model(model)
 
 
 def prompt_token_lists(batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:

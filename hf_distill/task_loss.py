@@ -15,11 +15,33 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES,
+    MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES,
+    MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
     MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
 )
 
-SEQUENCE, TOKEN, CAUSAL_LM, SEQ2SEQ = "sequence", "token", "causal_lm", "seq2seq"
+SEQUENCE, TOKEN, CAUSAL_LM, SEQ2SEQ, QUESTION_ANSWERING = (
+    "sequence",
+    "token",
+    "causal_lm",
+    "seq2seq",
+    "question_answering",
+)
+
+# The values of `DistillationTrainingArguments.task_type`, and what each means for the logits and labels.
+TASK_TYPES = {
+    "sequence_classification": (SEQUENCE, "single_label_classification"),
+    "multi_label_classification": (SEQUENCE, "multi_label_classification"),
+    "regression": (SEQUENCE, "regression"),
+    "token_classification": (TOKEN, None),
+    "masked_lm": (TOKEN, None),
+    "question_answering": (QUESTION_ANSWERING, None),
+    "causal_lm": (CAUSAL_LM, None),
+    "seq2seq": (SEQ2SEQ, None),
+}
 
 
 def _class_names(mapping: dict) -> set[str]:
@@ -29,46 +51,89 @@ def _class_names(mapping: dict) -> set[str]:
     return names
 
 
-_CAUSAL_LM = _class_names(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-_SEQUENCE = _class_names(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
-_TOKEN = _class_names(MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES)
+# Checked in this order against every class of the model's hierarchy (its MRO), so a user's subclass or a
+# trust_remote_code class deriving from a transformers head is recognised like the head itself.
+_HEADS = (
+    (SEQ2SEQ, _class_names(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)),
+    (CAUSAL_LM, _class_names(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)),
+    (SEQUENCE, _class_names(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)),
+    (SEQUENCE, _class_names(MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES)),
+    (TOKEN, _class_names(MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES)),
+    (TOKEN, _class_names(MODEL_FOR_MASKED_LM_MAPPING_NAMES)),
+    (QUESTION_ANSWERING, _class_names(MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES)),
+)
+SUPPORTED_HEADS = (
+    "sequence classification (single-label, multi-label, regression; multiple choice), token classification "
+    "and masked LM, extractive "
+    "question answering (start/end logits), causal LM, encoder-decoder (seq2seq) LM"
+)
 
 
 @dataclass(frozen=True)
 class TaskKind:
-    """What a model's logits mean: one prediction per example (`sequence`) or per token, shifted or not."""
+    """What a model's outputs mean: one prediction per example (`sequence`), per token (`token`, `causal_lm`
+    shifted by one, `seq2seq` on the decoder side) or a start/end span (`question_answering`)."""
 
-    kind: str | None  # None: decided from the logits' rank at the first batch
+    kind: str
     problem_type: str | None = None
 
     @property
     def is_regression(self) -> bool:
         return self.problem_type == "regression"
 
+    @property
+    def is_multi_label(self) -> bool:
+        return self.problem_type == "multi_label_classification"
 
-def infer_task(model: torch.nn.Module) -> TaskKind:
-    config = getattr(model, "config", None)
+    @property
+    def token_level(self) -> bool:
+        return self.kind in (TOKEN, CAUSAL_LM, SEQ2SEQ)
+
+
+def _sequence_problem_type(config) -> str:
+    problem_type = getattr(config, "problem_type", None)
+    if problem_type in ("regression", "single_label_classification", "multi_label_classification"):
+        return problem_type
+    return "regression" if getattr(config, "num_labels", 2) == 1 else "single_label_classification"
+
+
+def infer_task(model: torch.nn.Module, task_type: str | None = None) -> TaskKind:
+    """What `model`'s outputs mean: `task_type` when given, else what the model is.
+
+    In order: the class hierarchy against transformers' auto-model mappings (by class name over the MRO, so
+    subclasses and trust_remote_code classes built on a head count), `config.is_encoder_decoder`, a
+    sequence-level `config.problem_type`, and `can_generate()` (a decoder that generates is a causal LM). A model
+    that none of these place raises: guessing from the shape of its logits once trained a causal LM on unshifted
+    targets without a word.
+    """
     name = type(model).__name__
-    if config is None:
-        return TaskKind(None)
-    if getattr(config, "is_encoder_decoder", False):
-        return TaskKind(SEQ2SEQ)
-    if name in _CAUSAL_LM:
-        return TaskKind(CAUSAL_LM)
-    if name in _SEQUENCE:
-        problem_type = getattr(config, "problem_type", None)
-        if problem_type is None:
-            problem_type = "regression" if config.num_labels == 1 else "single_label_classification"
-        return TaskKind(SEQUENCE, problem_type)
-    if name in _TOKEN:
-        return TaskKind(TOKEN)
-    return TaskKind(None)
-
-
-def resolve_kind(task: TaskKind, logits: torch.Tensor) -> str:
-    if task.kind is not None:
-        return task.kind
-    return SEQUENCE if logits.dim() == 2 else TOKEN
+    config = getattr(model, "config", None)
+    if task_type is not None:
+        if task_type not in TASK_TYPES:
+            raise ValueError(f"task_type must be one of {sorted(TASK_TYPES)}, got {task_type!r}.")
+        kind, problem_type = TASK_TYPES[task_type]
+        return TaskKind(kind, problem_type)
+    hierarchy = {cls.__name__ for cls in type(model).__mro__}
+    for kind, names in _HEADS:
+        if hierarchy & names:
+            if kind == SEQUENCE:
+                return TaskKind(SEQUENCE, _sequence_problem_type(config))
+            if kind == CAUSAL_LM and getattr(config, "is_encoder_decoder", False):
+                return TaskKind(SEQ2SEQ)
+            return TaskKind(kind)
+    if config is not None:
+        if getattr(config, "is_encoder_decoder", False):
+            return TaskKind(SEQ2SEQ)
+        if getattr(config, "problem_type", None) is not None:
+            return TaskKind(SEQUENCE, _sequence_problem_type(config))
+        can_generate = getattr(model, "can_generate", None)
+        if callable(can_generate) and can_generate():
+            return TaskKind(CAUSAL_LM)
+    raise ValueError(
+        f"cannot tell what the outputs of {name} mean: it is not a transformers head class or a subclass of one, "
+        f"and its config does not say. Set DistillationTrainingArguments.task_type (--task_type) to one of "
+        f"{sorted(TASK_TYPES)}. Supported heads: {SUPPORTED_HEADS}."
+    )
 
 
 def align_positions(
@@ -101,9 +166,18 @@ def align_positions(
 
 
 def hard_label_loss(
-    kind: str, problem_type: str | None, logits: torch.Tensor, labels: torch.Tensor
+    kind: str,
+    problem_type: str | None,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of per-item losses, number of items) in float32; items are examples or label tokens != -100."""
+    """(sum of per-item losses, number of items) in float32; items are examples or label tokens != -100.
+
+    label_smoothing applies to the cross-entropy heads, as transformers' `LabelSmoother` does:
+    (1 - eps) * nll + eps * mean over classes of -log p.
+    """
     logits = logits.float()
     if kind == SEQUENCE and problem_type == "regression":
         predictions = logits.view(labels.shape[0], -1).squeeze(-1)
@@ -116,9 +190,41 @@ def hard_label_loss(
         return per_example.sum(), torch.tensor(labels.shape[0], device=logits.device)
     flat_labels = labels.reshape(-1)
     total = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), flat_labels, ignore_index=-100, reduction="sum"
+        logits.reshape(-1, logits.shape[-1]),
+        flat_labels,
+        ignore_index=-100,
+        reduction="sum",
+        label_smoothing=label_smoothing,
     )
     return total, flat_labels.ne(-100).sum()
+
+
+def span_loss(
+    start_logits: torch.Tensor,
+    end_logits: torch.Tensor,
+    start_positions: torch.Tensor,
+    end_positions: torch.Tensor,
+    *,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Extractive question answering's own loss, as transformers' QA heads compute it, as (sum, count).
+
+    start_logits, end_logits: (B, T); start_positions, end_positions: (B,). Positions outside [0, T) are clamped
+    to T and ignored, as the heads do. Per example: (CE(start) + CE(end)) / 2. Returns (sum over examples in
+    float32, number of examples).
+    """
+    length = start_logits.shape[-1]
+    total = start_logits.new_zeros((), dtype=torch.float32)
+    for logits, positions in ((start_logits, start_positions), (end_logits, end_positions)):
+        targets = positions.reshape(-1).long().clamp(0, length)
+        total = total + F.cross_entropy(
+            logits.float().reshape(-1, length),
+            targets,
+            ignore_index=length,
+            reduction="sum",
+            label_smoothing=label_smoothing,
+        )
+    return total / 2, torch.tensor(start_positions.reshape(-1).shape[0], device=start_logits.device)
 
 
 def linear_cross_entropy_sum(
@@ -128,6 +234,7 @@ def linear_cross_entropy_sum(
     *,
     bias: torch.Tensor | None = None,
     chunk_size: int = 1024,
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of `hidden @ weight.T + bias` against `labels` without forming all the logits at once.
 
@@ -143,7 +250,7 @@ def linear_cross_entropy_sum(
 
     def chunk_loss(chunk_hidden, chunk_labels, weight, bias):
         logits = F.linear(chunk_hidden, weight, bias).float()
-        return F.cross_entropy(logits, chunk_labels, reduction="sum")
+        return F.cross_entropy(logits, chunk_labels, reduction="sum", label_smoothing=label_smoothing)
 
     for start in range(0, flat_hidden.shape[0], chunk_size):
         end = start + chunk_size

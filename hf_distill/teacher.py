@@ -3,6 +3,7 @@ which inputs it takes, and how its outputs line up with the student's (label ord
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -63,16 +64,136 @@ def prepare_teacher(
 def _deepspeed_inference_engine(teacher: nn.Module, accelerator: Any) -> nn.Module:
     import deepspeed
 
-    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
-    for key in ("optimizer", "scheduler"):
-        config.pop(key, None)
-    zero = config.setdefault("zero_optimization", {})
-    if zero.get("stage", 0) != 3:
-        # ZeRO-1/2 only shard optimizer state and gradients, which a frozen teacher does not have.
-        config["zero_optimization"] = {"stage": 0}
+    plugin = accelerator.state.deepspeed_plugin
+    micro_batch = plugin.deepspeed_config.get("train_micro_batch_size_per_gpu", 1)
+    config = teacher_deepspeed_config(
+        plugin.deepspeed_config,
+        teacher,
+        micro_batch_size=micro_batch if isinstance(micro_batch, int) else 1,
+        world_size=accelerator.num_processes,
+    )
     engine, *_ = deepspeed.initialize(model=teacher, config=config)
     engine.eval()
     return engine
+
+
+def _hidden_size(teacher: nn.Module) -> int | None:
+    config = getattr(teacher, "config", None)
+    if config is None:
+        return None
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("hidden_size", "d_model", "n_embd"):
+        value = getattr(text_config, name, None)
+        if isinstance(value, int):
+            return value
+    sizes = getattr(text_config, "hidden_sizes", None)
+    return max(sizes) if sizes else None
+
+
+def _drop_auto(section: dict) -> None:
+    for key in [key for key, value in section.items() if value == "auto"]:
+        logger.debug(f"teacher DeepSpeed config: {key}='auto' left to DeepSpeed's default")
+        del section[key]
+    for value in section.values():
+        if isinstance(value, dict):
+            _drop_auto(value)
+
+
+def teacher_deepspeed_config(
+    train_config: Mapping[str, Any], teacher: nn.Module, *, micro_batch_size: int, world_size: int
+) -> dict[str, Any]:
+    """The DeepSpeed config of the teacher's inference engine, derived from the run's and complete in itself.
+
+    The teacher's engine is built when the trainer is, before the Trainer fills the run config's model-dependent
+    "auto" values (at train()), and those would be the student's anyway. So: no optimizer or scheduler; ZeRO-3
+    kept (the teacher's weights are partitioned like the student's) with its bucket sizes computed from the
+    teacher's hidden size h as transformers does for a model (reduce_bucket_size h*h, stage3_prefetch_bucket_size
+    0.9*h*h, stage3_param_persistence_threshold 10*h); any other ZeRO stage becomes 0 (stages 1-2 shard optimizer
+    state and gradients, which a frozen teacher does not have); precision follows the teacher's dtype; batch sizes
+    are one micro-batch per rank, no accumulation; any "auto" still left is dropped for DeepSpeed's default.
+    """
+    config = copy.deepcopy(dict(train_config))
+    for key in ("optimizer", "scheduler", "gradient_clipping"):
+        config.pop(key, None)
+    zero = config.get("zero_optimization", {}) or {}
+    if zero.get("stage", 0) != 3:
+        config["zero_optimization"] = {"stage": 0}
+    else:
+        hidden = _hidden_size(teacher)
+        if hidden is not None:
+            sizes = {
+                "reduce_bucket_size": hidden * hidden,
+                "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+                "stage3_param_persistence_threshold": 10 * hidden,
+            }
+            for key, value in sizes.items():
+                if zero.get(key) == "auto":
+                    zero[key] = value
+        for key in ("offload_optimizer",):
+            zero.pop(key, None)
+    dtype = next((p.dtype for p in teacher.parameters()), torch.float32)
+    for section, wanted in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if section in config and isinstance(config[section], dict):
+            config[section]["enabled"] = dtype == wanted
+    config["train_micro_batch_size_per_gpu"] = max(int(micro_batch_size), 1)
+    config["gradient_accumulation_steps"] = 1
+    config["train_batch_size"] = config["train_micro_batch_size_per_gpu"] * max(int(world_size), 1)
+    _drop_auto(config)
+    return config
+
+
+@contextlib.contextmanager
+def full_output_layer(model: nn.Module, accelerator: Any, vocab_size: int | None = None):
+    """(weight (V, H), bias (V,) or None) of the model's LM head, whole, for use outside its forward pass; cut to
+    `vocab_size` rows when given.
+
+    Outside the forward pass a sharded model holds only part of its weights: ZeRO-3 a placeholder (gathered here,
+    read-only, for the block), FSDP (v1) a flat shard (the FSDP unit that owns the head is summoned, without
+    write-back), FSDP2 a DTensor (`full_tensor()`, whose backward scatters the gradient back to the shards).
+    """
+    head = unwrap_model(model).get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(unwrap_model(model)).__name__} has no output embeddings (LM head).")
+    parameters = [p for p in (head.weight, getattr(head, "bias", None)) if p is not None]
+    distributed_type = str(getattr(accelerator, "distributed_type", ""))
+    with contextlib.ExitStack() as stack:
+        plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
+        if "DEEPSPEED" in distributed_type and plugin is not None and plugin.zero_stage == 3:
+            import deepspeed
+
+            stack.enter_context(deepspeed.zero.GatheredParameters(parameters, modifier_rank=None))
+        elif "FSDP" in distributed_type:
+            unit = _fsdp1_unit_of(model, head)
+            if unit is not None:
+                from torch.distributed.fsdp import FullyShardedDataParallel
+
+                stack.enter_context(
+                    FullyShardedDataParallel.summon_full_params(unit, writeback=False, recurse=False)
+                )
+        weight, bias = head.weight, getattr(head, "bias", None)
+        weight, bias = _full_tensor(weight), _full_tensor(bias)
+        if vocab_size is not None:
+            weight = weight[:vocab_size]
+            bias = bias[:vocab_size] if bias is not None else None
+        yield weight, bias
+
+
+def _full_tensor(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    full_tensor = getattr(tensor, "full_tensor", None)  # a DTensor (FSDP2, tensor parallelism)
+    return full_tensor() if callable(full_tensor) else tensor
+
+
+def _fsdp1_unit_of(model: nn.Module, head: nn.Module) -> nn.Module | None:
+    """The innermost FSDP (v1) module whose own parameters include `head`'s, or None."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch without distributed
+        return None
+    owner = None
+    for unit in FullyShardedDataParallel.fsdp_modules(model):
+        if any(module is head for module in unit.modules()):
+            owner = unit  # fsdp_modules lists outer units first, so the last match is the innermost
+    return owner
 
 
 def forward_inputs(model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, Any]:
@@ -119,29 +240,46 @@ def _label_names(config: Any) -> list[str]:
     return [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(num_labels)]
 
 
-def shared_vocab_size(teacher_vocab: int, student_vocab: int, tokenizer_size: int | None) -> int:
-    """The number of logit columns KD compares for token-level tasks.
+def shared_vocab_size(teacher_vocab: int, student_vocab: int, tokenizer: Any, teacher_tokenizer: Any) -> int:
+    """The number of logit columns KD compares when the two vocabulary matrices differ in size.
 
-    Vocabulary matrices are often padded past the tokenizer (to a multiple of 64 or 128); the padded rows are
-    never produced by the tokenizer, so both sides are cut to the smaller size as long as it still covers the
-    tokenizer. Anything else means the models do not share a tokenizer, which logit KD needs.
+    Embedding matrices are often padded past the tokenizer (to a multiple of 64 or 128), and the padded rows are
+    never produced by the tokenizer, so both sides can be cut to the smaller size, but only when that is what the
+    difference is. It could as well be another tokenizer (a 50,257-row GPT-2 teacher for a student with its own
+    105-token vocabulary), whose first rows mean other tokens. So both tokenizers are required here, and must be
+    one tokenizer on the shared ids: the same token -> id map, every id below the smaller size.
     """
-    if teacher_vocab == student_vocab:
-        return student_vocab
     shared = min(teacher_vocab, student_vocab)
-    if tokenizer_size is None:
-        raise ValueError(
-            f"teacher vocabulary ({teacher_vocab}) and student vocabulary ({student_vocab}) differ and no tokenizer "
-            "was given to tell padding from a different tokenizer; pass processing_class=tokenizer."
+    sizes = f"the teacher's vocabulary matrix has {teacher_vocab} rows and the student's {student_vocab}"
+    if tokenizer is None or teacher_tokenizer is None:
+        missing = (
+            "processing_class=<the student's tokenizer>"
+            if tokenizer is None
+            else (
+                "teacher_processing_class=<the teacher's tokenizer> (the recipes load the one saved with the teacher)"
+            )
         )
-    if shared < tokenizer_size:
         raise ValueError(
-            f"teacher vocabulary ({teacher_vocab}) and student vocabulary ({student_vocab}) differ and the smaller "
-            f"does not cover the tokenizer's {tokenizer_size} tokens: the models use different tokenizers. Logit "
-            "distillation needs a teacher and student that share one tokenizer."
+            f"{sizes}. That is fine when one of them is only padded past a shared tokenizer, and wrong when the "
+            f"teacher uses another tokenizer; to tell which, pass {missing}."
+        )
+    for role, candidate in (("student's", tokenizer), ("teacher's", teacher_tokenizer)):
+        if len(candidate) > shared:
+            raise ValueError(
+                f"{sizes}, but the {role} tokenizer has {len(candidate)} tokens: ids {shared} and above exist on one "
+                "side only, so the models do not share a vocabulary. Logit distillation needs one tokenizer: use a "
+                "student built from the teacher (create_student), or resize the smaller embedding to the tokenizer."
+            )
+    if tokenizer is not teacher_tokenizer and tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+        mismatched = set(tokenizer.get_vocab().items()) ^ set(teacher_tokenizer.get_vocab().items())
+        different = sorted(mismatched)[:3]
+        raise ValueError(
+            f"{sizes}, and the teacher's and the student's tokenizers map tokens to different ids (e.g. {different}): "
+            "their logits are over different tokens. Logit distillation needs one shared tokenizer."
         )
     logger.info(
-        f"Comparing the first {shared} vocabulary logits (teacher {teacher_vocab}, student {student_vocab})."
+        f"Comparing the first {shared} vocabulary logits (teacher {teacher_vocab}, student {student_vocab}); "
+        "the rows past them are padding that the tokenizer never produces."
     )
     return shared
 

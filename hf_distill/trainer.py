@@ -13,15 +13,23 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
+from transformers import Seq2SeqTrainer, Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
 from . import hub
 from .args import DistillationTrainingArguments
 from .checkpoints import is_complete_checkpoint, last_complete_checkpoint
+from .data_checks import check_training_data
 from .evaluation import dataset_length, first_rows, first_rows_prediction
-from .logit_cache import CACHE_COLUMNS, INDICES_COLUMN, LOGPROBS_COLUMN, TAIL_COLUMN
+from .logit_cache import (
+    CACHE_COLUMNS,
+    INDICES_COLUMN,
+    LOGPROBS_COLUMN,
+    TAIL_COLUMN,
+    check_cache_temperature,
+)
 from .losses import (
+    bernoulli_distillation_loss,
     fused_linear_distillation_loss,
     logit_distillation_loss,
     sparse_distillation_and_cross_entropy,
@@ -35,19 +43,23 @@ from .matching import (
     layer_counts,
     resolve_layer_map,
 )
+from .on_policy import gathered_for_generation
 from .task_loss import (
     CAUSAL_LM,
+    QUESTION_ANSWERING,
     SEQ2SEQ,
     SEQUENCE,
+    SUPPORTED_HEADS,
     align_positions,
     hard_label_loss,
     infer_task,
     linear_cross_entropy_sum,
-    resolve_kind,
+    span_loss,
 )
 from .teacher import (
     check_same_tokenizer,
     forward_inputs,
+    full_output_layer,
     label_permutation,
     prepare_teacher,
     shared_vocab_size,
@@ -57,6 +69,8 @@ from .teacher import (
 logger = logging.get_logger(__name__)
 
 PROJECTIONS_NAME = "distill_projections.safetensors"
+# Batch entries that are targets, not model inputs: the trainer computes the task loss itself.
+_LABEL_KEYS = ("labels", "start_positions", "end_positions")
 LOSS_COMPONENTS = ("ce_loss", "kd_loss", "hidden_loss", "attention_loss")
 
 
@@ -85,6 +99,12 @@ class DistillationTrainer(Trainer):
         teacher_processing_class: Any = None,
         **trainer_kwargs: Any,
     ):
+        if isinstance(teacher_model, TrainingArguments):
+            raise TypeError(
+                "DistillationTrainer's second argument is the teacher, but it got training arguments: "
+                "DistillationTrainer(student, training_args) reads training_args as the teacher. Pass the models "
+                "by keyword: DistillationTrainer(model=student, teacher_model=teacher, args=training_args, ...)."
+            )
         if args is None:
             args = DistillationTrainingArguments(output_dir="trainer_output")
         if not isinstance(args, DistillationTrainingArguments):
@@ -97,6 +117,8 @@ class DistillationTrainer(Trainer):
                 "DistillationTrainer needs a teacher: pass teacher_model=<a trained model>, or set "
                 "teacher_logits_cache to a cache written by scripts/cache_teacher_logits.py."
             )
+        if args.teacher_logits_cache is not None:  # its remaining mass is valid at one temperature only
+            check_cache_temperature(args.teacher_logits_cache, args.temperature)
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         # Every term is normalised in `compute_loss` (see `_normalise`), so the Trainer must count the label
         # items of the whole accumulated batch and must not divide again.
@@ -104,8 +126,12 @@ class DistillationTrainer(Trainer):
         self.loss_is_scaled_for_ga = True
 
         student = unwrap_model(self.model)
-        self._task = infer_task(student)
+        self._task = infer_task(student, args.task_type)
+        self._check_task_options(student)
+        if self.train_dataset is not None:
+            check_training_data(self.train_dataset, self._task)
         self._fused = self._check_fused(student)
+        self._on_policy_now = False
         self._label_order = None
         self._vocab_size = None
         self._layer_maps: dict[str, list[tuple[int, int]]] = {}
@@ -113,6 +139,7 @@ class DistillationTrainer(Trainer):
         self.teacher_model = None
         if teacher_model is not None:
             teacher = unwrap_model(teacher_model)
+            self._check_teacher_head(teacher)
             self._label_order = self._check_label_spaces(student, teacher)
             self._vocab_size = self._check_vocabularies(student, teacher, teacher_processing_class)
             self._layer_maps = self._check_matching(student, teacher)
@@ -127,6 +154,42 @@ class DistillationTrainer(Trainer):
         self.distillation_report: dict | None = None
 
     # ---- construction-time checks ------------------------------------------------------------------------
+
+    def _check_task_options(self, student: nn.Module) -> None:
+        """Options that the student's task cannot honour fail here, before any data is read."""
+        args, task = self.args, self._task
+        if args.lmbda > 0:
+            can_generate = getattr(student, "can_generate", None)
+            if task.kind != CAUSAL_LM or not (callable(can_generate) and can_generate()):
+                raise ValueError(
+                    f"lmbda={args.lmbda} asks for on-policy steps, which sample completions with the student's "
+                    f"generate(), but {type(student).__name__} is not a causal LM that can generate (task "
+                    f"{task.kind!r}); set lmbda=0."
+                )
+        if args.teacher_logits_cache is not None and (task.kind == QUESTION_ANSWERING or task.is_multi_label):
+            raise ValueError(
+                "teacher_logits_cache holds top-k softmax probabilities over one output vocabulary; it cannot stand "
+                f"in for a {'question-answering' if task.kind == QUESTION_ANSWERING else 'multi-label'} teacher. "
+                "Pass teacher_model= instead."
+            )
+        if args.label_smoothing_factor > 0 and (task.is_regression or task.is_multi_label):
+            raise ValueError(
+                f"label_smoothing_factor={args.label_smoothing_factor} smooths a softmax cross-entropy, but the "
+                f"student's task is {task.problem_type}; set label_smoothing_factor=0."
+            )
+
+    def _check_teacher_head(self, teacher: nn.Module) -> None:
+        """A teacher whose outputs mean something else than the student's (a classifier for an LM) fails here."""
+        try:
+            teacher_task = infer_task(teacher, None)
+        except ValueError:
+            return  # a custom teacher: trusted to have the student's head
+        if teacher_task.kind != self._task.kind:
+            raise ValueError(
+                f"the teacher ({type(teacher).__name__}) is a {teacher_task.kind} model and the student "
+                f"({type(unwrap_model(self.model)).__name__}) a {self._task.kind} model: their outputs cannot be "
+                "compared. Use a teacher with the student's head (fine-tune it on the task first)."
+            )
 
     def _check_fused(self, student: nn.Module) -> bool:
         if not self.args.fused_kd_loss:
@@ -147,6 +210,18 @@ class DistillationTrainer(Trainer):
             raise ValueError(
                 "fused_kd_loss needs the teacher's hidden states; it cannot run from teacher_logits_cache."
             )
+        # The student's LM head is used outside its forward pass, with a gradient. FSDP2 shards it as a DTensor
+        # whose full_tensor() carries the gradient back; ZeRO-3 and FSDP (v1) hold only flat shards there.
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        fsdp_plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if (self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3) or (
+            self.is_fsdp_enabled and getattr(fsdp_plugin, "fsdp_version", 1) != 2
+        ):
+            raise ValueError(
+                "fused_kd_loss reads the student's LM head outside its forward pass, where DeepSpeed ZeRO-3 and FSDP "
+                "(v1) hold only a shard of it. Use kd_chunk_size instead (the same loss with bounded memory), or "
+                "FSDP2 (fsdp_version: 2 in the Accelerate config)."
+            )
         return True
 
     def _set_signature_columns_if_needed(self) -> None:
@@ -157,23 +232,25 @@ class DistillationTrainer(Trainer):
                 self._signature_columns.append(column)
 
     def _check_label_spaces(self, student: nn.Module, teacher: nn.Module) -> torch.Tensor | None:
-        if self._task.kind != SEQUENCE:
+        if self._task.kind != SEQUENCE or getattr(student, "config", None) is None:
             return None
         return label_permutation(teacher.config, student.config)
 
     def _check_vocabularies(
         self, student: nn.Module, teacher: nn.Module, teacher_tokenizer: Any
     ) -> int | None:
-        if self._task.kind == SEQUENCE or getattr(student, "config", None) is None:
+        """The number of vocabulary logits KD compares for token-level tasks (None: all of them)."""
+        if not self._task.token_level or getattr(student, "config", None) is None:
             return None
-        check_same_tokenizer(self.processing_class, teacher_tokenizer)
         student_vocab = getattr(student.config.get_text_config(), "vocab_size", None)
-        teacher_vocab = getattr(teacher.config.get_text_config(), "vocab_size", None)
+        teacher_vocab = getattr(getattr(teacher, "config", None), "get_text_config", lambda: None)()
+        teacher_vocab = getattr(teacher_vocab, "vocab_size", None)
         if student_vocab is None or teacher_vocab is None:
             return None
-        tokenizer = self.processing_class
-        tokenizer_size = len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None
-        return shared_vocab_size(teacher_vocab, student_vocab, tokenizer_size)
+        if student_vocab == teacher_vocab:
+            check_same_tokenizer(self.processing_class, teacher_tokenizer)
+            return None
+        return shared_vocab_size(teacher_vocab, student_vocab, self.processing_class, teacher_tokenizer)
 
     def _check_matching(self, student: nn.Module, teacher: nn.Module) -> dict[str, list[tuple[int, int]]]:
         """Layer maps per stack ('layers', or 'encoder' and 'decoder'), checked against the layer counts."""
@@ -187,10 +264,18 @@ class DistillationTrainer(Trainer):
                     "states and attentions; set hidden_weight=0 and attention_weight=0 to distil logits only."
                 )
         student_counts, teacher_counts = layer_counts(student.config), layer_counts(teacher.config)
+        # create_student records which teacher layer initialised each student layer; a uniform map then pairs
+        # each student layer with that teacher layer instead of re-spreading them (which could differ).
+        built_from = getattr(student, "distilled_from_layers", None) or {}
         maps = {}
         for stack in student_counts:
             spec = args.decoder_layer_map if stack == "decoder" else args.layer_map
-            maps[stack] = resolve_layer_map(spec, student_counts[stack], teacher_counts[stack])
+            maps[stack] = resolve_layer_map(
+                spec,
+                student_counts[stack],
+                teacher_counts[stack],
+                built_from=built_from.get("decoder_layers" if stack == "decoder" else "layers"),
+            )
         if args.attention_weight > 0:
             self._check_attention(student, teacher)
         return maps
@@ -228,10 +313,11 @@ class DistillationTrainer(Trainer):
             projections[stack] = HiddenProjections(layer_map, student_width, teacher_width)
         projections.to(self.args.device)
         if any(True for _ in projections.parameters()):
-            if self.is_deepspeed_enabled:
+            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
                 raise ValueError(
                     f"the student's hidden width ({student_width}) differs from the teacher's ({teacher_width}), which "
-                    "needs learned projections, and those are not supported under DeepSpeed yet; use a student of the "
+                    "needs learned projections, and those are not supported under DeepSpeed or FSDP yet (their gradients "
+                    "would escape the sharded clipping); use a student of the "
                     "teacher's width (create_student) or set hidden_weight=0."
                 )
             logger.info(
@@ -263,6 +349,20 @@ class DistillationTrainer(Trainer):
             optimizer.add_param_group({"params": parameters, "weight_decay": 0.0})
         return optimizer
 
+    def _clip_grad_norm(self, model: nn.Module):
+        """Clip, and report as grad_norm, the norm over everything the optimizer updates: the student and the
+        hidden-state projections, which train beside it."""
+        projections = [p for p in self.hidden_projections.parameters() if p.requires_grad]
+        if not projections:
+            return super()._clip_grad_norm(model)
+        return self.accelerator.clip_grad_norm_([*model.parameters(), *projections], self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None):
+        projections = [p for p in self.hidden_projections.parameters() if p.requires_grad]
+        if grad_norm is None and projections:
+            grad_norm = self.accelerator.clip_grad_norm_([*model.parameters(), *projections], float("inf"))
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
+
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         """`Trainer.train`; `resume_from_checkpoint=True` picks the newest *complete* checkpoint, so a run killed
         while writing a checkpoint resumes from the one before."""
@@ -281,6 +381,21 @@ class DistillationTrainer(Trainer):
             )
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """`Trainer.training_step`; on on-policy steps (GKD, `lmbda`) the batch is first replaced by completions the
+        student samples for its prompts, as the step is built, so that `compute_loss` sees an ordinary batch."""
+        if not self._on_policy_step():
+            return super().training_step(model, inputs, num_items_in_batch)
+        inputs = self._on_policy_batch(model, self._prepare_inputs(inputs))
+        self._on_policy_now = True
+        try:
+            # The sampled completions have their own token count: each micro-batch is normalised on its own.
+            return super().training_step(model, inputs, None)
+        finally:
+            self._on_policy_now = False
+
     def compute_loss(
         self,
         model: nn.Module,
@@ -291,10 +406,8 @@ class DistillationTrainer(Trainer):
         args = self.args
         if not model.training:
             return self._evaluation_loss(model, inputs, return_outputs)
-        if self._on_policy_step():
-            inputs = self._on_policy_batch(model, inputs)
-            num_items_in_batch = None  # the sampled completions have their own token count
-
+        # On on-policy steps the labels are the student's own samples: the loss is the divergence alone (GKD).
+        has_labels = self._has_labels(inputs) and not self._on_policy_now
         labels = inputs.get("labels")
         cached = {key: inputs[key] for key in CACHE_COLUMNS if key in inputs}
         student_inputs = self._model_inputs(model, inputs)
@@ -308,34 +421,35 @@ class DistillationTrainer(Trainer):
             extra["logits_to_keep"] = 1  # logits are formed chunk by chunk inside the loss instead
 
         outputs = model(**student_inputs, **extra)
-        kind = resolve_kind(self._task, outputs.logits)
-        position_source = outputs.hidden_states[-1] if fused else outputs.logits
-        positions, position_labels, mask = align_positions(
-            kind, position_source, labels, inputs.get("decoder_attention_mask", inputs.get("attention_mask"))
-        )
-        token_level = kind != SEQUENCE
-        uses_teacher = not cached and (
-            args.alpha > 0 or labels is None or args.hidden_weight > 0 or args.attention_weight > 0
-        )
+        kind = self._task.kind
+        positions, position_labels, mask = None, None, None
+        if kind != QUESTION_ANSWERING:
+            position_source = outputs.hidden_states[-1] if fused else self._logits(outputs)
+            positions, position_labels, mask = align_positions(
+                kind,
+                position_source,
+                labels,
+                inputs.get("decoder_attention_mask", inputs.get("attention_mask")),
+            )
+        kd_weight = args.alpha if has_labels else 1.0
+        uses_teacher = not cached and (kd_weight > 0 or args.hidden_weight > 0 or args.attention_weight > 0)
+        # The built-in cross-entropy shares the cached KD's pass over the logits; any other task loss is separate.
+        own_task_loss = self.compute_loss_func is None and args.label_smoothing_factor == 0
 
         components: dict[str, torch.Tensor] = {}
         weights: dict[str, float] = {}
-        kd_weight = args.alpha if labels is not None else 1.0
         if cached:
+            cache_labels = position_labels if has_labels and own_task_loss else None
             components.update(
-                self._cached_terms(kind, positions, position_labels, cached, mask, num_items_in_batch)
+                self._cached_terms(kind, positions, cache_labels, cached, mask, num_items_in_batch)
             )
             weights["kd_loss"] = kd_weight
-            if labels is not None:
-                weights["ce_loss"] = 1.0 - args.alpha
-        elif labels is not None:
-            if fused:
-                weight, bias = _output_layer(model, self._vocab_size)
-                ce_sum, ce_count = linear_cross_entropy_sum(positions, weight, position_labels, bias=bias)
-            else:
-                ce_sum, ce_count = hard_label_loss(kind, self._task.problem_type, positions, position_labels)
-            components["ce_loss"] = self._normalise(ce_sum, ce_count, num_items_in_batch, token_level)
-            weights["ce_loss"] = 1.0 - args.alpha if uses_teacher else 1.0
+        if has_labels and "ce_loss" not in components:
+            components["ce_loss"] = self._task_term(
+                model, outputs, inputs, positions, position_labels, num_items_in_batch
+            )
+        if has_labels:
+            weights["ce_loss"] = 1.0 - args.alpha
 
         if uses_teacher:
             with torch.no_grad():
@@ -347,9 +461,11 @@ class DistillationTrainer(Trainer):
                     kd_sum = self._fused_kd_sum(model, positions, teacher_outputs, mask)
                     count = mask.sum() if mask is not None else positions.shape[:-1].numel()
                     components["kd_loss"] = self._normalise(kd_sum, count, num_items_in_batch, True)
+                elif kind == QUESTION_ANSWERING:
+                    components["kd_loss"] = self._span_kd_term(outputs, teacher_outputs)
                 else:
                     components["kd_loss"] = self._kd_term(
-                        kind, positions, teacher_outputs.logits, mask, num_items_in_batch
+                        kind, positions, self._logits(teacher_outputs), mask, num_items_in_batch
                     )
                 weights["kd_loss"] = kd_weight
             if args.hidden_weight > 0:
@@ -367,16 +483,83 @@ class DistillationTrainer(Trainer):
         self._accumulate_for_logging(components)
         return (loss, outputs) if return_outputs else loss
 
+    def _has_labels(self, inputs: dict[str, Any]) -> bool:
+        if self._task.kind == QUESTION_ANSWERING:
+            return inputs.get("start_positions") is not None and inputs.get("end_positions") is not None
+        return inputs.get("labels") is not None
+
+    def _logits(self, outputs: Any) -> torch.Tensor:
+        logits = getattr(outputs, "logits", None)
+        if logits is None:
+            raise ValueError(
+                f"the model returned {type(outputs).__name__} without logits; DistillationTrainer distils these "
+                f"heads: {SUPPORTED_HEADS}. Set task_type to the head your model has."
+            )
+        return logits
+
+    def _task_term(
+        self,
+        model: nn.Module,
+        outputs: Any,
+        inputs: dict[str, Any],
+        positions: torch.Tensor | None,
+        position_labels: torch.Tensor | None,
+        num_items_in_batch: torch.Tensor | int | None,
+        training: bool = True,
+    ) -> torch.Tensor:
+        """The student's own (hard) loss: the user's `compute_loss_func` when one was passed (called as `Trainer`
+        calls it, with the model outputs and the labels, and taken as already normalised), else the head's own
+        loss, with `label_smoothing_factor` on the cross-entropy heads. Normalised like every other term."""
+        args = self.args
+        if self.compute_loss_func is not None:
+            loss = self.compute_loss_func(
+                outputs, inputs.get("labels"), num_items_in_batch=num_items_in_batch
+            )
+            if (
+                training
+                and num_items_in_batch is not None
+                and args.average_tokens_across_devices
+                and self.accelerator.num_processes > 1
+            ):
+                loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does: DDP averages
+            return loss
+        smoothing = args.label_smoothing_factor
+        if self._task.kind == QUESTION_ANSWERING:
+            total, count = span_loss(
+                outputs.start_logits,
+                outputs.end_logits,
+                inputs["start_positions"],
+                inputs["end_positions"],
+                label_smoothing=smoothing,
+            )
+        elif self._fused and training:
+            with full_output_layer(model, self.accelerator, self._vocab_size) as (weight, bias):
+                total, count = linear_cross_entropy_sum(
+                    positions, weight, position_labels, bias=bias, label_smoothing=smoothing
+                )
+        else:
+            total, count = hard_label_loss(
+                self._task.kind,
+                self._task.problem_type,
+                positions,
+                position_labels,
+                label_smoothing=smoothing,
+            )
+        if not training:
+            return total / count.clamp(min=1)
+        return self._normalise(total, count, num_items_in_batch, self._task.token_level)
+
     def _evaluation_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool):
         """The student's own task loss (eval_loss, and perplexity for LMs); KD is a training objective only."""
-        labels = inputs.get("labels")
         outputs = model(**self._model_inputs(model, inputs))
-        loss = outputs.logits.new_zeros((), dtype=torch.float32)
-        if labels is not None:
-            kind = resolve_kind(self._task, outputs.logits)
-            logits, position_labels, _ = align_positions(kind, outputs.logits, labels, None)
-            total, count = hard_label_loss(kind, self._task.problem_type, logits, position_labels)
-            loss = total / count.clamp(min=1)
+        loss = torch.zeros((), dtype=torch.float32, device=self.args.device)
+        if self._has_labels(inputs):
+            positions, position_labels = None, None
+            if self._task.kind != QUESTION_ANSWERING:
+                positions, position_labels, _ = align_positions(
+                    self._task.kind, self._logits(outputs), inputs.get("labels"), None
+                )
+            loss = self._task_term(model, outputs, inputs, positions, position_labels, None, training=False)
         return (loss, outputs) if return_outputs else loss
 
     # ---- variants of the KD term ---------------------------------------------------------------------------
@@ -396,9 +579,9 @@ class DistillationTrainer(Trainer):
         config = student.generation_config if getattr(student, "generation_config", None) else student.config
         pad_token_id = getattr(tokenizer, "pad_token_id", None) or config.pad_token_id or 0
         eos_token_id = getattr(tokenizer, "eos_token_id", None) or config.eos_token_id
-        with torch.no_grad():
+        with torch.no_grad(), gathered_for_generation(model, self.accelerator) as generator:
             batch = student_completions(
-                student,
+                generator,
                 inputs,
                 pad_token_id=pad_token_id,
                 eos_token_id=eos_token_id,
@@ -420,7 +603,9 @@ class DistillationTrainer(Trainer):
         """The KD term against a cached teacher, and the CE term when there are labels, normalised.
 
         Cached position t holds the teacher's distribution for token t + 1, like the logits at t. With labels over
-        the student's whole vocabulary (token-level tasks), one pass over the logits gives both terms.
+        the student's whole vocabulary (token-level tasks), one pass over the logits gives both terms. The cached
+        remaining mass is tempered at the cache's temperature, which __init__ checked equals args.temperature;
+        without a cache directory its meaning is the loss's default (the plain mass, temperature 1).
         """
         options = {
             "temperature": self.args.temperature,
@@ -429,6 +614,7 @@ class DistillationTrainer(Trainer):
             "mask": mask,
             "reduction": "sum",
             "teacher_tail_logmass": cached.get(TAIL_COLUMN),
+            "tail_temperature": self.args.temperature if self.args.teacher_logits_cache is not None else 1.0,
         }
         logprobs, indices = cached[LOGPROBS_COLUMN], cached[INDICES_COLUMN].long()
         sliced = self._vocab_size is not None and self._vocab_size != student_logits.shape[-1]
@@ -456,28 +642,34 @@ class DistillationTrainer(Trainer):
         self, model: nn.Module, student_hidden: torch.Tensor, teacher_outputs: Any, mask: torch.Tensor | None
     ) -> torch.Tensor:
         teacher_hidden = teacher_outputs.hidden_states[-1]
-        student_weight, student_bias = _output_layer(model, self._vocab_size)
-        teacher_weight, teacher_bias = _output_layer(self.teacher_model, self._vocab_size)
-        return fused_linear_distillation_loss(
-            student_hidden,
-            student_weight,
-            teacher_hidden.to(student_hidden.device),
-            teacher_weight,
-            temperature=self.args.temperature,
-            kind=self.args.kd_loss,
-            beta=self.args.jsd_beta,
-            mask=mask,
-            chunk_size=self.args.kd_chunk_size,
-            student_bias=student_bias,
-            teacher_bias=teacher_bias,
-            reduction="sum",
-        )
+        # The LM heads are read outside their models' forward passes: whole, even where they are sharded.
+        with (
+            full_output_layer(model, self.accelerator, self._vocab_size) as (student_weight, student_bias),
+            full_output_layer(self.teacher_model, self.accelerator, self._vocab_size) as (
+                teacher_weight,
+                teacher_bias,
+            ),
+        ):
+            return fused_linear_distillation_loss(
+                student_hidden,
+                student_weight,
+                teacher_hidden.to(student_hidden.device),
+                teacher_weight,
+                temperature=self.args.temperature,
+                kind=self.args.kd_loss,
+                beta=self.args.jsd_beta,
+                mask=mask,
+                chunk_size=self.args.kd_chunk_size,
+                student_bias=student_bias,
+                teacher_bias=teacher_bias,
+                reduction="sum",
+            )
 
     def _model_inputs(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
         """The batch without labels (the trainer computes the task loss itself). Encoder-decoder models get
         `decoder_input_ids` built from the labels once, so teacher and student decode the same prefix."""
         model_inputs = {
-            key: value for key, value in inputs.items() if key != "labels" and key not in CACHE_COLUMNS
+            key: value for key, value in inputs.items() if key not in _LABEL_KEYS and key not in CACHE_COLUMNS
         }
         labels = inputs.get("labels")
         if self._task.kind == SEQ2SEQ and labels is not None and "decoder_input_ids" not in inputs:
@@ -504,21 +696,51 @@ class DistillationTrainer(Trainer):
         if self._vocab_size is not None:
             student_logits = student_logits[..., : self._vocab_size]
             teacher_logits = teacher_logits[..., : self._vocab_size]
-        divergence = "mse" if self._task.is_regression else args.kd_loss
-        kd_sum = logit_distillation_loss(
-            student_logits,
-            teacher_logits.to(student_logits.device),
-            temperature=args.temperature,
-            kind=divergence,
-            beta=args.jsd_beta,
-            mask=mask,
-            chunk_size=args.kd_chunk_size,
-            reduction="sum",
-        )
+        teacher_logits = teacher_logits.to(student_logits.device)
+        if self._task.is_multi_label and args.kd_loss != "mse":
+            # each label is its own yes/no question: a softmax over the labels cannot see per-label errors
+            kd_sum = bernoulli_distillation_loss(
+                student_logits,
+                teacher_logits,
+                temperature=args.temperature,
+                kind=args.kd_loss,
+                beta=args.jsd_beta,
+                mask=mask,
+                reduction="sum",
+            )
+        else:
+            kd_sum = logit_distillation_loss(
+                student_logits,
+                teacher_logits,
+                temperature=args.temperature,
+                kind="mse" if self._task.is_regression else args.kd_loss,  # mse: on the raw logits
+                beta=args.jsd_beta,
+                mask=mask,
+                chunk_size=args.kd_chunk_size,
+                reduction="sum",
+            )
         count = mask.sum() if mask is not None else torch.tensor(student_logits.shape[:-1].numel())
         return self._normalise(
             kd_sum, count, num_items_in_batch if mask is not None else None, kind != SEQUENCE
         )
+
+    def _span_kd_term(self, outputs: Any, teacher_outputs: Any) -> torch.Tensor:
+        """Extractive QA: the divergence between the start distributions plus that between the end distributions,
+        halved (as the heads' own span loss halves its two cross-entropies), averaged over examples."""
+        args = self.args
+        total = 0.0
+        for name in ("start_logits", "end_logits"):
+            student_logits = getattr(outputs, name)  # (B, T): one distribution over positions per example
+            total = total + logit_distillation_loss(
+                student_logits,
+                getattr(teacher_outputs, name).to(student_logits.device),
+                temperature=args.temperature,
+                kind=args.kd_loss,
+                beta=args.jsd_beta,
+                reduction="sum",
+            )
+        examples = torch.tensor(outputs.start_logits.shape[0])
+        return self._normalise(total / 2, examples, None, token_level=False)
 
     def _hidden_term(
         self, outputs: Any, teacher_outputs: Any, inputs: dict[str, Any], num_items: Any
@@ -695,14 +917,21 @@ class DistillationTrainer(Trainer):
         self.hidden_projections.load_state_dict(load_file(path, device=str(self.args.device)))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """`Trainer.save_model` plus a model card (README.md) describing the distillation."""
+        """`Trainer.save_model` plus a model card (README.md) describing the distillation, with the arguments of
+        earlier `create_model_card` calls."""
         super().save_model(output_dir, _internal_call)
         if not _internal_call and self.args.should_save:
-            hub.write_model_card(self, output_dir or self.args.output_dir)
+            card_arguments = getattr(self, "_model_card_arguments", {})
+            hub.write_model_card(self, output_dir or self.args.output_dir, **card_arguments)
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """`Trainer.create_model_card` (same arguments: language, license, tags, model_name, finetuned_from, tasks,
+        dataset_tags, dataset, dataset_args) for a card that also describes the distillation; the arguments are
+        kept, so a later `save_model` writes them again."""
+        given = hub.card_arguments(*args, **kwargs)
+        self._model_card_arguments = {**getattr(self, "_model_card_arguments", {}), **given}
         if self.is_world_process_zero():
-            hub.write_model_card(self, self.args.output_dir, *args, **kwargs)
+            hub.write_model_card(self, self.args.output_dir, **self._model_card_arguments)
 
 
 class _ZeroProjectionGradients(TrainerCallback):
@@ -722,13 +951,3 @@ class _ZeroProjectionGradients(TrainerCallback):
 class Seq2SeqDistillationTrainer(DistillationTrainer, Seq2SeqTrainer):
     """`DistillationTrainer` for encoder-decoder models, with `Seq2SeqTrainer`'s generation in evaluate/predict
     (use `Seq2SeqDistillationTrainingArguments` for `predict_with_generate` and friends)."""
-
-
-def _output_layer(model: nn.Module, vocab_size: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """LM-head weight (vocab, hidden) and bias, cut to the shared vocabulary."""
-    head = unwrap_model(model).get_output_embeddings()
-    weight, bias = head.weight, getattr(head, "bias", None)
-    if vocab_size is not None:
-        weight = weight[:vocab_size]
-        bias = bias[:vocab_size] if bias is not None else None
-    return weight, bias

@@ -5,22 +5,24 @@ teacher in memory.
 
     python scripts/cache_teacher_logits.py \
         --teacher_model_name_or_path outputs/teacher --train_file train.txt --block_size 512 \
-        --top_k 64 --cache_output_dir caches/teacher_top64
-    python scripts/distill_lm.py --teacher_logits_cache caches/teacher_top64 \
+        --top_k 64 --temperature 2 --cache_output_dir caches/teacher_top64
+    python scripts/distill_lm.py --teacher_logits_cache caches/teacher_top64 --temperature 2 \
         --teacher_model_name_or_path outputs/teacher --student_num_layers 4 \
         --train_file train.txt --block_size 512 --do_train --output_dir outputs/student
 
 Use the same data flags as the training run (--train_file/--dataset_name, --block_size, --max_train_samples,
 --validation_split_percentage, ...): the cache records a checksum of the tokenized training rows and training
-refuses a cache built on other rows, with another tokenizer or another block size. The layout and the dtype
-choice are described in hf_distill/logit_cache.py. The cache is built in a temporary directory beside the
+refuses a cache built on other rows, with another tokenizer or another block size. Use the training run's
+--temperature too: the teacher's mass outside the top k is stored tempered at it, and training at another
+temperature refuses the cache. The layout and the dtype choice are described in hf_distill/logit_cache.py. The cache is built in a temporary directory beside the
 target and appears only when complete.
 """
 
 from __future__ import annotations
 
+import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +39,17 @@ except ImportError:  # a source checkout, run as `python scripts/cache_teacher_l
 
 from transformers.utils import logging  # noqa: E402
 
+from hf_distill.args import DistillationTrainingArguments  # noqa: E402
 from hf_distill.logit_cache import LOGPROBS_DTYPES, build_logit_cache  # noqa: E402
 from hf_distill.teacher import freeze  # noqa: E402
 
 logger = logging.get_logger("cache_teacher_logits")
 
 DEVICES = ("auto", "cpu", "cuda")
+# The training runs' default --temperature, so that a cache built with defaults serves a run with defaults.
+DEFAULT_TEMPERATURE = next(
+    f.default for f in fields(DistillationTrainingArguments) if f.name == "temperature"
+)
 
 
 @dataclass
@@ -51,10 +58,18 @@ class CacheArguments:
         metadata={"help": "Directory the cache is written to (pass it to --teacher_logits_cache)."}
     )
     top_k: int = field(default=64, metadata={"help": "Teacher tokens kept per position."})
+    temperature: float = field(
+        default=DEFAULT_TEMPERATURE,
+        metadata={
+            "help": "KD temperature of the training runs this cache is for; it must equal their --temperature "
+            f"(default {DEFAULT_TEMPERATURE:g}, as theirs). The teacher's mass outside the top k is stored tempered "
+            "at it, which the top-k loss needs, and training at any other temperature refuses the cache."
+        },
+    )
     logprobs_dtype: str = field(
         default="float32",
         metadata={
-            "help": f"Storage of the log-probabilities, one of {LOGPROBS_DTYPES} (float16 saves 25% of the disk)."
+            "help": f"Storage of the log-probabilities, one of {LOGPROBS_DTYPES} (float16 saves a quarter of the disk)."
         },
     )
     batch_size: int = field(default=8, metadata={"help": "Rows per teacher forward pass."})
@@ -75,6 +90,10 @@ class CacheArguments:
     def __post_init__(self):
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}.")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(
+                f"temperature must be a finite number > 0 (the training run's --temperature), got {self.temperature}."
+            )
         if self.logprobs_dtype not in LOGPROBS_DTYPES:
             raise ValueError(f"logprobs_dtype must be one of {LOGPROBS_DTYPES}, got {self.logprobs_dtype!r}.")
         if self.batch_size < 1:
@@ -109,7 +128,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lm.check_splits(raw, do_train=True, do_eval=False)
     data_format = lm.resolve_data_format(raw, data_args)
     tokenizer, _ = lm.load_tokenizers(teacher_args)
-    block_size = lm.resolve_block_size(data_args, tokenizer)
+    # As in distill_lm.py: never longer than the teacher's position table (lowered with a warning).
+    block_size = lm.resolve_block_size(data_args, tokenizer, lm.position_limit(teacher_args))
     train_dataset = lm.preprocess(raw, data_format, tokenizer, block_size, data_args)["train"]
 
     teacher = freeze(lm.load_teacher(teacher_args), cache_args.teacher_dtype)
@@ -124,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tokenizer=tokenizer,
         teacher_name=teacher_args.teacher_model_name_or_path,
         block_size=block_size,
+        temperature=cache_args.temperature,
         top_k=cache_args.top_k,
         batch_size=cache_args.batch_size,
         logprobs_dtype=cache_args.logprobs_dtype,
@@ -132,7 +153,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         extra_manifest={"data_format": data_format.kind, "teacher_dtype": cache_args.teacher_dtype},
     )
     logger.info(
-        f"Wrote {target}: {manifest['num_rows']} rows, {manifest['num_tokens']} tokens, top {manifest['top_k']}."
+        f"Wrote {target}: {manifest['num_rows']} rows, {manifest['num_tokens']} tokens, top {manifest['top_k']}, "
+        f"for training at --temperature {manifest['tail_temperature']:g}."
     )
     return manifest
 

@@ -41,15 +41,18 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from datasets import Dataset
 from transformers import Trainer, set_seed
 
 try:  # installed package: pip install -e .
     from hf_distill.tasks import common
     from hf_distill.tasks import language_modeling as lm
+    from hf_distill.tasks.generation_limits import shared_vocab_size
 except ImportError:  # a source checkout, run as `python scripts/distill_lm.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tasks import common
     from tasks import language_modeling as lm
+    from tasks.generation_limits import shared_vocab_size
 
 from transformers.utils import logging  # noqa: E402
 
@@ -86,6 +89,31 @@ def check_flags(data_args, seq_kd_args, training_args) -> None:
         raise FileNotFoundError(
             f"--teacher_logits_cache {cache!r} does not exist; build it with scripts/cache_teacher_logits.py."
         )
+
+
+def bound_on_policy_length(
+    train_dataset: Any,
+    block_size: int,
+    max_positions: int | None,
+    training_args: DistillationTrainingArguments,
+) -> None:
+    """Lower --on_policy_max_new_tokens (with a warning) so that the longest training prompt plus the sampled
+    completion fits the position limit of teacher and student (streamed data: a prompt shorter than a block)."""
+    if max_positions is None or block_size - 1 + training_args.on_policy_max_new_tokens <= max_positions:
+        return  # even a prompt of a whole block but one token leaves room: no need to read the data
+    if isinstance(train_dataset, Dataset):
+        prompts = train_dataset.select_columns(["input_ids", "labels"]).with_format(None)
+        longest_prompt = max((len(lm.prompt_ids_of(row)) for row in prompts), default=0)
+    else:
+        longest_prompt = block_size - 1
+    fits = max(1, max_positions - longest_prompt)
+    if training_args.on_policy_max_new_tokens > fits:
+        logger.warning(
+            f"--on_policy_max_new_tokens {training_args.on_policy_max_new_tokens}: the longest training prompt "
+            f"({longest_prompt} tokens) plus that many sampled tokens exceeds the {max_positions} positions of the "
+            f"teacher or student (max_position_embeddings); using {fits}."
+        )
+        training_args.on_policy_max_new_tokens = fits
 
 
 def perplexity(loss: float) -> float:
@@ -191,7 +219,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "give prompt/completion or messages data."
         )
     tokenizer, teacher_tokenizer = lm.load_tokenizers(model_args)
-    block_size = lm.resolve_block_size(data_args, tokenizer)
+    # Lengths never exceed the models' position tables (lowered with a warning, as run_clm.py does).
+    max_positions = lm.position_limit(model_args)
+    block_size = lm.resolve_block_size(data_args, tokenizer, max_positions)
     with training_args.main_process_first(desc="tokenizing"):
         tokenized = lm.preprocess(raw, data_format, tokenizer, block_size, data_args)
     collator = lm.CausalLMCollator(
@@ -204,7 +234,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cache_manifest = None
     if cache and train_dataset is not None:
         train_dataset, cache_manifest = load_logit_cache(
-            cache, train_dataset, tokenizer=tokenizer, block_size=block_size
+            cache,
+            train_dataset,
+            tokenizer=tokenizer,
+            block_size=block_size,
+            temperature=training_args.temperature,
         )
 
     # With a logit cache the teacher is loaded only to build the student from its layers, then released.
@@ -225,7 +259,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 num_beams=seq_kd_args.seq_kd_num_beams,
                 max_new_tokens=seq_kd_args.seq_kd_max_new_tokens,
                 batch_size=seq_kd_args.seq_kd_batch_size,
+                vocab_size=shared_vocab_size(tokenizer, lm.student_vocab_size(model_args, teacher)),
+                overwrite=seq_kd_args.seq_kd_overwrite_cache,
             )
+    if training_args.lmbda > 0 and train_dataset is not None:
+        bound_on_policy_length(train_dataset, block_size, max_positions, training_args)
 
     set_seed(training_args.seed)
     student = lm.make_student(model_args, teacher, tokenizer)

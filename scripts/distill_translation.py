@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     languages = translation.resolve_languages(raw, data_args)
     raw = translation.select_samples(raw, data_args)
     models = translation.load_translation_models(model_args, data_args, languages)
-    translation.set_generation_defaults(training_args, data_args)
+    # Lengths past the models' position tables are lowered with a warning (see the flags' help).
+    translation.bound_lengths(data_args, models.max_positions)
+    translation.set_generation_defaults(training_args, data_args, models.max_positions)
     if training_args.do_eval and not training_args.predict_with_generate:
         logger.warning(
             "--do_eval without --predict_with_generate computes eval_loss only; BLEU, chrF and the distillation "
@@ -121,6 +123,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             models.tokenizer, student, data_args, fp16=training_args.fp16
         ),
         compute_metrics=compute_metrics,
+        # Teacher and student share the one tokenizer the recipe loaded (a padded vocabulary is then accepted).
+        teacher_processing_class=models.tokenizer,
     )
     results: dict[str, Any] = translation.train_evaluate_predict(
         trainer, tokenized, training_args, resume_from_checkpoint=common.resume_checkpoint(training_args)

@@ -44,7 +44,7 @@ from hf_distill.logit_cache import (
     tokenizer_description,
     write_manifest,
 )
-from hf_distill.on_policy import IGNORE_INDEX, generate_completions
+from hf_distill.on_policy import IGNORE_INDEX, generate_completions, prompt_token_lists
 
 from .common import (
     LoadingArguments,
@@ -53,6 +53,14 @@ from .common import (
     build_student,
     load_hub_dataset,
     load_pretrained,
+)
+from .generation_limits import (
+    bound_length,
+    check_token_ids,
+    max_positions,
+    min_positions,
+    model_vocab_size,
+    vocabulary_constraint,
 )
 
 logger = logging.get_logger(__name__)
@@ -145,7 +153,9 @@ class DataArguments:
         default=None,
         metadata={
             "help": "Tokens per training block (raw text), or the maximum length of a prompt/completion row. "
-            f"Default: the tokenizer's maximum length, at most {DEFAULT_BLOCK_SIZE}."
+            f"Default: the tokenizer's maximum length, at most {DEFAULT_BLOCK_SIZE}. Never more than the tokenizer's "
+            "maximum length nor the teacher's or student's position limit (max_position_embeddings, n_positions "
+            "for GPT-2): a larger value is lowered to them, with a warning, as run_clm.py does."
         },
     )
     max_train_samples: int | None = field(
@@ -213,7 +223,12 @@ class SequenceKDArguments:
     )
     seq_kd_num_beams: int = field(default=1, metadata={"help": "Beams of the teacher's search (1 = greedy)."})
     seq_kd_max_new_tokens: int = field(
-        default=128, metadata={"help": "Longest completion the teacher writes."}
+        default=128,
+        metadata={
+            "help": "Longest completion the teacher writes. Where a batch's longest prompt plus this exceeds the "
+            "teacher's position limit (max_position_embeddings, n_positions for GPT-2), that batch's completions "
+            "stop at the limit, with a warning. The teacher only writes ids the student and tokenizer share."
+        },
     )
     seq_kd_batch_size: int = field(default=8, metadata={"help": "Prompts per generation batch."})
     seq_kd_cache_dir: str | None = field(
@@ -221,6 +236,13 @@ class SequenceKDArguments:
         metadata={
             "help": "Where the teacher's completions are cached (default <output_dir>/seq_kd_cache). A cache built "
             "from other prompts, teacher or settings is rebuilt."
+        },
+    )
+    seq_kd_overwrite_cache: bool = field(
+        default=False,
+        metadata={
+            "help": "Regenerate the cache even when its manifest matches this run (e.g. it holds token ids the "
+            "student cannot read, which a run refuses)."
         },
     )
 
@@ -294,7 +316,13 @@ class LMReportArguments(ReportArguments):
         default=16,
         metadata={"help": "Raw-text data: the first N tokens of a validation block make a report prompt."},
     )
-    report_max_new_tokens: int = field(default=32, metadata={"help": "Tokens generated per report prompt."})
+    report_max_new_tokens: int = field(
+        default=32,
+        metadata={
+            "help": "Tokens generated per report prompt; fewer, with a warning, where the prompt plus these exceed "
+            "the model's position limit (max_position_embeddings, n_positions for GPT-2)."
+        },
+    )
 
 
 # --------------------------------------------------------------------------------------------- raw data
@@ -421,8 +449,11 @@ def check_splits(raw: Mapping[str, Any], do_train: bool, do_eval: bool) -> None:
 
 
 # --------------------------------------------------------------------------------------------- tokenization
-def resolve_block_size(data_args: DataArguments, tokenizer: PreTrainedTokenizerBase) -> int:
-    """--block_size, or the tokenizer's maximum length capped at 1024; never more than the tokenizer's maximum."""
+def resolve_block_size(
+    data_args: DataArguments, tokenizer: PreTrainedTokenizerBase, max_positions: int | None = None
+) -> int:
+    """--block_size, or the tokenizer's maximum length capped at 1024; never more than the tokenizer's maximum,
+    nor than `max_positions` (the models' position limit, `position_limit`), each with a warning."""
     model_max = tokenizer.model_max_length
     if data_args.block_size is None:
         if model_max > DEFAULT_BLOCK_SIZE:
@@ -430,13 +461,26 @@ def resolve_block_size(data_args: DataArguments, tokenizer: PreTrainedTokenizerB
                 f"The tokenizer allows {model_max} tokens; using a block size of {DEFAULT_BLOCK_SIZE}. Pass "
                 "--block_size for another value."
             )
-        return min(DEFAULT_BLOCK_SIZE, model_max)
-    if data_args.block_size > model_max:
+        block_size = min(DEFAULT_BLOCK_SIZE, model_max)
+    elif data_args.block_size > model_max:
         logger.warning(
             f"--block_size {data_args.block_size} exceeds the tokenizer's maximum length ({model_max}); using {model_max}."
         )
-        return model_max
-    return data_args.block_size
+        block_size = model_max
+    else:
+        block_size = data_args.block_size
+    return bound_length(block_size, max_positions, "--block_size", "the teacher or student")
+
+
+def position_limit(model_args: LMModelArguments | TeacherArguments) -> int | None:
+    """The fewest positions the teacher's and the student's configs allow (max_position_embeddings, n_positions
+    for GPT-2); None when neither declares a limit. Read from the configs alone, before any weights load."""
+    teacher_path = model_args.teacher_model_name_or_path
+    configs = [load_pretrained(AutoConfig, teacher_path, role="teacher", loading_args=model_args)]
+    student_path = getattr(model_args, "student_model_name_or_path", None)
+    if student_path is not None:
+        configs.append(load_pretrained(AutoConfig, student_path, role="student", loading_args=model_args))
+    return min_positions(*configs)
 
 
 def pack_into_blocks(token_lists: Iterable[Sequence[int]], block_size: int) -> list[list[int]]:
@@ -723,7 +767,8 @@ def _load_tokenizer(name_or_path: str, role: str, loading_args: LoadingArguments
 def load_tokenizers(
     model_args: LMModelArguments | TeacherArguments,
 ) -> tuple[PreTrainedTokenizerBase, PreTrainedTokenizerBase | None]:
-    """(the run's tokenizer, the teacher's tokenizer when it comes from elsewhere, else None).
+    """(the run's tokenizer, the teacher's tokenizer: the same object when both come from one place, None when the
+    teacher directory holds none and none was named).
 
     The run's tokenizer is --tokenizer_name, else the student directory's, else the teacher's. The teacher's is
     --teacher_tokenizer_name, else the teacher directory's. Different vocabularies raise here, before training.
@@ -744,7 +789,7 @@ def load_tokenizers(
             "--teacher_tokenizer_name) with the tokenizer teacher and student share."
         )
     tokenizer = _load_tokenizer(run_source, "tokenizer", model_args)
-    teacher_tokenizer = None
+    teacher_tokenizer = tokenizer if teacher_source == run_source else None
     if teacher_source is not None and teacher_source != run_source:
         teacher_tokenizer = _load_tokenizer(teacher_source, "teacher tokenizer", model_args)
         try:
@@ -783,6 +828,17 @@ def check_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
             f"the {role} has {vocab} vocabulary rows but the tokenizer has {len(tokenizer)} tokens: they do not "
             "belong together. Teacher and student must share one tokenizer."
         )
+
+
+def student_vocab_size(model_args: LMModelArguments, teacher: PreTrainedModel) -> int:
+    """The student's vocabulary rows, known before it is built: its config's, or the teacher's when the student
+    is built from the teacher's layers."""
+    if model_args.student_model_name_or_path is None:
+        return model_vocab_size(teacher)
+    config = load_pretrained(
+        AutoConfig, model_args.student_model_name_or_path, role="student", loading_args=model_args
+    )
+    return model_vocab_size(config)
 
 
 def make_student(
@@ -863,15 +919,25 @@ def sequence_kd_dataset(
     num_beams: int = 1,
     max_new_tokens: int = 128,
     batch_size: int = 8,
+    vocab_size: int | None = None,
+    overwrite: bool = False,
 ) -> Dataset:
     """The training rows with their completions replaced by the teacher's (greedy, or beam search), cut to
     `block_size`; labels -100 on the prompt as before.
 
+    vocab_size: the ids the student and tokenizer share (`generation_limits.shared_vocab_size`; default
+    len(tokenizer)). The teacher never writes an id at or past it (a teacher whose embedding is padded past the
+    tokenizer could otherwise), and a cache holding one is refused. A batch whose longest prompt plus
+    `max_new_tokens` exceeds the teacher's position limit gets only as many new tokens as fit, with a warning.
+
     Generated once and cached in `cache_dir` with a manifest (teacher, tokenizer, prompts, settings); the cache
-    is used only when complete and built from the same inputs, and is rebuilt otherwise.
+    is used only when complete and built from the same inputs, and is rebuilt otherwise (always with
+    `overwrite`).
     """
     from hf_distill import __version__
 
+    if vocab_size is None:
+        vocab_size = len(tokenizer)
     expected = {
         "kind": "seq_kd_completions",
         "hf_distill_version": __version__,
@@ -883,9 +949,12 @@ def sequence_kd_dataset(
         "num_beams": num_beams,
         "max_new_tokens": max_new_tokens,
         "block_size": block_size,
+        "vocab_size": vocab_size,
     }
     cache_dir = Path(cache_dir)
-    if cache_dir.exists():
+    if cache_dir.exists() and overwrite:
+        logger.warning(f"--seq_kd_overwrite_cache is set: rebuilding the sequence-KD cache {cache_dir}.")
+    elif cache_dir.exists():
         try:
             manifest = read_manifest(cache_dir, what="sequence-KD cache")
             stale = {key: value for key, value in expected.items() if manifest.get(key) != value}
@@ -893,26 +962,43 @@ def sequence_kd_dataset(
             stale = {"complete": str(error)}
         if not stale:
             logger.info(f"Using the teacher's completions cached in {cache_dir}.")
-            return load_from_disk(str(cache_dir / SEQ_KD_DATA_DIR))
+            return _checked_seq_kd_data(cache_dir, vocab_size)
         logger.warning(
             f"Rebuilding the sequence-KD cache {cache_dir}: it differs from this run in {sorted(stale)}."
         )
 
     collator = CausalLMCollator(tokenizer.pad_token_id)
     device = next(teacher.parameters()).device
+    # Ids the student cannot read are never chosen; lengths stay inside the teacher's position table.
+    constraint = vocabulary_constraint(teacher, vocab_size)
+    teacher_positions = max_positions(teacher.config)
+    cut_for_positions = False
     rows: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
     source = train_dataset.select_columns(["input_ids", "attention_mask", "labels"]).with_format(None)
     for start in range(0, len(source), batch_size):
         batch = collator([source[i] for i in range(start, min(start + batch_size, len(source)))])
         batch = {key: value.to(device) for key, value in batch.items()}
+        batch_new_tokens = max_new_tokens
+        if teacher_positions is not None:
+            longest_prompt = max(prompt.numel() for prompt in prompt_token_lists(batch))
+            # Prompts shorter than block_size <= the limit (tokenization drops the others): at least 1 new token.
+            batch_new_tokens = max(1, min(max_new_tokens, teacher_positions - longest_prompt))
+            if batch_new_tokens < max_new_tokens and not cut_for_positions:
+                cut_for_positions = True
+                logger.warning(
+                    f"--seq_kd_max_new_tokens {max_new_tokens}: prompts of {longest_prompt} tokens plus that many "
+                    f"new tokens exceed the teacher's {teacher_positions} positions (max_position_embeddings); "
+                    f"the completions of such batches stop at the limit ({batch_new_tokens} new tokens here)."
+                )
         generated = generate_completions(
             teacher,
             batch,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=batch_new_tokens,
             do_sample=False,
             num_beams=num_beams,
+            **constraint,
         )
         for input_ids, mask, labels in zip(
             *(generated[key].cpu() for key in ("input_ids", "attention_mask", "labels"))
@@ -931,7 +1017,24 @@ def sequence_kd_dataset(
         dataset.save_to_disk(str(temporary / SEQ_KD_DATA_DIR))
         write_manifest(temporary, {**expected, "num_rows": len(dataset)})
     logger.info(f"Cached {len(dataset)} teacher completions in {cache_dir}.")
-    return load_from_disk(str(cache_dir / SEQ_KD_DATA_DIR))
+    return _checked_seq_kd_data(cache_dir, vocab_size)
+
+
+def _checked_seq_kd_data(cache_dir: Path, vocab_size: int) -> Dataset:
+    """The cached rows, refused (ValueError) when one holds a token id the student cannot read."""
+    import pyarrow.compute as pc
+
+    dataset = load_from_disk(str(cache_dir / SEQ_KD_DATA_DIR))
+    bounds = pc.min_max(pc.list_flatten(dataset.data.column("input_ids"))).as_py()  # one pass, in Arrow
+    if bounds["min"] is not None and (bounds["min"] < 0 or bounds["max"] >= vocab_size):
+        check_token_ids(
+            dataset.with_format(None)["input_ids"],
+            vocab_size,
+            what=f"the sequence-KD cache {cache_dir}",
+            fix="It was written by a teacher whose generation was not restricted to that vocabulary; rebuild it "
+            "with --seq_kd_overwrite_cache (or delete the directory).",
+        )
+    return dataset
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -955,23 +1058,43 @@ def report_prompts(
 def greedy_generations(
     model: Any, prompts: Sequence[Sequence[int]], tokenizer: PreTrainedTokenizerBase, max_new_tokens: int
 ) -> list[str]:
-    """The greedy continuation of each prompt, decoded without special tokens (one prompt at a time: no padding)."""
+    """The greedy continuation of each prompt, decoded without special tokens (one prompt at a time: no padding).
+
+    Only ids the tokenizer can decode are generated (a model padded past the tokenizer could pick others), and a
+    prompt plus its continuation stays inside the model's position limit (fewer new tokens, with a warning)."""
     device = next(model.parameters()).device
+    constraint = vocabulary_constraint(model, len(tokenizer))
+    positions = max_positions(getattr(model, "config", None))
     was_training = model.training
     model.eval()
     texts = []
+    warned = False
     try:
         with torch.no_grad():
             for prompt in prompts:
+                new_tokens = max_new_tokens
+                if positions is not None and len(prompt) + max_new_tokens > positions:
+                    new_tokens = positions - len(prompt)
+                    if not warned:
+                        warned = True
+                        logger.warning(
+                            f"--report_max_new_tokens {max_new_tokens}: a report prompt of {len(prompt)} tokens "
+                            f"plus that many tokens exceeds the model's {positions} positions; generating "
+                            f"{max(new_tokens, 0)} tokens for it."
+                        )
+                    if new_tokens < 1:
+                        texts.append("")
+                        continue
                 input_ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
                 output = model.generate(
                     input_ids=input_ids,
                     attention_mask=torch.ones_like(input_ids),
                     do_sample=False,
                     num_beams=1,
-                    max_new_tokens=max_new_tokens,
+                    max_new_tokens=new_tokens,
                     pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id,
+                    **constraint,
                 )
                 texts.append(tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True))
     finally:

@@ -14,8 +14,8 @@ leaves an orphaned `.tmp-*` or `data-*` directory that no manifest points at, wh
 by the next write.
 
 A cache is used only when its manifest matches the run exactly (teacher and a fingerprint of its weights,
-tokenizer, languages, prefix, source truncation, beam size, maximum length, forced BOS token, number of
-examples and a checksum of the source texts). Policy:
+tokenizer, languages, prefix, source truncation, beam size, maximum length, forced BOS token, the vocabulary
+generation was restricted to, number of examples and a checksum of the source texts). Policy:
 
 - missing: built.
 - partial (no manifest, an unreadable one, or data that does not match it): ignored, rebuilt.
@@ -43,6 +43,8 @@ from typing import Any
 import torch
 from datasets import Dataset, load_from_disk
 from transformers.utils import logging
+
+from .generation_limits import vocabulary_constraint
 
 logger = logging.get_logger(__name__)
 
@@ -75,7 +77,8 @@ class SeqKDArguments:
         default=None,
         metadata={
             "help": "Maximum length in tokens of the teacher's translations, decoder start token included. "
-            "Default: --max_target_length."
+            "Default: --max_target_length. Lowered, with a warning, to the teacher's position limit "
+            "(max_position_embeddings) when above it. The teacher only writes ids the student and tokenizer share."
         },
     )
     seq_kd_batch_size: int = field(
@@ -152,8 +155,13 @@ def cache_identity(
     max_length: int,
     forced_bos_token: str | None,
     sources: Sequence[str],
+    vocab_size: int | None = None,
 ) -> dict[str, Any]:
-    """The manifest entries that must match for a cache to be reused."""
+    """The manifest entries that must match for a cache to be reused.
+
+    vocab_size: the ids the teacher's generation was restricted to (those student and tokenizer share). Caches
+    written before that restriction have no such entry and are rebuilt.
+    """
     return {
         "format_version": FORMAT_VERSION,
         "teacher": teacher,
@@ -166,6 +174,7 @@ def cache_identity(
         "num_beams": num_beams,
         "max_length": max_length,
         "forced_bos_token": forced_bos_token,
+        "vocab_size": vocab_size,
         "num_examples": len(sources),
         "sources_sha256": source_checksum(sources),
     }
@@ -352,17 +361,21 @@ def translate_with_teacher(
     batch_size: int = 32,
     forced_bos_token_id: int | None = None,
     device: torch.device | str | None = None,
+    vocab_size: int | None = None,
 ) -> list[str]:
     """Beam-search translations of `sources` by `teacher`, decoded without special tokens, in input order.
 
     Sources are processed longest first, so that batches hold sentences of similar length (less padding)
-    and an out-of-memory error shows up in the first batch rather than hours in.
+    and an out-of-memory error shows up in the first batch rather than hours in. With `vocab_size` (the ids
+    student and tokenizer share), a teacher whose vocabulary is padded past it never generates the padded ids,
+    which the tokenizer cannot decode and the student cannot read.
     """
     device = torch.device(device) if device is not None else next(teacher.parameters()).device
     prefix = source_prefix or ""
     order = sorted(range(len(sources)), key=lambda index: len(sources[index]), reverse=True)
     translations: list[str | None] = [None] * len(sources)
     generate_kwargs: dict[str, Any] = {"num_beams": num_beams, "max_length": max_length, "do_sample": False}
+    generate_kwargs.update(vocabulary_constraint(teacher, vocab_size))
     if forced_bos_token_id is not None:
         generate_kwargs["forced_bos_token_id"] = forced_bos_token_id
     was_training = teacher.training

@@ -40,6 +40,13 @@ from .common import (
     load_hub_dataset,
     load_pretrained,
 )
+from .generation_limits import (
+    bound_length,
+    max_positions,
+    min_positions,
+    model_vocab_size,
+    shared_vocab_size,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -97,19 +104,25 @@ class DataArguments:
     )
     max_source_length: int = field(
         default=1024,
-        metadata={"help": "Source tokens per example after tokenization; longer ones are truncated."},
+        metadata={
+            "help": "Source tokens per example after tokenization; longer ones are truncated. Lowered, with a "
+            "warning, to the teacher's or student's position limit (max_position_embeddings) when above it."
+        },
     )
     max_target_length: int = field(
         default=128,
         metadata={
-            "help": "Target tokens per training example after tokenization; longer ones are truncated."
+            "help": "Target tokens per training example after tokenization; longer ones are truncated. Lowered, "
+            "with a warning, to the teacher's or student's position limit (max_position_embeddings) when above it."
         },
     )
     val_max_target_length: int | None = field(
         default=None,
         metadata={
             "help": "Target tokens per evaluation example; also the default of --generation_max_length. "
-            "Default: max_target_length."
+            "Default: max_target_length. This and --generation_max_length are lowered, with a warning, to the "
+            "teacher's or student's position limit (max_position_embeddings) when above it, so that the default "
+            "lengths work with any model."
         },
     )
     pad_to_max_length: bool = field(
@@ -535,6 +548,10 @@ class TranslationModels:
         [], PreTrainedModel
     ]  # a fresh student each call (same initialisation under a seed)
     forced_bos_token_id: int | None = None
+    # The fewest positions teacher and student hold (max_position_embeddings); None when neither has a limit (T5).
+    max_positions: int | None = None
+    # Ids the student and the tokenizer share: min(len(tokenizer), the student's vocab_size).
+    vocab_size: int | None = None
 
 
 def load_translation_models(
@@ -612,7 +629,16 @@ def load_translation_models(
             )
         return student
 
-    return TranslationModels(teacher, tokenizer, make_student, forced_bos_token_id)
+    # A student built from the teacher keeps the teacher's vocabulary and position table.
+    student_or_teacher = student_config if student_config is not None else teacher_config
+    return TranslationModels(
+        teacher,
+        tokenizer,
+        make_student,
+        forced_bos_token_id,
+        max_positions=min_positions(teacher_config, student_config),
+        vocab_size=shared_vocab_size(tokenizer, model_vocab_size(student_or_teacher)),
+    )
 
 
 def _configure_generation(
@@ -696,7 +722,13 @@ def build_seq_kd_train_dataset(
     (seq_kd_mix=concat)."""
     pairs = project_pairs(train, languages)
     sources = [pair[languages.source_key] for pair in pairs[TRANSLATION_COLUMN]]
-    max_length = seq_kd_args.seq_kd_max_length or data_args.max_target_length
+    # The teacher writes at most as many tokens as its position table holds (lowered with a warning).
+    max_length = bound_length(
+        seq_kd_args.seq_kd_max_length or data_args.max_target_length,
+        max_positions(models.teacher.config),
+        "--seq_kd_max_length",
+        "the teacher",
+    )
     identity = seq_kd_cache.cache_identity(
         teacher=model_args.teacher_model_name_or_path,
         teacher_fingerprint=seq_kd_cache.model_fingerprint(models.teacher),
@@ -709,6 +741,7 @@ def build_seq_kd_train_dataset(
         max_length=max_length,
         forced_bos_token=data_args.forced_bos_token,
         sources=sources,
+        vocab_size=models.vocab_size,
     )
 
     def translate(texts: Sequence[str]) -> list[str]:
@@ -726,6 +759,7 @@ def build_seq_kd_train_dataset(
                 max_length=max_length,
                 batch_size=seq_kd_args.seq_kd_batch_size,
                 forced_bos_token_id=models.forced_bos_token_id,
+                vocab_size=models.vocab_size,
             )
         finally:
             teacher.to(original_device)
@@ -779,10 +813,27 @@ def train_evaluate_predict(
     return results
 
 
-def set_generation_defaults(training_args: Any, data_args: DataArguments) -> None:
+def bound_lengths(data_args: DataArguments, limit: int | None) -> None:
+    """Lower --max_source_length, --max_target_length and --val_max_target_length to `limit` (the models'
+    position limit, `TranslationModels.max_positions`), with a warning naming each flag lowered.
+
+    Longer sequences would index past the position embeddings (IndexError in the middle of training or
+    evaluation). Lowering rather than failing keeps run_translation.py's defaults (1024 / 128) usable with any
+    model, as run_clm.py does for --block_size."""
+    for flag in ("max_source_length", "max_target_length", "val_max_target_length"):
+        value = getattr(data_args, flag)
+        if value is not None:
+            setattr(data_args, flag, bound_length(value, limit, f"--{flag}", "the teacher or student"))
+
+
+def set_generation_defaults(training_args: Any, data_args: DataArguments, limit: int | None = None) -> None:
     """As run_translation.py: evaluation generates up to --val_max_target_length tokens unless
-    --generation_max_length says otherwise, and --num_beams overrides --generation_num_beams."""
+    --generation_max_length says otherwise, and --num_beams overrides --generation_num_beams. A
+    --generation_max_length above `limit` (the models' position limit) is lowered to it, with a warning."""
     if training_args.generation_max_length is None:
         training_args.generation_max_length = data_args.val_max_target_length
+    training_args.generation_max_length = bound_length(
+        training_args.generation_max_length, limit, "--generation_max_length", "the teacher or student"
+    )
     if data_args.num_beams is not None:
         training_args.generation_num_beams = data_args.num_beams

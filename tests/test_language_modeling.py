@@ -4,10 +4,12 @@ models and files in tmp_path."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import math
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from conftest import WORDS
 from datasets import Dataset
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.testing_utils import CaptureLogger
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments
 from hf_distill.on_policy import generate_completions, prompt_token_lists, student_completions
@@ -35,6 +38,7 @@ def _load_script(name: str):
 
 distill_lm = _load_script("distill_lm")
 lm = distill_lm.lm  # hf_distill.tasks.language_modeling when installed, tasks.language_modeling in a checkout
+generation_limits = importlib.import_module(f"{lm.__package__}.generation_limits")
 
 
 @pytest.fixture(autouse=True)
@@ -782,3 +786,131 @@ def test_streaming_text_data(tmp_path, lm_tokenizer):
     results = distill_lm.main(base + ["--max_eval_samples", "3"] + run_flags(tmp_path / "out", max_steps=2))
     assert results["eval"]["eval_samples"] == 3
     assert math.isfinite(results["eval"]["perplexity"])
+
+
+# --------------------------------------------------------------------------------------------- generation limits
+def _padded_teacher(tokenizer, extra_rows: int = 64) -> LlamaForCausalLM:
+    """A Llama teacher whose embedding and LM head have `extra_rows` rows past the tokenizer, and whose head makes
+    those rows the most likely at every position: rows +-1000 * e_j give the logit 1000 * max_j |h_j| to the best
+    padded id, far above any real token's (|h . w| <= ||h|| * ||w|| with init-scale w)."""
+    shared = len(tokenizer)
+    model = tiny_llama(shared + extra_rows, tokenizer=tokenizer, seed=5)
+    hidden = model.config.hidden_size
+    assert extra_rows == 2 * hidden
+    with torch.no_grad():
+        model.lm_head.weight[shared : shared + hidden] = 1000 * torch.eye(hidden)
+        model.lm_head.weight[shared + hidden :] = -1000 * torch.eye(hidden)
+    return model.eval()
+
+
+def _reference_restricted_greedy(model, prompt: list[int], vocab_size: int, max_new_tokens: int, eos: int):
+    """Greedy decoding written out: a full forward pass per step, argmax over the first `vocab_size` logits."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = model(torch.tensor([ids])).logits[0, -1].double()
+            ids.append(int(logits[:vocab_size].argmax()))
+            if ids[-1] == eos:
+                break
+    return ids[len(prompt) :]
+
+
+def test_seq_kd_with_a_padded_teacher_stays_in_the_shared_vocabulary(
+    tmp_path, lm_tokenizer, prompt_completion_files
+):
+    shared = len(lm_tokenizer)
+    teacher_model = _padded_teacher(lm_tokenizer)
+    teacher = save_model(tmp_path / "teacher", teacher_model, lm_tokenizer)
+    # The student has exactly the tokenizer's rows: an id >= shared would fail in its embedding.
+    student = save_model(tmp_path / "student", tiny_llama(shared, layers=1, tokenizer=lm_tokenizer, seed=1))
+    train, _ = prompt_completion_files
+    rows = [json.loads(line) for line in Path(train).read_text().splitlines()]
+    prompts = [lm_tokenizer(row["prompt"])["input_ids"] for row in rows]
+    # Precondition: left alone, the teacher writes nothing but padded ids.
+    unconstrained = teacher_model.generate(
+        input_ids=torch.tensor([prompts[0]]), do_sample=False, max_new_tokens=4, pad_token_id=0
+    )[0, len(prompts[0]) :]
+    assert (unconstrained >= shared).all()
+
+    cache = tmp_path / "seq_kd"
+    argv = [
+        "--teacher_model_name_or_path", teacher, "--student_model_name_or_path", student, "--train_file", train,
+        "--validation_split_percentage", "0", "--block_size", "24", "--do_train", "--seq_kd",
+        "--seq_kd_max_new_tokens", "4", "--seq_kd_batch_size", "5", "--seq_kd_cache_dir", str(cache),
+    ] + run_flags(tmp_path / "out", max_steps=1)  # fmt: skip
+    distill_lm.main(argv)  # trains a step on the cached completions
+
+    cached = Dataset.load_from_disk(str(cache / "data"))
+    assert len(cached) == len(prompts)
+    assert max(max(row) for row in cached["input_ids"]) < shared
+    assert json.loads((cache / "manifest.json").read_text())["vocab_size"] == shared
+    eos = lm_tokenizer.eos_token_id
+    for row, prompt in zip(cached, prompts):
+        # What the teacher writes when the padded ids do not exist (batched, left-padded generation).
+        expected = _reference_restricted_greedy(teacher_model, prompt, shared, 4, eos)
+        assert _completion(row) == expected
+    history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    assert any("loss" in entry and math.isfinite(entry["loss"]) for entry in history)
+
+    # A cache whose manifest matches but which holds an id the student cannot read is refused, naming the fix.
+    tampered = cached.map(
+        lambda row, index: {"input_ids": row["input_ids"][:-1] + [shared + 3]} if index == 2 else {},
+        with_indices=True,
+    )
+    tampered.save_to_disk(str(tmp_path / "tampered"))
+    shutil.rmtree(cache / "data")
+    shutil.move(str(tmp_path / "tampered"), str(cache / "data"))
+    with pytest.raises(ValueError, match=rf"token id {shared + 3} \(row 2\).*--seq_kd_overwrite_cache"):
+        distill_lm.main(argv)
+    # The flag it names rebuilds the cache, and the run trains.
+    distill_lm.main(argv + ["--seq_kd_overwrite_cache"])
+    assert max(max(row) for row in Dataset.load_from_disk(str(cache / "data"))["input_ids"]) < shared
+
+
+def test_shared_vocabulary_logits_processor_masks_and_renormalises():
+    torch.manual_seed(0)
+    processor = generation_limits.SharedVocabularyLogitsProcessor(5)
+    scores = torch.randn(3, 8)
+    masked = processor(torch.zeros(3, 1, dtype=torch.long), scores)
+    assert torch.isneginf(masked[:, 5:]).all()
+    # log p(token | token < 5), written out in float64
+    shared = scores[:, :5].double()
+    expected = shared - shared.exp().sum(dim=-1, keepdim=True).log()
+    assert torch.allclose(masked[:, :5].double(), expected, atol=1e-6)
+    # The same from log-probabilities over the whole vocabulary (what beam search hands the processors).
+    from_logprobs = processor(None, scores.log_softmax(dim=-1))
+    assert torch.allclose(from_logprobs[:, :5].double(), expected, atol=1e-6)
+    assert torch.equal(processor(None, scores[:, :5]), scores[:, :5])  # a vocabulary within the limit
+
+
+def test_lengths_are_bounded_by_a_gpt2_position_table(tmp_path, lm_tokenizer, prompt_completion_files):
+    # GPT-2 has a learned table of n_positions rows: any longer sequence fails with IndexError. Every length left
+    # at its default here exceeds it: block size (the tokenizer allows 128), --seq_kd_max_new_tokens (128),
+    # --on_policy_max_new_tokens (64) and --report_max_new_tokens (32).
+    positions = 20
+    config = GPT2Config(
+        vocab_size=len(lm_tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=positions, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=2, eos_token_id=3, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    teacher_model = GPT2LMHeadModel(config)
+    with torch.no_grad():
+        teacher_model.lm_head.weight[lm_tokenizer.eos_token_id] = 0.0  # rarely stops: lengths reach the limit
+    teacher = save_model(tmp_path / "teacher", teacher_model, lm_tokenizer)
+    train, valid = prompt_completion_files
+    out = tmp_path / "out"
+    argv = [
+        "--teacher_model_name_or_path", teacher, "--student_num_layers", "1", "--train_file", train,
+        "--validation_file", valid, "--do_train", "--do_eval", "--seq_kd", "--lmbda", "0.5",
+        "--seq_kd_cache_dir", str(tmp_path / "seq_kd"),
+    ] + run_flags(out, max_steps=2) + ["--report_max_new_tokens", "32"]  # fmt: skip
+    with CaptureLogger(generation_limits.logger) as limits_log, CaptureLogger(lm.logger) as lm_log:
+        with CaptureLogger(distill_lm.logger) as script_log:
+            results = distill_lm.main(argv)
+    assert f"--block_size 128 exceeds the {positions} positions" in limits_log.out
+    assert "--seq_kd_max_new_tokens 128" in lm_log.out and f"teacher's {positions} positions" in lm_log.out
+    assert "--on_policy_max_new_tokens 64" in script_log.out
+    assert "--report_max_new_tokens 32" in lm_log.out
+    cached = Dataset.load_from_disk(str(tmp_path / "seq_kd" / "data"))
+    assert max(len(row) for row in cached["input_ids"]) <= positions
+    assert math.isfinite(results["eval"]["perplexity"]) and len(results["report"]["generations"]) == 2

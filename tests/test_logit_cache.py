@@ -73,34 +73,47 @@ def rows_dataset(lengths: list[int], vocab: int, seed: int = 0) -> Dataset:
     return Dataset.from_dict({"input_ids": rows, "labels": rows})
 
 
-def reference_topk(teacher, input_ids: list[int], k: int, vocab: int):
+def reference_topk(teacher, input_ids: list[int], k: int, vocab: int, temperature: float = 1.0):
     """The teacher's top-k log-probabilities and token ids for one unpadded row, straight from its logits, and
-    the log of the remaining mass, summed in float64 over the other tokens' probabilities."""
+    the log of the remaining mass tempered at `temperature`, sum over the other tokens of p ** (1 / T), summed in
+    float64 over their probabilities (at T = 1 their plain mass)."""
     with torch.no_grad():
         logits = teacher(torch.tensor([input_ids])).logits[0, :, :vocab]  # (T, vocab)
     log_probs = torch.log_softmax(logits.double(), dim=-1)
     values, indices = torch.topk(log_probs, k, dim=-1)
     others = torch.ones_like(log_probs, dtype=torch.bool).scatter(-1, indices, False)
-    tail = torch.where(others, log_probs.exp(), 0.0).sum(-1).log()
+    tail = torch.where(others, log_probs.exp() ** (1.0 / temperature), 0.0).sum(-1).log()
     return values.float(), indices, tail
 
 
 def build(teacher, dataset, path, tokenizer, **options):
-    values = dict(tokenizer=tokenizer, teacher_name="tiny-teacher", block_size=16, top_k=5, batch_size=3)
+    values = dict(
+        tokenizer=tokenizer,
+        teacher_name="tiny-teacher",
+        block_size=16,
+        top_k=5,
+        batch_size=3,
+        temperature=2.0,
+    )
     values.update(options)
     return build_logit_cache(teacher, dataset, path, **values)
 
 
 # --------------------------------------------------------------------------------------------- round trip
-@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("float16", 2e-2)])
-def test_cached_topk_equals_the_teachers_topk(tmp_path, lm_tokenizer, dtype, tolerance):
+@pytest.mark.parametrize(
+    "dtype, tolerance, temperature", [("float32", 1e-5, 2.0), ("float16", 2e-2, 2.0), ("float32", 1e-5, 0.5)]
+)
+def test_cached_topk_equals_the_teachers_topk(tmp_path, lm_tokenizer, dtype, tolerance, temperature):
     vocab = len(lm_tokenizer)
     teacher = tiny_llama(vocab)
     # Rows of different lengths are padded together in batches of 3; padding must not change any row.
     dataset = rows_dataset([16, 9, 16, 4, 12, 16, 7], vocab)
-    manifest = build(teacher, dataset, tmp_path / "cache", lm_tokenizer, logprobs_dtype=dtype)
+    manifest = build(
+        teacher, dataset, tmp_path / "cache", lm_tokenizer, logprobs_dtype=dtype, temperature=temperature
+    )
     assert manifest["num_rows"] == 7 and manifest["num_tokens"] == 16 + 9 + 16 + 4 + 12 + 16 + 7
     assert manifest["logprobs_dtype"] == dtype and manifest["top_k"] == 5
+    assert manifest["format_version"] == 3 and manifest["tail_temperature"] == temperature
 
     cached, _ = load_logit_cache(tmp_path / "cache", dataset, tokenizer=lm_tokenizer, block_size=16)
     assert cached.column_names == ["input_ids", "labels", LOGPROBS_COLUMN, INDICES_COLUMN, TAIL_COLUMN]
@@ -113,7 +126,7 @@ def test_cached_topk_equals_the_teachers_topk(tmp_path, lm_tokenizer, dtype, tol
         values = np.asarray(row[LOGPROBS_COLUMN]).reshape(length, 5)
         indices = np.asarray(row[INDICES_COLUMN]).reshape(length, 5)
         expected_values, expected_indices, expected_tail = reference_topk(
-            teacher, dataset[i]["input_ids"], 5, vocab
+            teacher, dataset[i]["input_ids"], 5, vocab, temperature
         )
         # Position t holds the distribution over token t + 1: the teacher's logits[:, t].
         np.testing.assert_array_equal(indices, expected_indices.numpy())
@@ -129,7 +142,8 @@ def test_stored_remaining_mass_is_exact_where_deriving_it_from_the_top_k_is_not(
     with torch.no_grad():
         teacher.lm_head.weight.mul_(300.0)
     dataset = rows_dataset([16, 9], vocab)
-    build(teacher, dataset, tmp_path / "cache", lm_tokenizer, logprobs_dtype="float16")
+    # at temperature 1 the stored tail is the plain mass, comparable with 1 - sum(exp(top k))
+    build(teacher, dataset, tmp_path / "cache", lm_tokenizer, logprobs_dtype="float16", temperature=1.0)
     cached, _ = load_logit_cache(tmp_path / "cache", dataset, tokenizer=lm_tokenizer, block_size=16)
     for i in range(len(dataset)):
         _, _, expected_tail = reference_topk(teacher, dataset[i]["input_ids"], 5, vocab)
@@ -158,12 +172,12 @@ def test_padded_teacher_vocabulary_is_cut_to_the_tokenizer(tmp_path, lm_tokenize
     indices = np.asarray(cached[0][INDICES_COLUMN]).reshape(8, 5)
     values = np.asarray(cached[0][LOGPROBS_COLUMN]).reshape(8, 5)
     expected_values, expected_indices, expected_tail = reference_topk(
-        teacher, dataset[0]["input_ids"], 5, vocab
+        teacher, dataset[0]["input_ids"], 5, vocab, manifest["tail_temperature"]
     )
     assert indices.max() < vocab
     np.testing.assert_array_equal(indices, expected_indices.numpy())
     np.testing.assert_allclose(values, expected_values.numpy(), atol=1e-5)
-    # the remaining mass is over the tokenizer's vocabulary too: top k plus the rest sum to 1 without the padding
+    # the remaining mass is over the tokenizer's vocabulary too: the padded rows count in neither bucket
     np.testing.assert_allclose(np.asarray(cached[0][TAIL_COLUMN]), expected_tail.numpy(), atol=1e-5)
 
 
@@ -266,13 +280,61 @@ def test_a_cache_of_format_1_without_the_remaining_mass_still_loads(built_cache,
     old_data.save_to_disk(str(cache / "data_v1"))
     shutil.rmtree(cache / "data")
     (cache / "data_v1").rename(cache / "data")
-    logit_cache.write_manifest(cache, dict(manifest, format_version=1))
-    cached, _ = load_logit_cache(cache, dataset, tokenizer=lm_tokenizer, block_size=16)
+    old_manifest = {key: value for key, value in manifest.items() if key != "tail_temperature"}
+    logit_cache.write_manifest(cache, dict(old_manifest, format_version=1))
+    cached, _ = load_logit_cache(cache, dataset, tokenizer=lm_tokenizer, block_size=16, temperature=1.0)
     assert TAIL_COLUMN not in cached.column_names and LOGPROBS_COLUMN in cached.column_names
+    # the loss derives its remaining mass from the top k, which is right at temperature 1 only
+    with pytest.raises(ValueError, match=r"no remaining-mass column \(format 1\).*--temperature 2"):
+        load_logit_cache(cache, dataset, tokenizer=lm_tokenizer, block_size=16, temperature=2.0)
 
-    logit_cache.write_manifest(cache, dict(manifest))  # format 2 promises the column, which is gone
+    logit_cache.write_manifest(cache, dict(manifest))  # format 3 promises the column, which is gone
     with pytest.raises(ValueError, match="is damaged.*teacher_tail_logmass.*Rebuild it"):
         load_logit_cache(cache, dataset, tokenizer=lm_tokenizer, block_size=16)
+
+
+def test_a_cache_is_refused_at_a_temperature_its_tail_was_not_built_for(tmp_path, lm_tokenizer):
+    dataset = rows_dataset([16, 16], len(lm_tokenizer))
+    teacher = tiny_llama(len(lm_tokenizer))
+    cache = tmp_path / "cache"
+    build(teacher, dataset, cache, lm_tokenizer, temperature=1.0)
+    load_logit_cache(cache, dataset, tokenizer=lm_tokenizer, block_size=16, temperature=1.0)
+    fix = (
+        r"tempered at temperature 1, but this run distils at temperature 2.*Rebuild the cache with "
+        r"scripts/cache_teacher_logits.py --temperature 2 .*or train with --temperature 1\."
+    )
+    with pytest.raises(ValueError, match=fix):
+        load_logit_cache(cache, dataset, tokenizer=lm_tokenizer, block_size=16, temperature=2.0)
+    with pytest.raises(ValueError, match=fix):
+        logit_cache.check_cache_temperature(cache, 2.0)
+
+    # format 2 stored the plain mass: its tail temperature is 1
+    manifest = read_manifest(cache)
+    format_2 = {key: value for key, value in manifest.items() if key != "tail_temperature"}
+    format_2["format_version"] = 2
+    logit_cache.check_tail_temperature(format_2, 1.0)
+    with pytest.raises(
+        ValueError, match=r"at temperature 1 \(format 2\), but this run distils at temperature 4"
+    ):
+        logit_cache.check_tail_temperature(format_2, 4.0)
+    # top k covering the whole vocabulary leave an empty tail, right at every temperature
+    logit_cache.check_tail_temperature(dict(manifest, top_k=manifest["cached_vocab_size"]), 4.0)
+
+
+def test_the_trainer_refuses_a_cache_built_for_another_temperature(tmp_path, lm_tokenizer):
+    from hf_distill import DistillationTrainer, DistillationTrainingArguments
+
+    dataset = rows_dataset([16, 16], len(lm_tokenizer))
+    build(tiny_llama(len(lm_tokenizer)), dataset, tmp_path / "cache", lm_tokenizer, temperature=1.0)
+    args = DistillationTrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        temperature=2.0,
+        teacher_logits_cache=str(tmp_path / "cache"),
+        report_to="none",
+        use_cpu=True,
+    )
+    with pytest.raises(ValueError, match=r"--temperature 2 .*or train with --temperature 1\."):
+        DistillationTrainer(model=tiny_llama(len(lm_tokenizer), layers=1), teacher_model=None, args=args)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="simulates the kill with os.fork")
@@ -351,3 +413,99 @@ def test_cache_script_then_training_from_the_cache(tmp_path, lm_tokenizer, monke
     kd = [entry["kd_loss"] for entry in log_history if "kd_loss" in entry]
     assert len(kd) == 3 and all(np.isfinite(kd)) and all(value > 0 for value in kd)
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+# --------------------------------------------------------------------------------------------- nothing to learn
+def _kd_losses(log_history) -> list[float]:
+    return [entry["kd_loss"] for entry in log_history if "kd_loss" in entry]
+
+
+@pytest.mark.parametrize("temperature", [2.0, 4.0])
+def test_a_student_equal_to_the_teacher_learns_nothing_from_the_cache(tmp_path, lm_tokenizer, temperature):
+    """The invariant a remaining mass tempered from its temperature-1 value broke: trained from a cache of its own
+    top-5 (of ~120 tokens) with alpha = 1, a copy of the teacher logs a zero KD loss at T != 1."""
+    from hf_distill import DistillationTrainer, DistillationTrainingArguments
+
+    lm = _load_script("distill_lm").lm
+    vocab = len(lm_tokenizer)
+    teacher = tiny_llama(vocab)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(8.0)  # a peaked teacher whose top 5 hold much, but not all, of the mass
+    dataset = rows_dataset([16] * 8, vocab)
+    build(teacher, dataset, tmp_path / "cache", lm_tokenizer, temperature=temperature)
+    cached, _ = load_logit_cache(
+        tmp_path / "cache", dataset, tokenizer=lm_tokenizer, block_size=16, temperature=temperature
+    )
+    args = DistillationTrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        temperature=temperature,
+        alpha=1.0,
+        teacher_logits_cache=str(tmp_path / "cache"),
+        per_device_train_batch_size=4,
+        optim="sgd",  # Adam would turn a rounding-sized gradient into a learning-rate-sized step
+        learning_rate=1e-2,
+        max_steps=2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = DistillationTrainer(
+        model=copy.deepcopy(teacher).train(),
+        teacher_model=None,
+        args=args,
+        train_dataset=cached,
+        data_collator=lm.CausalLMCollator(lm_tokenizer.pad_token_id),
+        processing_class=lm_tokenizer,
+    )
+    trainer.train()
+    kd = _kd_losses(trainer.state.log_history)  # logged rounded to 4 decimals
+    assert len(kd) == 2 and all(abs(value) <= 1e-5 for value in kd), kd
+    # unrounded: with alpha = 1 the training loss is the KD term; zero, with a zero gradient
+    student = trainer.model.train()
+    student.zero_grad()
+    loss = trainer.compute_loss(student, trainer.data_collator([cached[i] for i in range(4)]))
+    loss.backward()
+    assert abs(loss.item()) <= 1e-5
+    assert max(parameter.grad.abs().max().item() for parameter in student.parameters()) <= 1e-6
+
+
+def test_cache_script_then_a_student_equal_to_the_teacher_and_a_refused_temperature(tmp_path, lm_tokenizer):
+    """scripts/cache_teacher_logits.py builds for the training default temperature (2); scripts/distill_lm.py
+    then trains a copy of the teacher with alpha = 1 to a zero KD loss, and refuses a cache built for T = 1."""
+    cache_script = _load_script("cache_teacher_logits")
+    distill_lm = _load_script("distill_lm")
+    vocab = len(lm_tokenizer)
+    teacher_dir = tmp_path / "teacher"
+    tiny_llama(vocab).save_pretrained(teacher_dir)
+    lm_tokenizer.save_pretrained(teacher_dir)
+    rng = random.Random(0)
+    train = tmp_path / "train.txt"
+    train.write_text("".join(" ".join(rng.choice(WORDS) for _ in range(12)) + "\n" for _ in range(40)))
+    data = ["--train_file", str(train), "--block_size", "16", "--validation_split_percentage", "10"]
+    build_flags = ["--teacher_model_name_or_path", str(teacher_dir), "--top_k", "8"] + data
+    manifest = cache_script.main(build_flags + ["--cache_output_dir", str(tmp_path / "cache")])
+    assert manifest["tail_temperature"] == 2.0  # the training default, which the run below uses
+
+    def training(cache: Path, output: str) -> list[str]:
+        return [
+            "--teacher_model_name_or_path", str(teacher_dir), "--student_model_name_or_path", str(teacher_dir),
+            "--teacher_logits_cache", str(cache), "--alpha", "1", "--do_train", "--output_dir", str(tmp_path / output),
+            "--max_steps", "2", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--save_strategy", "no",
+            "--report_to", "none", "--use_cpu", "true", "--disable_tqdm", "true", "--learning_rate", "1e-2",
+            "--optim", "sgd",  # Adam would turn a rounding-sized gradient into a learning-rate-sized step
+        ] + data  # fmt: skip
+
+    distill_lm.main(training(tmp_path / "cache", "out"))
+    log_history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    kd = _kd_losses(log_history)
+    assert len(kd) == 2 and all(abs(value) <= 1e-5 for value in kd), kd
+
+    cache_script.main(build_flags + ["--cache_output_dir", str(tmp_path / "cache_t1"), "--temperature", "1"])
+    with pytest.raises(
+        ValueError, match=r"Rebuild the cache with .*--temperature 2 .*or train with --temperature 1"
+    ):
+        distill_lm.main(training(tmp_path / "cache_t1", "out_t1"))
+    assert not (tmp_path / "out_t1" / "trainer_state.json").exists()

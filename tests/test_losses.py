@@ -94,8 +94,9 @@ def test_logit_loss_matches_reference_with_mask(kind, reduction, temperature):
     )
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
-def test_jsd_over_beta_including_the_zero_limits(beta):
+# beta = 0 and 1 are forward and reverse KL (TRL's convention): test_loss_conventions.py
+@pytest.mark.parametrize("beta", [0.001, 0.1, 0.5, 0.9, 0.999])
+def test_jsd_over_beta_near_the_end_points(beta):
     student = random_logits(5, 17).requires_grad_()
     teacher = random_logits(5, 17)
     loss = logit_distillation_loss(student, teacher, kind="jsd", beta=beta, temperature=1.5)
@@ -105,8 +106,6 @@ def test_jsd_over_beta_including_the_zero_limits(beta):
     grad = grad_of(loss, student)
     assert torch.isfinite(grad).all()
     torch.testing.assert_close(grad.double(), grad_of(expected, student64), atol=1e-7, rtol=1e-4)
-    if beta in (0.0, 1.0):
-        assert loss.item() == 0.0 and not grad.any()
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0])
@@ -439,38 +438,52 @@ def test_attention_loss_without_mask_and_all_masked():
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def reference_sparse(student, topk_logprobs, topk_indices, kind, temperature, beta, tail_logmass=None):
-    """Per-position loop over the k + 1 buckets in float64, exactly as documented; the teacher's remaining mass
-    is `tail_logmass` when given, else 1 - sum of the top k."""
-    vocab = student.shape[-1]
-    s = student.double().reshape(-1, vocab)
-    lp = topk_logprobs.double().reshape(s.shape[0], -1)
-    idx = topk_indices.reshape(s.shape[0], -1)
-    tails = None if tail_logmass is None else tail_logmass.double().reshape(-1)
-    values = []
-    for row in range(s.shape[0]):
-        teacher_mass = lp[row].exp()
-        student_probs = torch.softmax(s[row] / temperature, -1)
-        p_s = student_probs[idx[row]]
-        if idx.shape[1] < vocab:
-            rest = (1 - teacher_mass.sum()).clamp_min(0) if tails is None else tails[row].exp()
-            teacher_mass = torch.cat([teacher_mass, rest.reshape(1)])
-            p_s = torch.cat([p_s, (1 - p_s.sum()).reshape(1)])
-        q = teacher_mass ** (1 / temperature)
-        q = q / q.sum()
-        if kind == "forward_kl":
-            value = (q * torch.log(q / p_s)).sum()
-        elif kind == "reverse_kl":
-            value = (p_s * torch.log(p_s / q)).sum()
-        else:
-            m = beta * q + (1 - beta) * p_s
-            value = beta * (q * torch.log(q / m)).sum() + (1 - beta) * (p_s * torch.log(p_s / m)).sum()
-        values.append(value * temperature**2)
-    return torch.stack(values).reshape(student.shape[:-1])
+def reference_buckets(logits, topk_indices, temperature, tail_bucket=True):
+    """(N, k [+ 1]) float64 bucket probabilities from full logits (..., V): softmax(logits / T) over the whole
+    vocabulary at the k listed tokens, then (k < V and tail_bucket) the summed probability of all other tokens;
+    with tail_bucket=False the k listed probabilities renormalised among themselves."""
+    vocab = logits.shape[-1]
+    probs = torch.softmax(logits.double().reshape(-1, vocab) / temperature, dim=-1)
+    indices = topk_indices.reshape(probs.shape[0], -1)
+    listed = probs.gather(-1, indices)
+    if indices.shape[1] == vocab or not tail_bucket:
+        return listed / listed.sum(-1, keepdim=True)
+    others = probs.scatter(-1, indices, 0.0).sum(-1, keepdim=True)
+    return torch.cat([listed, others], dim=-1)
+
+
+def reference_divergence(p_teacher, p_student, kind, beta):
+    """(N, B) float64 probabilities -> (N,), with 0 * log 0 = 0."""
+
+    def kl(a, b):
+        return torch.where(a > 0, a * (a.log() - b.log()), torch.zeros_like(a)).sum(-1)
+
+    if kind == "forward_kl":
+        return kl(p_teacher, p_student)
+    if kind == "reverse_kl":
+        return kl(p_student, p_teacher)
+    m = beta * p_teacher + (1 - beta) * p_student
+    return beta * kl(p_teacher, m) + (1 - beta) * kl(p_student, m)
+
+
+def reference_sparse(student, teacher, topk_indices, kind, temperature, beta, tail_bucket=True):
+    """Per-position KD between the two models' bucket distributions at temperature T, each summed in float64 from
+    its own full softmax(logits / T) (the teacher's full logits, which a cache never holds), times T**2."""
+    p_teacher = reference_buckets(teacher, topk_indices, temperature, tail_bucket)
+    p_student = reference_buckets(student, topk_indices, temperature, tail_bucket)
+    per_position = reference_divergence(p_teacher, p_student, kind, beta) * temperature**2
+    return per_position.reshape(student.shape[:-1])
+
+
+def reference_tail(teacher, topk_indices, temperature):
+    """log sum_{j not in top k} p_j**(1/T) in float64, p = softmax(teacher): the remaining mass tempered at T, as
+    a cache built for temperature T stores it (at T = 1 the log of the plain remaining mass)."""
+    log_probs = torch.log_softmax(teacher.double(), dim=-1)
+    return (log_probs / temperature).scatter(-1, topk_indices, -math.inf).logsumexp(-1)
 
 
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0])
 def test_sparse_with_k_equal_vocab_is_the_full_loss(kind, temperature):
     vocab = 13
     student = random_logits(2, 4, vocab).requires_grad_()
@@ -479,65 +492,172 @@ def test_sparse_with_k_equal_vocab_is_the_full_loss(kind, temperature):
     topk_logprobs, topk_indices = torch.log_softmax(teacher, -1).topk(
         vocab, dim=-1
     )  # a permutation of the vocab
+    # the cache's tail of a k = V cache is empty (-inf) at every temperature: whatever it says, it is unused
+    empty_tail = {"teacher_tail_logmass": torch.full((2, 4), -math.inf), "tail_temperature": 1.0}
     sparse = sparse_distillation_loss(
-        student, topk_logprobs, topk_indices, kind=kind, temperature=temperature, mask=mask
+        student, topk_logprobs, topk_indices, kind=kind, temperature=temperature, mask=mask, **empty_tail
     )
     full = logit_distillation_loss(student, teacher, kind=kind, temperature=temperature, mask=mask)
+    sparse_grad = grad_of(sparse, student)
     torch.testing.assert_close(sparse, full, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(grad_of(sparse, student), grad_of(full, student), atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(sparse_grad, grad_of(full, student), atol=1e-6, rtol=1e-4)
+    student64 = student.detach().double().requires_grad_()
+    expected = reference_loss(student64, teacher, kind, temperature, mask=mask)  # dense, float64
+    torch.testing.assert_close(sparse.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sparse_grad.double(), grad_of(expected, student64), atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_sparse_with_small_k_matches_bucket_reference(kind, reduction):
-    vocab, k, temperature = 17, 4, 1.7
+@pytest.mark.parametrize("temperature", [1.0, 1.7])
+@pytest.mark.parametrize("with_tail", [True, False])
+def test_sparse_with_small_k_is_the_kd_between_both_full_softmaxes_in_buckets(
+    kind, reduction, temperature, with_tail
+):
+    """Against both models' full softmax(logits / T) summed into the k + 1 buckets: with the tail tempered at T,
+    and at T = 1 without it (derived from the top k); without it at T != 1, both renormalised over the top k."""
+    vocab, k = 17, 4
     student = random_logits(3, 5, vocab).requires_grad_()
     teacher = random_logits(3, 5, vocab, scale=3.0)
     mask = torch.rand(3, 5) > 0.3
     topk_logprobs, topk_indices = torch.log_softmax(teacher, -1).topk(k, dim=-1)
-    loss = sparse_distillation_loss(
-        student,
-        topk_logprobs,
-        topk_indices,
-        kind=kind,
-        temperature=temperature,
-        beta=0.3,
-        mask=mask,
-        reduction=reduction,
-    )
+    tail = reference_tail(teacher, topk_indices, temperature).float() if with_tail else None
+    options = {
+        "kind": kind,
+        "temperature": temperature,
+        "beta": 0.3,
+        "mask": mask,
+        "reduction": reduction,
+        "teacher_tail_logmass": tail,
+        "tail_temperature": temperature,
+    }
+    loss = sparse_distillation_loss(student, topk_logprobs, topk_indices, **options)
     student64 = student.detach().double().requires_grad_()
-    per_position = reference_sparse(student64, topk_logprobs, topk_indices, kind, temperature, 0.3)
+    tail_bucket = with_tail or temperature == 1.0
+    per_position = reference_sparse(
+        student64, teacher, topk_indices, kind, temperature, 0.3, tail_bucket=tail_bucket
+    )
     expected = reference_reduce(per_position, mask, reduction)
     torch.testing.assert_close(loss.double(), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(
         grad_of(loss, student).double(), grad_of(expected, student64), atol=1e-6, rtol=1e-4
     )
+    # the same KD through the one-pass function that also gives the cross-entropy
+    labels = torch.randint(0, vocab, (3, 5))
+    kd, _ = sparse_distillation_and_cross_entropy(student, topk_logprobs, topk_indices, labels, **options)
+    torch.testing.assert_close(kd, loss)
+
+
+@pytest.mark.parametrize("vocab, k", [(1000, 8), (32000, 64)])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0])
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("with_tail", [True, False])
+@pytest.mark.parametrize("one_pass", [False, True])
+def test_sparse_student_equal_to_the_teacher_gives_zero_loss_and_gradient(
+    vocab, k, temperature, kind, with_tail, one_pass
+):
+    """The invariant that a biased tail broke (8.93 at T = 2 for k = 64 of 32000): nothing to learn, at every
+    temperature, from the cache's columns (top-k log-probabilities at T = 1, tail tempered at T) or without a
+    tail."""
+    teacher = random_logits(2, 4, vocab, scale=3.0)
+    student = teacher.clone().requires_grad_()
+    topk_logprobs, topk_indices = torch.log_softmax(teacher, -1).topk(k, dim=-1)
+    options = {"kind": kind, "temperature": temperature, "beta": 0.3}
+    if with_tail:
+        options["teacher_tail_logmass"] = reference_tail(teacher, topk_indices, temperature).float()
+        options["tail_temperature"] = temperature
+    if one_pass:
+        labels = torch.randint(0, vocab, (2, 4))
+        loss, _ = sparse_distillation_and_cross_entropy(
+            student, topk_logprobs, topk_indices, labels, **options
+        )
+    else:
+        loss = sparse_distillation_loss(student, topk_logprobs, topk_indices, **options)
+    assert abs(loss.item()) <= 1e-5
+    assert grad_of(loss, student).abs().max().item() <= 1e-6
+
+
+def _float16_grid_teacher(positions, vocab, k):
+    """Teacher logits (positions, V), float32, whose top-k log-probabilities are float16 numbers: the top k drawn on
+    the float16 grid in [-5, -4.3], the other tokens sharing the remaining mass, each below the top k."""
+    top = (-4.3 - 0.7 * torch.rand(positions, k)).half().double()
+    rest = torch.log1p(-top.exp().sum(-1, keepdim=True))  # log of the remaining mass
+    others = rest + torch.log_softmax(torch.randn(positions, vocab - k).double(), dim=-1)
+    assert others.max() < top.min()
+    logits = torch.cat([top, others], dim=-1)
+    return logits[:, torch.randperm(vocab)].float()
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0])
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("with_tail", [True, False])
+def test_sparse_student_equal_to_the_teacher_with_float16_stored_logprobs(temperature, kind, with_tail):
+    """float16 storage loses nothing for log-probabilities on its grid (zero loss and gradient), and rounds a
+    generic teacher's by up to ~0.004, which leaves a loss far below 1e-5 and a gradient of that rounding's size
+    only (the biased tail gave O(1) losses)."""
+    vocab, k = 32000, 64
+    for teacher, gradient_bound in (
+        (_float16_grid_teacher(8, vocab, k), 1e-6),
+        (random_logits(8, vocab), 1e-4),
+    ):
+        student = teacher.clone().requires_grad_()
+        topk_logprobs, topk_indices = torch.log_softmax(teacher, -1).topk(k, dim=-1)
+        options = {"kind": kind, "temperature": temperature}
+        if with_tail:
+            options["teacher_tail_logmass"] = reference_tail(teacher, topk_indices, temperature).float()
+            options["tail_temperature"] = temperature
+        loss = sparse_distillation_loss(student, topk_logprobs.half(), topk_indices, **options)
+        assert abs(loss.item()) <= 1e-5
+        assert grad_of(loss, student).abs().max().item() <= gradient_bound
 
 
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
-def test_sparse_uses_the_given_remaining_mass(kind):
-    vocab, k, temperature = 17, 4, 1.7
-    student = random_logits(3, 5, vocab).requires_grad_()
-    topk_logprobs, topk_indices = torch.log_softmax(random_logits(3, 5, vocab, scale=3.0), -1).topk(k, dim=-1)
-    tail = torch.rand(3, 5).clamp_min(0.05).log()  # unrelated to the top k: the buckets are renormalised
-    mask = torch.rand(3, 5) > 0.3
-    options = {"kind": kind, "temperature": temperature, "beta": 0.3, "mask": mask}
+def test_sparse_without_a_tail_at_t_not_1_ignores_the_mass_outside_the_top_k(kind):
+    """T != 1 without a stored tail: only the shape within the top k counts. A student equal to the teacher there
+    but putting nearly all its mass on other tokens has nothing to learn, finitely, and those tokens get no
+    gradient."""
+    vocab, k, temperature = 50, 5, 2.0
+    teacher = random_logits(3, vocab, scale=3.0)
+    topk_logprobs, topk_indices = torch.log_softmax(teacher, -1).topk(k, dim=-1)
+    others = torch.ones(3, vocab, dtype=torch.bool).scatter(-1, topk_indices, False)
+    student = torch.where(others, teacher + 300.0, teacher).requires_grad_()
     loss = sparse_distillation_loss(
-        student, topk_logprobs, topk_indices, teacher_tail_logmass=tail, **options
+        student, topk_logprobs, topk_indices, kind=kind, temperature=temperature, beta=0.3
     )
-    student64 = student.detach().double().requires_grad_()
-    per_position = reference_sparse(student64, topk_logprobs, topk_indices, kind, temperature, 0.3, tail)
-    expected = reference_reduce(per_position, mask, "mean")
-    torch.testing.assert_close(loss.double(), expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(
-        grad_of(loss, student).double(), grad_of(expected, student64), atol=1e-6, rtol=1e-4
-    )
-    # the same through the one-pass function that also gives the cross-entropy
-    labels = torch.randint(0, vocab, (3, 5))
-    kd, _ = sparse_distillation_and_cross_entropy(
-        student, topk_logprobs, topk_indices, labels, teacher_tail_logmass=tail, **options
-    )
-    torch.testing.assert_close(kd, loss)
+    grad = grad_of(loss, student)
+    assert abs(loss.item()) <= 1e-5 and grad.abs().max().item() <= 1e-6
+    assert torch.equal(grad[others], torch.zeros_like(grad[others]))
+
+
+def test_sparse_refuses_a_tail_tempered_at_another_temperature():
+    vocab, k = 20, 4
+    student = random_logits(2, 3, vocab).requires_grad_()
+    teacher = random_logits(2, 3, vocab)
+    topk_logprobs, topk_indices = torch.log_softmax(teacher, -1).topk(k, dim=-1)
+    plain_tail = reference_tail(teacher, topk_indices, 1.0).float()  # what a format-2 cache stores
+    with pytest.raises(
+        ValueError,
+        match=r"computed at temperature 1 \(tail_temperature\) but the loss runs at temperature 2.*"
+        r"--temperature 2\) with tail_temperature=2, or pass no tail",
+    ):
+        sparse_distillation_loss(
+            student, topk_logprobs, topk_indices, temperature=2.0, teacher_tail_logmass=plain_tail
+        )
+    labels = torch.randint(0, vocab, (2, 3))
+    with pytest.raises(ValueError, match="computed at temperature 2 .* runs at temperature 4"):
+        sparse_distillation_and_cross_entropy(
+            student,
+            topk_logprobs,
+            topk_indices,
+            labels,
+            temperature=4.0,
+            teacher_tail_logmass=plain_tail,
+            tail_temperature=2.0,
+        )
+    with pytest.raises(ValueError, match=r"tail_temperature must be a finite number > 0, got -1\.0"):
+        sparse_distillation_loss(
+            student, topk_logprobs, topk_indices, teacher_tail_logmass=plain_tail, tail_temperature=-1.0
+        )
 
 
 def test_sparse_with_the_exact_remaining_mass_is_finite_where_the_top_k_hold_everything():
@@ -547,10 +667,17 @@ def test_sparse_with_the_exact_remaining_mass_is_finite_where_the_top_k_hold_eve
     teacher[:, 0] = 200.0
     log_probs = torch.log_softmax(teacher, -1)
     topk_logprobs, topk_indices = log_probs.topk(k, dim=-1)
-    tail = log_probs.scatter(-1, topk_indices, -math.inf).logsumexp(-1)  # about -200: tiny but exact
+    # tempered at T = 2: about -100, tiny but exact
+    tail = log_probs.scatter(-1, topk_indices, -math.inf).div(2.0).logsumexp(-1)
     for kind in ("forward_kl", "reverse_kl", "jsd"):
         loss = sparse_distillation_loss(
-            student, topk_logprobs, topk_indices, kind=kind, temperature=2.0, teacher_tail_logmass=tail
+            student,
+            topk_logprobs,
+            topk_indices,
+            kind=kind,
+            temperature=2.0,
+            teacher_tail_logmass=tail,
+            tail_temperature=2.0,
         )
         assert torch.isfinite(loss) and torch.isfinite(grad_of(loss, student)).all()
     with pytest.raises(
@@ -622,6 +749,7 @@ def test_kd_and_ce_in_one_pass_equal_the_two_apart(temperature, kind, k, reducti
         "beta": 0.3,
         "mask": mask,
         "teacher_tail_logmass": tail,
+        "tail_temperature": temperature,
     }
 
     kd, ce = sparse_distillation_and_cross_entropy(

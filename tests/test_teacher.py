@@ -29,6 +29,7 @@ def tiny_bert(**config):
 class FakeAccelerator:
     def __init__(self, distributed_type, deepspeed_config=None):
         self.distributed_type = distributed_type
+        self.num_processes = 1
         self.prepared = []
         self.state = types.SimpleNamespace(
             deepspeed_plugin=types.SimpleNamespace(deepspeed_config=deepspeed_config)
@@ -100,11 +101,102 @@ def test_label_permutation():
         label_permutation(teacher, BertConfig(num_labels=2))
 
 
+class _Vocab:
+    """A stand-in tokenizer: just the token -> id map."""
+
+    def __init__(self, tokens):
+        self.vocab = {token: i for i, token in enumerate(tokens)}
+
+    def __len__(self):
+        return len(self.vocab)
+
+    def get_vocab(self):
+        return dict(self.vocab)
+
+
 def test_shared_vocab_size():
-    assert shared_vocab_size(32000, 32000, None) == 32000
-    assert shared_vocab_size(32064, 32000, 32000) == 32000
-    assert shared_vocab_size(32000, 32128, 31999) == 32000
-    with pytest.raises(ValueError, match="different tokenizers"):
-        shared_vocab_size(50257, 32000, 50257)
+    words = _Vocab([f"w{i}" for i in range(100)])
+    assert shared_vocab_size(128, 100, words, words) == 100  # padded teacher, one tokenizer
+    assert shared_vocab_size(100, 128, words, _Vocab([f"w{i}" for i in range(100)])) == 100
+    with pytest.raises(ValueError, match="pass teacher_processing_class"):
+        shared_vocab_size(128, 100, words, None)
     with pytest.raises(ValueError, match="pass processing_class"):
-        shared_vocab_size(32064, 32000, None)
+        shared_vocab_size(128, 100, None, words)
+    # a 50,257-token teacher tokenizer is not padding of a 100-token one
+    with pytest.raises(ValueError, match="teacher's tokenizer has 50257 tokens"):
+        shared_vocab_size(50257, 100, words, _Vocab([f"g{i}" for i in range(50257)]))
+    # same sizes, different ids
+    with pytest.raises(ValueError, match="different ids"):
+        shared_vocab_size(128, 100, words, _Vocab([f"w{i}" for i in reversed(range(100))]))
+
+
+def test_teacher_deepspeed_config_is_complete_without_the_trainers_auto_values():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_distill.teacher import teacher_deepspeed_config
+
+    teacher = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50, hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
+        )
+    ).to(torch.bfloat16)
+    run_config = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto"}},
+        "scheduler": {"type": "WarmupLR"},
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "zero_optimization": {
+            "stage": 3,
+            "reduce_bucket_size": "auto",
+            "stage3_prefetch_bucket_size": "auto",
+            "stage3_param_persistence_threshold": "auto",
+            "offload_param": {"device": "none", "pin_memory": "auto"},
+        },
+    }
+    config = teacher_deepspeed_config(run_config, teacher, micro_batch_size=4, world_size=2)
+
+    def autos(node):
+        if isinstance(node, dict):
+            return [key for key, value in node.items() if value == "auto"] + sum(
+                map(autos, node.values()), []
+            )
+        return []
+
+    assert autos(config) == []
+    assert "optimizer" not in config and "scheduler" not in config
+    zero = config["zero_optimization"]
+    assert zero["stage"] == 3
+    assert zero["reduce_bucket_size"] == 48 * 48  # from the teacher's hidden size, as transformers does
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 48 * 48)
+    assert zero["stage3_param_persistence_threshold"] == 480
+    assert config["bf16"]["enabled"] is True and config["fp16"]["enabled"] is False
+    assert (config["train_micro_batch_size_per_gpu"], config["train_batch_size"]) == (4, 8)
+    assert (
+        run_config["zero_optimization"]["reduce_bucket_size"] == "auto"
+    )  # the run's own config is untouched
+    stage2 = teacher_deepspeed_config(
+        {"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}},
+        teacher,
+        micro_batch_size=1,
+        world_size=1,
+    )
+    assert stage2["zero_optimization"] == {"stage": 0}
+
+
+def test_full_output_layer_on_one_device_is_the_head_itself():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_distill.teacher import full_output_layer
+
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+        )
+    )
+    with full_output_layer(model, accelerator=None, vocab_size=40) as (weight, bias):
+        assert weight.data_ptr() == model.lm_head.weight.data_ptr() and weight.shape == (40, 16)
+        assert bias is None

@@ -101,21 +101,22 @@ def classification_trainer(tmp_path, tokenizer, *, student=None, teacher=None, *
     )
 
 
-def lm_trainer(tmp_path, tokenizer, *, student=None, teacher=None, **overrides):
+def lm_trainer(tmp_path, tokenizer, *, student=None, teacher=None, teacher_tokenizer="same", **overrides):
     return DistillationTrainer(
         model=student if student is not None else llama(len(tokenizer), layers=1, seed=1),
         teacher_model=teacher if teacher is not None else llama(len(tokenizer), layers=2, seed=2),
         args=make_args(tmp_path, **overrides),
         train_dataset=lm_data(tokenizer),
         processing_class=tokenizer,
+        teacher_processing_class=tokenizer if teacher_tokenizer == "same" else teacher_tokenizer,
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
     )
 
 
 def reference_kl(student_logits, teacher_logits, temperature):
-    """KL(teacher || student) per row at temperature T, times T^2."""
-    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    p_t = F.softmax(teacher_logits.float() / temperature, dim=-1)
+    """KL(teacher || student) per row at temperature T, times T^2, in float64."""
+    log_p_s = F.log_softmax(student_logits.double() / temperature, dim=-1)
+    p_t = F.softmax(teacher_logits.double() / temperature, dim=-1)
     return (p_t * (p_t.clamp_min(1e-30).log() - log_p_s)).sum(-1) * temperature**2
 
 
@@ -173,7 +174,7 @@ def test_hidden_matching_on_a_model_without_config_raises(tmp_path, bert_tokeniz
         DistillationTrainer(
             model=Plain(),
             teacher_model=bert(bert_tokenizer),
-            args=make_args(tmp_path, hidden_weight=1.0),
+            args=make_args(tmp_path, hidden_weight=1.0, task_type="sequence_classification"),
             train_dataset=classification_data(bert_tokenizer),
         )
 
@@ -332,12 +333,14 @@ def test_padded_teacher_vocabulary_is_sliced(tmp_path, lm_tokenizer):
         s = trainer.model(**inputs).logits[:, :-1]
         t = trainer.teacher_model(**inputs).logits[:, :-1, :vocab]
     keep = batch["labels"][:, 1:] != -100
-    assert loss.item() == pytest.approx(reference_kl(s[keep], t[keep], 2.0).mean().item(), rel=1e-5)
+    # float32 loss against a float64 reference: a small KL is a difference of nearly equal sums, so its relative
+    # error in float32 reaches 1e-5 on some CPUs; 2e-4 still tells any wrong slice (which moves it by > 10%).
+    assert loss.item() == pytest.approx(reference_kl(s[keep], t[keep], 2.0).mean().item(), rel=2e-4)
     trainer.train()
 
 
 def test_different_tokenizers_are_rejected(tmp_path, lm_tokenizer, bert_tokenizer):
-    with pytest.raises(ValueError, match="different tokenizers"):
+    with pytest.raises(ValueError, match="student's tokenizer has 105 tokens"):
         lm_trainer(tmp_path, lm_tokenizer, teacher=llama(40))
     with pytest.raises(ValueError, match="different vocabularies"):
         DistillationTrainer(
@@ -652,14 +655,15 @@ def test_cached_teacher_without_labels_is_pure_kd_over_the_attended_positions(tm
     # position t predicts token t + 1: it counts where that next token is attended
     mask = torch.nn.functional.pad(batch["attention_mask"][:, 1:].bool(), (0, 1), value=False)
     assert not mask.all()
-    options = {"temperature": 2.0, "mask": mask}
+    options = {"temperature": 2.0, "mask": mask, "tail_temperature": 2.0}
     expected = sparse_distillation_loss(logits, top.values, top.indices, teacher_tail_logmass=tail, **options)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     derived = sparse_distillation_loss(logits, top.values, top.indices, **options)
     assert abs(derived.item() - expected.item()) > 1e-3
 
 
-@pytest.mark.parametrize("problem_type", ["single_label_classification", "multi_label_classification"])
+# Multi-label heads are refused with a cache (test_trainer_objectives.py): top-k softmax mass is not their target.
+@pytest.mark.parametrize("problem_type", ["single_label_classification"])
 def test_cached_teacher_for_sequence_classification_keeps_its_own_hard_loss(
     tmp_path, bert_tokenizer, problem_type
 ):

@@ -4,6 +4,8 @@ distill_translation.py end to end, on tiny Marian and T5 models and JSON lines f
 
 from __future__ import annotations
 
+import copy
+import importlib
 import importlib.util
 import json
 import math
@@ -690,7 +692,8 @@ def test_seq_kd_training_set_alone_or_mixed(seq2seq_tokenizer, tmp_path, monkeyp
         if mix == "concat":
             assert pairs[0] == {"en": PAIRS[0][0], "de": PAIRS[0][1]}
     assert len(calls) == 1  # the second run read the cache
-    assert calls[0]["num_beams"] == 3 and calls[0]["max_length"] == data_args.max_target_length
+    # The default --max_target_length (128) is lowered to the teacher's 64 positions, which it cannot exceed.
+    assert calls[0]["num_beams"] == 3 and calls[0]["max_length"] == 64 < data_args.max_target_length
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert manifest["teacher"] == teacher_dir and manifest["num_beams"] == 3
 
@@ -762,3 +765,135 @@ def test_distill_translation_end_to_end(seq2seq_tokenizer, tmp_path):
     assert set(student_entry["latency_ms"]) == {"1", "2"} and student_entry["throughput"]["2"] > 0
     assert student_entry["params"] < teacher_entry["params"]
     assert (output_dir / "distill_report.md").read_text().count("| student |") == 2
+
+
+# --------------------------------------------------------------------------------------------- generation limits
+def _generation_limits():
+    return importlib.import_module(f"{translation.__package__}.generation_limits")
+
+
+def _padded_marian(tokenizer, extra_rows: int = 8) -> tuple[MarianMTModel, MarianMTModel]:
+    """(a Marian teacher with `extra_rows` vocabulary rows past the tokenizer whose logit bias makes them the
+    likeliest tokens, the same teacher with those rows cut off). On the shared ids both give the same logits, so
+    generation restricted to the shared vocabulary must match the cut-off teacher's exactly."""
+    shared = len(tokenizer)
+    padded = _marian(tokenizer, vocab_size=shared + extra_rows)
+    with torch.no_grad():
+        padded.final_logits_bias[:, shared:] = 20.0
+    cut = copy.deepcopy(padded)
+    cut.resize_token_embeddings(shared)
+    return padded, cut
+
+
+def test_seq_kd_translations_of_a_padded_teacher_stay_in_the_shared_vocabulary(seq2seq_tokenizer, tmp_path):
+    tokenizer = seq2seq_tokenizer
+    shared = len(tokenizer)
+    padded, cut = _padded_marian(tokenizer)
+    sources = [source for source, _ in PAIRS]
+    encoded = tokenizer(sources[:2], padding=True, return_tensors="pt", return_token_type_ids=False)
+    # Precondition: left alone, the teacher writes padded ids between the start token and the forced eos.
+    assert (padded.generate(**encoded, max_length=6, num_beams=3)[:, 1:-1] >= shared).all()
+
+    generated_ids = []
+    original_generate = padded.generate
+
+    def recording_generate(*args, **kwargs):
+        output = original_generate(*args, **kwargs)
+        generated_ids.append(output)
+        return output
+
+    padded.generate = recording_generate
+    options = dict(max_source_length=16, num_beams=3, max_length=8, batch_size=3)
+    restricted = seq_kd_cache.translate_with_teacher(padded, tokenizer, sources, vocab_size=shared, **options)
+    assert generated_ids and all(int(ids.max()) < shared for ids in generated_ids)
+    # Beam search over the renormalised shared vocabulary is the cut-off teacher's beam search.
+    assert restricted == seq_kd_cache.translate_with_teacher(cut, tokenizer, sources, **options)
+
+    # Through the script: a pretrained student with exactly the tokenizer's rows trains on the cached translations.
+    teacher_dir = _save(padded, tokenizer, tmp_path / "teacher")
+    student_dir = _save(_marian(tokenizer, decoder_layers=1), tokenizer, tmp_path / "student")
+    output_dir = tmp_path / "out"
+    argv = [
+        "--teacher_model_name_or_path", teacher_dir, "--student_model_name_or_path", student_dir,
+        "--train_file", _write_jsonl(tmp_path / "train.jsonl", PAIRS), "--source_lang", "en", "--target_lang", "de",
+        "--max_source_length", "16", "--max_target_length", "8", "--do_train", "--seq_kd", "--seq_kd_num_beams", "3",
+        "--max_steps", "1", "--per_device_train_batch_size", "4", "--save_strategy", "no",
+        "--output_dir", str(output_dir), "--report_to", "none", "--use_cpu", "--seed", "0",
+    ]  # fmt: skip
+    distill_translation.main(argv)
+    cache_dir = output_dir / "seq_kd_cache"
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    assert manifest["vocab_size"] == shared
+    cached = Dataset.load_from_disk(str(cache_dir / manifest["data"]))
+    assert cached["target"] == restricted
+    assert json.loads((output_dir / "train_results.json").read_text())["train_samples"] == len(PAIRS)
+
+
+def test_generation_length_flags_are_lowered_to_the_position_limit(seq2seq_tokenizer, tmp_path):
+    limits = _generation_limits()
+    marian_dir = _save(_marian(seq2seq_tokenizer), seq2seq_tokenizer, tmp_path / "marian")
+    model_args = translation.Seq2SeqModelArguments(
+        teacher_model_name_or_path=marian_dir, student_num_layers=1
+    )
+    models = translation.load_translation_models(model_args, _data_args(), EN_DE)
+    assert models.max_positions == 64 and models.vocab_size == len(seq2seq_tokenizer)
+
+    data_args = _data_args(max_source_length=1024, max_target_length=32)
+    training_args = Seq2SeqDistillationTrainingArguments(
+        output_dir=str(tmp_path / "o"), report_to=[], use_cpu=True, generation_max_length=100
+    )
+    with CaptureLogger(limits.logger) as captured:
+        translation.bound_lengths(data_args, models.max_positions)
+        translation.set_generation_defaults(training_args, data_args, models.max_positions)
+    lengths = (data_args.max_source_length, data_args.max_target_length, data_args.val_max_target_length)
+    assert lengths == (64, 32, 32)
+    assert training_args.generation_max_length == 64
+    assert "--max_source_length 1024 exceeds the 64 positions" in captured.out
+    assert "--generation_max_length 100 exceeds the 64 positions" in captured.out
+    assert "--max_target_length" not in captured.out  # within the limit: untouched, no warning
+
+    # T5's relative positions have no limit: nothing is lowered.
+    t5_dir = _save(_t5(seq2seq_tokenizer), seq2seq_tokenizer, tmp_path / "t5")
+    t5_models = translation.load_translation_models(
+        translation.Seq2SeqModelArguments(teacher_model_name_or_path=t5_dir, student_num_layers=1),
+        _data_args(source_prefix="translate: "),
+        EN_DE,
+    )
+    assert t5_models.max_positions is None
+    data_args = _data_args(max_source_length=1024)
+    translation.bound_lengths(data_args, t5_models.max_positions)
+    assert data_args.max_source_length == 1024
+
+
+@pytest.mark.slow
+def test_default_lengths_run_with_a_64_position_marian(seq2seq_tokenizer, tmp_path):
+    # Marian's sinusoidal position table has max_position_embeddings rows; run_translation.py's default lengths
+    # (1024 source, 128 target and generation tokens) index past it. This teacher (and the student built from
+    # it) never emits eos, so generation runs to the length limit.
+    tokenizer = seq2seq_tokenizer
+    teacher = _marian(tokenizer)
+    with torch.no_grad():
+        teacher.final_logits_bias[:, tokenizer.eos_token_id] = -1e4
+    encoded = tokenizer(["the cat is big"], return_tensors="pt", return_token_type_ids=False)
+    with pytest.raises(IndexError):  # precondition: the default generation length fails
+        teacher.generate(**encoded, max_length=128, num_beams=1)
+    teacher_dir = _save(teacher, tokenizer, tmp_path / "teacher")
+    output_dir = tmp_path / "out"
+    argv = [
+        "--teacher_model_name_or_path", teacher_dir, "--student_num_layers", "1", "--student_num_decoder_layers", "1",
+        "--train_file", _write_jsonl(tmp_path / "train.jsonl", PAIRS),
+        "--validation_file", _write_jsonl(tmp_path / "validation.jsonl", PAIRS[:2]),
+        "--source_lang", "en", "--target_lang", "de", "--do_train", "--do_eval", "--predict_with_generate",
+        "--seq_kd", "--seq_kd_num_beams", "1", "--max_steps", "2", "--per_device_train_batch_size", "4",
+        "--per_device_eval_batch_size", "2", "--save_strategy", "no", "--report_batch_sizes", "1",
+        "--latency_warmup", "0", "--latency_repeats", "1",
+        "--output_dir", str(output_dir), "--report_to", "none", "--use_cpu", "--seed", "0",
+    ]  # fmt: skip
+    with CaptureLogger(_generation_limits().logger) as captured:
+        results = distill_translation.main(argv)
+    for flag in ("--max_source_length 1024", "--max_target_length 128", "--val_max_target_length 128"):
+        assert f"{flag} exceeds the 64 positions" in captured.out
+    # Generation ran up to the lowered limit: the decoder start token plus 63 tokens, the last one eos.
+    assert results["eval"]["eval_gen_len"] == 63
+    assert json.loads((output_dir / "seq_kd_cache" / "manifest.json").read_text())["max_length"] == 64
+    assert results["report"]["generation_max_length"] == 64
