@@ -38,3 +38,23 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
         if match and os.path.isdir(path) and is_complete_checkpoint(path):
             steps.append((int(match.group(1)), path))
     return max(steps)[1] if steps else None
+
+
+def resolve_resume(resume_from_checkpoint: str | bool | None, output_dir: str) -> str | bool | None:
+    """`resume_from_checkpoint` for `Trainer.train`, with `True` meaning the newest *complete* checkpoint in
+    `output_dir` (so a run killed while writing one resumes from the one before); an incomplete folder raises."""
+    if resume_from_checkpoint is True:
+        latest = last_complete_checkpoint(output_dir)
+        if latest is None:
+            raise ValueError(
+                f"resume_from_checkpoint=True but {output_dir} has no complete checkpoint; start without "
+                "resume_from_checkpoint or point it at a checkpoint folder."
+            )
+        return latest
+    if isinstance(resume_from_checkpoint, str) and not is_complete_checkpoint(resume_from_checkpoint):
+        latest = last_complete_checkpoint(os.path.dirname(os.path.abspath(resume_from_checkpoint)))
+        raise ValueError(
+            f"{resume_from_checkpoint} is not a complete checkpoint (no readable trainer_state.json: the run was "
+            f"probably stopped while saving it). The newest complete one is {latest}."
+        )
+    return resume_from_checkpoint

@@ -9,6 +9,8 @@ no-op when nothing was repeated.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -43,3 +45,25 @@ def first_rows_prediction(prediction: EvalPrediction, count: int) -> EvalPredict
         inputs=first_rows(prediction.inputs, count),
         losses=first_rows(prediction.losses, count),
     )
+
+
+@contextlib.contextmanager
+def counted_once(trainer: Any, dataloader: Any) -> Iterator[Callable[[Any], Any]]:
+    """Around `Trainer.evaluation_loop`: `compute_metrics` sees the first `len(dataset)` rows only, and the
+    yielded function cuts the loop's output (predictions, label ids) the same way."""
+    count = dataset_length(dataloader)
+    compute_metrics = trainer.compute_metrics
+    if count is not None and compute_metrics is not None and not trainer.args.batch_eval_metrics:
+        trainer.compute_metrics = lambda prediction: compute_metrics(first_rows_prediction(prediction, count))
+
+    def finish(output: Any) -> Any:
+        if count is None:
+            return output
+        return output._replace(
+            predictions=first_rows(output.predictions, count), label_ids=first_rows(output.label_ids, count)
+        )
+
+    try:
+        yield finish
+    finally:
+        trainer.compute_metrics = compute_metrics

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +26,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers.modelcard import METRIC_TAGS, TASK_MAPPING, TASK_TAG_TO_NAME_MAPPING
 from transformers.utils import logging
 
+from .atomic import atomic_write_text
 from .report import count_parameters
 from .teacher import unwrap_model
 
@@ -123,21 +123,6 @@ def card_arguments(
         for name, value in given.items()
         if value is not None
     }
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Write through a temporary file in the same folder and rename it, so a reader never sees half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
 
 
 def build_model_card(
@@ -269,7 +254,7 @@ def write_model_card(trainer: Any, output_dir: str, **card_arguments: Any) -> st
     does not compute (e.g. what PEFT's `save_pretrained` wrote). `card_arguments` are `build_model_card`'s."""
     path = os.path.join(output_dir, "README.md")
     card = build_model_card(trainer, existing_metadata=_read_metadata(path), **card_arguments)
-    write_atomic(path, str(card))
+    atomic_write_text(path, str(card))
     return path
 
 

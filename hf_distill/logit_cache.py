@@ -30,20 +30,17 @@ mass from the top k, which is valid at temperature 1 only); both are refused at 
 float32 keeps the log-probabilities exact; float16 saves a quarter of the disk (indices stay int32) and rounds
 a log-probability of -10 by about 0.004.
 
-Caches are built in a temporary directory beside the target and renamed into place only when complete, and a
-directory without manifest.json is never loaded, so a killed build is never used.
+Caches are built in a temporary directory beside the target and renamed into place only when complete
+(`hf_distill.atomic.atomic_directory`), and a directory without manifest.json is never loaded, so a killed build is
+never used. The manifest records the teacher's `hf_distill.fingerprint.model_fingerprint` (a hash of its weights'
+bytes) for reference; loading checks the tokenizer, block size, top k, data and temperature, not the teacher.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import math
 import os
-import shutil
-import socket
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -53,6 +50,9 @@ import numpy as np
 import torch
 from torch import nn
 from transformers.utils import logging
+
+from .atomic import atomic_directory, atomic_write_text
+from .fingerprint import ids_checksum, model_fingerprint, tokenizer_description, vocab_hash
 
 logger = logging.get_logger(__name__)
 
@@ -66,117 +66,20 @@ LOGPROBS_DTYPES = ("float32", "float16")
 FORMAT_VERSION = 3
 # Columns each readable format version holds (format 1 had no remaining-mass column; format 3 tempers it).
 _FORMAT_COLUMNS = {1: (LOGPROBS_COLUMN, INDICES_COLUMN), 2: CACHE_COLUMNS, 3: CACHE_COLUMNS}
-_TEMP_MARKER = ".tmp-"
 
 
-# --------------------------------------------------------------------------------------------- fingerprints
-def vocab_hash(tokenizer: Any) -> str:
-    """sha256 of the tokenizer's token -> id map (added tokens included)."""
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
-    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()
-
-
+# --------------------------------------------------------------------------------------------- data checksum
 def token_ids_checksum(dataset: Any, column: str = "input_ids", batch_size: int = 1024) -> str:
     """sha256 over the rows of `column` (each row's length, then its ids as int64): identifies the tokenized data."""
-    digest = hashlib.sha256()
     view = dataset.select_columns([column]).with_format(None)
-    for start in range(0, len(view), batch_size):
-        for row in view[start : start + batch_size][column]:
-            ids = np.asarray(row, dtype=np.int64)
-            digest.update(np.int64(ids.size).tobytes())
-            digest.update(ids.tobytes())
-    return digest.hexdigest()
+    batches = (view[start : start + batch_size][column] for start in range(0, len(view), batch_size))
+    return ids_checksum(row for rows in batches for row in rows)
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """A cheap identity of a model's weights: sha256 over each parameter's name, shape, dtype and rounded sums.
-    Tells a retrained teacher saved at the same path from the old one without hashing every byte."""
-    digest = hashlib.sha256()
-    with torch.no_grad():
-        for name, parameter in model.state_dict().items():
-            values = parameter.detach().float()
-            digest.update(f"{name}|{tuple(parameter.shape)}|{parameter.dtype}|".encode())
-            digest.update(f"{float(values.sum()):.6e}|{float(values.abs().sum()):.6e}".encode())
-    return digest.hexdigest()
-
-
-def tokenizer_description(tokenizer: Any) -> dict[str, Any]:
-    return {
-        "name_or_path": getattr(tokenizer, "name_or_path", None),
-        "vocab_size": len(tokenizer),
-        "vocab_hash": vocab_hash(tokenizer),
-    }
-
-
-# --------------------------------------------------------------------------------------------- atomic directories
-def _is_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-_OWNER_FILE = ".owner.json"
-_ORPHAN_AGE_S = 3600.0
-
-
-def _remove_stale_temporaries(target: Path) -> None:
-    """Remove temporary directories that builds of `target` left behind when they were killed: those whose
-    owning process (recorded inside) is gone from this host, or ownerless ones older than an hour."""
-    host = socket.gethostname()
-    for candidate in target.parent.glob(f".{target.name}{_TEMP_MARKER}*"):
-        try:
-            owner = json.loads((candidate / _OWNER_FILE).read_text(encoding="utf-8"))
-            stale = owner.get("host") == host and not _is_alive(int(owner.get("pid", -1)))
-        except (OSError, ValueError):
-            stale = time.time() - candidate.stat().st_mtime > _ORPHAN_AGE_S
-        if stale:
-            logger.warning(f"Removing {candidate}, left by a build of {target} that did not finish.")
-            shutil.rmtree(candidate, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Build a directory in a temporary sibling and rename it to `target` only if the block completes.
-
-    A block that raises (or a process that is killed) leaves `target` untouched; the temporary directory is
-    removed on error, or by the next build of the same target when the process died. With `overwrite`, an
-    existing `target` is replaced; without it, an existing `target` is an error.
-    """
-    target = Path(target).resolve()
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to rebuild it.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(target)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}{_TEMP_MARKER}", dir=target.parent))
-    try:
-        (temporary / _OWNER_FILE).write_text(
-            json.dumps({"host": socket.gethostname(), "pid": os.getpid()}), encoding="utf-8"
-        )
-        yield temporary
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    (temporary / _OWNER_FILE).unlink(missing_ok=True)
-    old = None
-    if target.exists():
-        # A directory cannot be renamed over a non-empty one: move the old one aside first.
-        old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
-        os.replace(target, old)
-    os.replace(temporary, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
+# --------------------------------------------------------------------------------------------- manifests
 def write_manifest(directory: str | os.PathLike, manifest: Mapping[str, Any]) -> None:
-    path = Path(directory) / MANIFEST_NAME
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(manifest, handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
+    """`directory`/manifest.json, written atomically."""
+    atomic_write_text(Path(directory) / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True))
 
 
 def read_manifest(directory: str | os.PathLike, what: str = "teacher logits cache") -> dict[str, Any]:

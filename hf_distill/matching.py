@@ -6,13 +6,18 @@ k is the output of layer k, so a model with L layers has indices 0..L. Attention
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.utils import logging
 
 from .losses import attention_distillation_loss, hidden_state_loss
+
+logger = logging.get_logger(__name__)
 
 LayerMap = list[tuple[int, int]]
 
@@ -136,6 +141,107 @@ def attention_matching_loss(
         for s, t in pairs
     ]
     return torch.stack(losses).mean()
+
+
+def matched_stacks(
+    seq2seq: bool,
+    layer_maps: dict[str, LayerMap],
+    student_outputs: Any,
+    teacher_outputs: Any,
+    inputs: dict[str, Any],
+    what: str,
+):
+    """(stack, student tensors, teacher tensors, position mask) for each matched layer stack.
+
+    what: "hidden" (hidden_states) or "attentions". Encoder-decoder outputs name them per stack
+    (encoder_hidden_states, decoder_attentions, ...); the decoder's mask is its attention mask or the labelled
+    positions.
+    """
+    field = "hidden_states" if what == "hidden" else "attentions"
+    for stack in layer_maps:
+        if seq2seq:
+            name = f"{stack}_{field}"
+            if stack == "encoder":
+                mask = inputs.get("attention_mask")
+            else:
+                labels = inputs.get("labels")
+                mask = inputs.get("decoder_attention_mask", labels.ne(-100) if labels is not None else None)
+        else:
+            name, mask = field, inputs.get("attention_mask")
+        student_states = getattr(student_outputs, name, None)
+        teacher_states = getattr(teacher_outputs, name, None)
+        if student_states is None or teacher_states is None:
+            weight = "hidden_weight" if what == "hidden" else "attention_weight"
+            raise ValueError(
+                f"{'hidden-state' if what == 'hidden' else 'attention'} matching is on, but the "
+                f"{'student' if student_states is None else 'teacher'} returned no {name}; use a model that "
+                f"supports output_{field}=True or set {weight}=0."
+            )
+        yield stack, student_states, teacher_states, mask.bool() if mask is not None else None
+
+
+def build_projections(
+    layer_maps: dict[str, LayerMap], student_width: int, teacher_width: int, device: Any, sharded: bool
+) -> nn.ModuleDict:
+    """One `HiddenProjections` per stack, on `device`; parameters only when the widths differ, which a sharded run
+    (DeepSpeed, FSDP) refuses: the projections train outside the sharded model and would escape its clipping."""
+    projections = nn.ModuleDict(
+        {
+            stack: HiddenProjections(layer_map, student_width, teacher_width)
+            for stack, layer_map in layer_maps.items()
+        }
+    )
+    projections.to(device)
+    if any(True for _ in projections.parameters()):
+        if sharded:
+            raise ValueError(
+                f"the student's hidden width ({student_width}) differs from the teacher's ({teacher_width}), which "
+                "needs learned projections, and those are not supported under DeepSpeed or FSDP yet (their "
+                "gradients would escape the sharded clipping); use a student of the teacher's width "
+                "(create_student) or set hidden_weight=0."
+            )
+        logger.info(
+            f"Learning projections from width {student_width} to {teacher_width} for hidden matching."
+        )
+    return projections
+
+
+def projection_runners(
+    projections: nn.ModuleDict, device: torch.device, world_size: int
+) -> dict[str, nn.Module]:
+    """What runs each stack's projections: the module itself, or under DDP a DistributedDataParallel wrapper,
+    since the projections train outside the student and need their own gradient all-reduce."""
+    runners: dict[str, nn.Module] = dict(projections.items())
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        for stack, module in projections.items():
+            if any(True for _ in module.parameters()):
+                device_ids = [device.index] if device.type == "cuda" else None
+                runners[stack] = nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+    return runners
+
+
+PROJECTIONS_NAME = "distill_projections.safetensors"
+
+
+def save_projections(projections: nn.Module, output_dir: str) -> None:
+    """Write the learned projections into a checkpoint folder (training state, like the optimizer's: never into
+    the student's weights)."""
+    if any(True for _ in projections.parameters()):
+        state = {key: value.detach().cpu().contiguous() for key, value in projections.state_dict().items()}
+        save_file(state, os.path.join(output_dir, PROJECTIONS_NAME))
+
+
+def load_projections(projections: nn.Module, checkpoint: str, device: Any) -> None:
+    """Restore the learned projections from a checkpoint folder written by `save_projections`."""
+    if not any(True for _ in projections.parameters()):
+        return
+    path = os.path.join(checkpoint, PROJECTIONS_NAME)
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"{checkpoint} has no {PROJECTIONS_NAME}: it was written by a run without learned hidden projections. "
+            "Resume with the same hidden_weight/layer_map as that run, or start a new run."
+        )
+    projections.load_state_dict(load_file(path, device=str(device)))
 
 
 # ---- what a model's config says about its layers -------------------------------------------------------------

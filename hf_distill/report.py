@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from transformers.utils import logging
 
+from .atomic import atomic_open, atomic_write_text
+
 logger = logging.get_logger(__name__)
 
 REPORT_JSON = "distill_report.json"
@@ -298,26 +300,6 @@ def report_to_markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], binary: bool = False) -> None:
-    """Write through a temporary file in the same directory, then rename over `path`: readers see
-    either the previous file or the complete new one, never a partial file."""
-    handle = tempfile.NamedTemporaryFile(
-        mode="wb" if binary else "w",
-        dir=path.parent,
-        prefix=f".{path.name}.",
-        suffix=".tmp",
-        delete=False,
-        **({} if binary else {"encoding": "utf-8"}),
-    )
-    try:
-        with handle:
-            write(handle)
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-
-
 def _plot(report: Mapping[str, Any], handle) -> None:
     # Figure + Agg canvas directly, not pyplot: no global backend switch, no display needed.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -342,8 +324,11 @@ def _plot(report: Mapping[str, Any], handle) -> None:
     figure.savefig(handle, format="png")
 
 
-def write_report(report: Mapping[str, Any], output_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write `distill_report.json`, `.md` and `.png` into `output_dir`, each atomically.
+def write_report(
+    report: Mapping[str, Any], output_dir: str | os.PathLike, extra_markdown: str = ""
+) -> dict[str, Path]:
+    """Write `distill_report.json`, `.md` and `.png` into `output_dir`, each atomically; `extra_markdown` (a recipe's
+    own sections) ends the markdown.
 
     Returns the paths written, keyed by "json", "markdown" and "plot".
     """
@@ -354,9 +339,10 @@ def write_report(report: Mapping[str, Any], output_dir: str | os.PathLike) -> di
         "markdown": output_dir / REPORT_MARKDOWN,
         "plot": output_dir / REPORT_PLOT,
     }
-    _atomic_write(paths["json"], lambda handle: json.dump(report, handle, indent=2, sort_keys=False))
-    markdown = "# Distillation report\n\n" + report_to_markdown(report)
-    _atomic_write(paths["markdown"], lambda handle: handle.write(markdown))
-    _atomic_write(paths["plot"], lambda handle: _plot(report, handle), binary=True)
+    atomic_write_text(paths["json"], json.dumps(report, indent=2, sort_keys=False))
+    markdown = "# Distillation report\n\n" + report_to_markdown(report) + extra_markdown
+    atomic_write_text(paths["markdown"], markdown)
+    with atomic_open(paths["plot"], "wb") as handle:
+        _plot(report, handle)
     logger.info(f"Wrote the distillation report to {output_dir}")
     return paths

@@ -21,27 +21,19 @@ target and appears only when complete.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import set_seed
+from transformers.utils import logging
 
-try:  # installed package: pip install -e .
-    from hf_distill.tasks import common
-    from hf_distill.tasks import language_modeling as lm
-except ImportError:  # a source checkout, run as `python scripts/cache_teacher_logits.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tasks import common
-    from tasks import language_modeling as lm
-
-from transformers.utils import logging  # noqa: E402
-
-from hf_distill.args import DistillationTrainingArguments  # noqa: E402
-from hf_distill.logit_cache import LOGPROBS_DTYPES, build_logit_cache  # noqa: E402
-from hf_distill.teacher import freeze  # noqa: E402
+from hf_distill.args import DistillationTrainingArguments
+from hf_distill.logit_cache import LOGPROBS_DTYPES, build_logit_cache
+from hf_distill.tasks import common
+from hf_distill.tasks import language_modeling as lm
+from hf_distill.teacher import freeze
 
 logger = logging.get_logger("cache_teacher_logits")
 

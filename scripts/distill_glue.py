@@ -22,21 +22,13 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
-from pathlib import Path
 from typing import Any
 
 from transformers import Trainer, set_seed
+from transformers.utils import logging
 
-try:  # installed package: pip install -e .
-    from hf_distill.tasks import classification, common
-except ImportError:  # a source checkout, run as `python scripts/distill_glue.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tasks import classification, common
-
-from transformers.utils import logging  # noqa: E402
-
-from hf_distill import DistillationTrainer, DistillationTrainingArguments  # noqa: E402
+from hf_distill import DistillationTrainer, DistillationTrainingArguments
+from hf_distill.tasks import classification, common
 
 logger = logging.get_logger("distill_glue")
 

@@ -36,29 +36,19 @@ from __future__ import annotations
 import gc
 import math
 import os
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
 from transformers import Trainer, set_seed
+from transformers.utils import logging
 
-try:  # installed package: pip install -e .
-    from hf_distill.tasks import common
-    from hf_distill.tasks import language_modeling as lm
-    from hf_distill.tasks.generation_limits import shared_vocab_size
-except ImportError:  # a source checkout, run as `python scripts/distill_lm.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tasks import common
-    from tasks import language_modeling as lm
-    from tasks.generation_limits import shared_vocab_size
-
-from transformers.utils import logging  # noqa: E402
-
-from hf_distill import DistillationTrainer, DistillationTrainingArguments  # noqa: E402
-from hf_distill.logit_cache import load_logit_cache  # noqa: E402
-from hf_distill.report import REPORT_MARKDOWN, write_report  # noqa: E402
+from hf_distill import DistillationTrainer, DistillationTrainingArguments
+from hf_distill.logit_cache import load_logit_cache
+from hf_distill.report import write_report
+from hf_distill.tasks import common
+from hf_distill.tasks import language_modeling as lm
+from hf_distill.tasks.generation_limits import shared_vocab_size
 
 logger = logging.get_logger("distill_lm")
 
@@ -182,20 +172,13 @@ def write_lm_report(
         ):
             entry[name] = text
     report["generations"] = generations
-    output_dir = Path(training_args.output_dir)
-    write_report(report, output_dir)
-    markdown = (output_dir / REPORT_MARKDOWN).read_text(encoding="utf-8")
     rates = "\n".join(
         f"- {name}: "
         + ", ".join(f"{rate:,.0f} tokens/s at batch {bs}" for bs, rate in entry["tokens_per_second"].items())
         for name, entry in report["models"].items()
     )
-    markdown += "\n## Forward throughput\n\n" + rates + "\n" + lm.generations_markdown(generations)
-    with tempfile.NamedTemporaryFile(
-        "w", dir=output_dir, suffix=".tmp", delete=False, encoding="utf-8"
-    ) as handle:
-        handle.write(markdown)
-    os.replace(handle.name, output_dir / REPORT_MARKDOWN)
+    extra_markdown = "\n## Forward throughput\n\n" + rates + "\n" + lm.generations_markdown(generations)
+    write_report(report, training_args.output_dir, extra_markdown=extra_markdown)
     return report
 
 

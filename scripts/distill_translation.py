@@ -10,9 +10,9 @@
     accelerate launch scripts/distill_translation.py run.yaml     # the same flags from one YAML/JSON file
 
 Data as transformers' run_translation.py takes it (--dataset_name, or JSON lines files with one
-{"translation": {"en": ..., "de": ...}} per line). Flags: the model flags (tasks/common.py ModelArguments plus
---student_num_decoder_layers / --student_decoder_layers), the data flags (tasks/translation.py), the
-sequence-level KD flags (tasks/seq_kd_cache.py: --seq_kd, --seq_kd_num_beams, --seq_kd_mix, ...), the report
+{"translation": {"en": ..., "de": ...}} per line). Flags (tasks/translation_args.py): the model flags (tasks/common.py ModelArguments plus
+--student_num_decoder_layers / --student_decoder_layers), the data flags, the
+sequence-level KD flags (--seq_kd, --seq_kd_num_beams, --seq_kd_mix, ...), the report
 flags and every Seq2SeqDistillationTrainingArguments flag (--alpha, --temperature, --hidden_weight,
 --layer_map for the encoder, --decoder_layer_map for the decoder, --predict_with_generate, ...).
 
@@ -29,28 +29,20 @@ generation latency and sentences/s at batch 1 and 32.
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 from typing import Any
 
 from transformers import Seq2SeqTrainer, set_seed
+from transformers.utils import logging
 
-try:  # installed package: pip install -e .
-    from hf_distill.tasks import common, seq_kd_cache, translation
-except ImportError:  # a source checkout, run as `python scripts/distill_translation.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tasks import common, seq_kd_cache, translation
-
-from transformers.utils import logging  # noqa: E402
-
-from hf_distill import Seq2SeqDistillationTrainer, Seq2SeqDistillationTrainingArguments  # noqa: E402
+from hf_distill import Seq2SeqDistillationTrainer, Seq2SeqDistillationTrainingArguments
+from hf_distill.tasks import common, translation
 
 logger = logging.get_logger("distill_translation")
 
 ARGUMENT_TYPES = (
     translation.Seq2SeqModelArguments,
     translation.DataArguments,
-    seq_kd_cache.SeqKDArguments,
+    translation.SeqKDArguments,
     common.ReportArguments,
     Seq2SeqDistillationTrainingArguments,
 )

@@ -14,19 +14,12 @@ train/eval/all_results.json are written to --output_dir, ready for --teacher_mod
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
 from transformers import Trainer, TrainingArguments, set_seed
+from transformers.utils import logging
 
-try:  # installed package: pip install -e .
-    from hf_distill.tasks import classification, common
-except ImportError:  # a source checkout, run as `python scripts/train_teacher.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tasks import classification, common
-
-from transformers.utils import logging  # noqa: E402
+from hf_distill.tasks import classification, common
 
 logger = logging.get_logger("train_teacher")
 

@@ -1,45 +1,77 @@
-"""Sequence classification and regression (GLUE and local files): data, labels, metrics, models.
+"""Sequence classification and regression (GLUE and local files): the tasks, flags, data and run of the recipe
+(scripts/distill_glue.py, scripts/train_teacher.py), in one namespace with the public names of its other modules:
+
+- classification_models.py    labels matched to a model's outputs; teacher (checked against the data before
+                              anything trains), student and fine-tuning model loading
+- classification_metrics.py   accuracy, F1, correlations, and `compute_metrics`
 
 The data and metric functions are pure (datasets and arrays in, datasets and numbers out) so they can be
-tested without a model; model loading checks the teacher against the data before anything trains.
+tested without a model.
 """
 
 from __future__ import annotations
 
-import copy
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from datasets import ClassLabel, Dataset, DatasetDict, Value, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, Value
 from transformers import (
-    AutoConfig,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
     DataCollatorWithPadding,
-    EvalPrediction,
-    PretrainedConfig,
-    PreTrainedModel,
     PreTrainedTokenizerBase,
     default_data_collator,
 )
 from transformers.utils import logging
 
-from .common import (
-    LoadingArguments,
-    ModelArguments,
-    ReportArguments,
-    build_student,
-    load_hub_dataset,
-    load_pretrained,
+from . import raw_data
+from .classification_metrics import compute_task_metrics, make_compute_metrics, predictions_from_logits
+from .classification_models import (
+    DistillationModels,
+    LabelAlignment,
+    align_labels,
+    has_named_labels,
+    load_distillation_models,
+    load_model_for_finetuning,
+    load_tokenizer,
 )
+from .common import LoadingArguments, ReportArguments
 
 logger = logging.get_logger(__name__)
 
 GLUE_DATASET = "nyu-mll/glue"
+
+__all__ = [
+    "FILE_CLASSIFICATION_METRICS",
+    "FILE_REGRESSION_METRICS",
+    "FILE_SUFFIXES",
+    "GLUE_DATASET",
+    "GLUE_TASKS",
+    "ClassificationReportArguments",
+    "DataArguments",
+    "DistillationModels",
+    "GlueTask",
+    "LabelAlignment",
+    "TaskSpec",
+    "align_labels",
+    "check_splits",
+    "compute_task_metrics",
+    "data_collator",
+    "has_named_labels",
+    "load_distillation_models",
+    "load_model_for_finetuning",
+    "load_raw_datasets",
+    "load_tokenizer",
+    "make_compute_metrics",
+    "predictions_from_logits",
+    "resolve_task",
+    "split_suffix",
+    "tokenize_datasets",
+    "train_evaluate_predict",
+    "write_predictions",
+]
 
 
 # --------------------------------------------------------------------------------------------- tasks
@@ -78,7 +110,7 @@ GLUE_TASKS: dict[str, GlueTask] = {
 FILE_CLASSIFICATION_METRICS = ("accuracy", "f1_macro")
 FILE_REGRESSION_METRICS = ("pearson", "spearmanr", "combined_score")
 
-_FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 # Short names for the metric keys of the extra evaluation splits (MNLI mismatched -> eval_accuracy_mm).
 _SPLIT_SUFFIXES = {"validation_mismatched": "mm", "test_mismatched": "mm"}
 
@@ -97,7 +129,7 @@ class ClassificationReportArguments(ReportArguments):
 
 
 @dataclass
-class DataArguments:
+class DataArguments(raw_data.DataArguments):
     """Which data to train and evaluate on, and how to turn it into model inputs."""
 
     task_name: str | None = field(
@@ -108,13 +140,9 @@ class DataArguments:
         },
     )
     dataset_name: str | None = field(default=None, metadata={"help": "Another dataset on the Hub."})
-    dataset_config_name: str | None = field(
-        default=None, metadata={"help": "Configuration of --dataset_name."}
-    )
     train_file: str | None = field(
         default=None, metadata={"help": "Training data: .csv, .tsv, .json, .jsonl or .parquet."}
     )
-    validation_file: str | None = field(default=None, metadata={"help": "Evaluation data, same format."})
     test_file: str | None = field(
         default=None,
         metadata={"help": "Prediction data, same format; with a label column its metrics are computed too."},
@@ -140,18 +168,8 @@ class DataArguments:
             "are padded to their longest example, which is faster on CPU and GPU."
         },
     )
-    max_train_samples: int | None = field(
-        default=None, metadata={"help": "Use only the first N training examples."}
-    )
-    max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Use only the first N evaluation examples."}
-    )
     max_predict_samples: int | None = field(
         default=None, metadata={"help": "Use only the first N prediction examples."}
-    )
-    overwrite_cache: bool = field(default=False, metadata={"help": "Recompute the tokenized datasets."})
-    preprocessing_num_workers: int | None = field(
-        default=None, metadata={"help": "Processes for tokenization."}
     )
 
     def __post_init__(self):
@@ -162,26 +180,13 @@ class DataArguments:
                     f"Unknown task_name {self.task_name!r}; valid GLUE tasks are {', '.join(GLUE_TASKS)}. For other "
                     "data pass --train_file/--validation_file instead."
                 )
-        files = [f for f in (self.train_file, self.validation_file, self.test_file) if f is not None]
-        if self.task_name is None and self.dataset_name is None and not files:
+        if self.task_name is None and self.dataset_name is None and not self.data_files:
             raise ValueError(
                 "No data: pass --task_name (a GLUE task), --dataset_name, or --train_file/--validation_file."
             )
-        suffixes = {Path(f).suffix.lower() for f in files}
-        unknown = suffixes - set(_FILE_BUILDERS)
-        if unknown:
-            raise ValueError(
-                f"Unsupported data file type {sorted(unknown)}; use one of {sorted(_FILE_BUILDERS)}."
-            )
-        if len({_FILE_BUILDERS[s] for s in suffixes}) > 1:
-            raise ValueError(f"Data files must share one format, got {files}.")
+        raw_data.check_file_types(self.data_files.values(), FILE_SUFFIXES)
         if self.max_seq_length < 1:
             raise ValueError(f"max_seq_length must be >= 1, got {self.max_seq_length}.")
-
-    @property
-    def data_files(self) -> dict[str, str]:
-        named = {"train": self.train_file, "validation": self.validation_file, "test": self.test_file}
-        return {split: path for split, path in named.items() if path is not None}
 
 
 @dataclass
@@ -213,30 +218,11 @@ class TaskSpec:
 def load_raw_datasets(data_args: DataArguments, loading_args: LoadingArguments | None = None) -> DatasetDict:
     """The raw splits: local files when given (each file loaded on its own, so a test file may lack the
     label column), else the GLUE task or --dataset_name from the Hub."""
-    cache_dir = loading_args.cache_dir if loading_args else None
-    files = data_args.data_files
-    if files:
-        raw = DatasetDict()
-        for split, path in files.items():
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"--{split}_file {path!r} does not exist.")
-            suffix = Path(path).suffix.lower()
-            extra = {"delimiter": "\t"} if suffix == ".tsv" else {}
-            raw[split] = load_dataset(
-                _FILE_BUILDERS[suffix], data_files={split: path}, split=split, cache_dir=cache_dir, **extra
-            )
-        return raw
-    name, config = (
-        (GLUE_DATASET, data_args.task_name)
-        if data_args.dataset_name is None
-        else (data_args.dataset_name, data_args.dataset_config_name)
-    )
-    return load_hub_dataset(
-        name,
-        config,
+    return raw_data.load_raw_datasets(
+        data_args,
+        loading_args,
         local_files="local csv, json/jsonl or parquet files",
-        cache_dir=cache_dir,
-        token=loading_args.token if loading_args else None,
+        hub_dataset=(GLUE_DATASET, data_args.task_name) if data_args.dataset_name is None else None,
     )
 
 
@@ -425,9 +411,7 @@ def tokenize_datasets(
             encode,
             batched=True,
             remove_columns=dataset.column_names,
-            num_proc=data_args.preprocessing_num_workers,
-            load_from_cache_file=not data_args.overwrite_cache,
-            desc=f"Tokenizing {split}",
+            **data_args.map_options(split),
         )
     return tokenized
 
@@ -440,54 +424,7 @@ def data_collator(
     return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if fp16 else None)
 
 
-# --------------------------------------------------------------------------------------------- metrics
-def compute_task_metrics(
-    predictions: np.ndarray, references: np.ndarray, metrics: Sequence[str]
-) -> dict[str, float]:
-    """Metrics of predicted class ids (or regression values) against the references.
-
-    accuracy; f1 (binary, positive class 1); f1_macro; matthews_correlation; pearson; spearmanr;
-    combined_score (mean of the metrics listed before it).
-    """
-    from scipy.stats import pearsonr, spearmanr
-    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
-
-    predictions, references = np.asarray(predictions), np.asarray(references)
-    functions = {
-        "accuracy": lambda: accuracy_score(references, predictions),
-        "f1": lambda: f1_score(references, predictions),
-        "f1_macro": lambda: f1_score(references, predictions, average="macro"),
-        "matthews_correlation": lambda: matthews_corrcoef(references, predictions),
-        "pearson": lambda: pearsonr(predictions, references)[0],
-        "spearmanr": lambda: spearmanr(predictions, references)[0],
-    }
-    results: dict[str, float] = {}
-    for name in metrics:
-        if name == "combined_score":
-            results[name] = float(np.mean(list(results.values())))
-        elif name in functions:
-            results[name] = float(functions[name]())
-        else:
-            raise ValueError(f"Unknown metric {name!r}; known: {sorted(functions) + ['combined_score']}.")
-    return results
-
-
-def predictions_from_logits(logits: Any, is_regression: bool) -> np.ndarray:
-    """Class ids (argmax) or regression values from model outputs (the logits may come in a tuple)."""
-    if isinstance(logits, (tuple, list)):
-        logits = logits[0]
-    logits = np.asarray(logits)
-    return np.squeeze(logits, axis=-1) if is_regression else np.argmax(logits, axis=-1)
-
-
-def make_compute_metrics(spec: TaskSpec) -> Callable[[EvalPrediction], dict[str, float]]:
-    def compute_metrics(eval_prediction: EvalPrediction) -> dict[str, float]:
-        predictions = predictions_from_logits(eval_prediction.predictions, spec.is_regression)
-        return compute_task_metrics(predictions, eval_prediction.label_ids, spec.metrics)
-
-    return compute_metrics
-
-
+# --------------------------------------------------------------------------------------------- running
 def write_predictions(
     path: str | os.PathLike, predictions: np.ndarray, spec: TaskSpec, id2label: Mapping
 ) -> None:
@@ -499,194 +436,10 @@ def write_predictions(
             handle.write(f"{index}\t{value}\n")
 
 
-# --------------------------------------------------------------------------------------------- labels
-def has_named_labels(config: PretrainedConfig) -> bool:
-    """False for the LABEL_0, LABEL_1... that transformers assigns when a model was saved without names."""
-    return any(config.id2label.get(i) != f"LABEL_{i}" for i in range(config.num_labels))
-
-
-@dataclass
-class LabelAlignment:
-    label_to_id: dict[Any, int]  # raw label value -> output index of the model
-    id2label: dict[int, str]
-
-
-def align_labels(spec: TaskSpec, config: PretrainedConfig, role: str = "teacher") -> LabelAlignment:
-    """Map the data's labels onto the outputs of a model with `config`.
-
-    A model with named labels keeps its order (data labels are matched by name, then case-insensitively);
-    an unnamed one takes the data's sorted order. Raises when the counts or the names differ.
-    """
-    config_names = [config.id2label.get(i, f"LABEL_{i}") for i in range(config.num_labels)]
-    fix = (
-        "pass a teacher fine-tuned on this data (scripts/train_teacher.py fine-tunes one)"
-        if role == "teacher"
-        else f"pass a {role} whose classification head matches the data"
-    )
-    if spec.is_regression:
-        if config.num_labels != 1:
-            raise ValueError(
-                f"The {role} has {config.num_labels} labels {config_names}, but the task is regression (1 output); "
-                f"{fix}."
-            )
-        return LabelAlignment({}, {0: config_names[0]})
-    if config.num_labels != spec.num_labels:
-        raise ValueError(
-            f"The {role} has {config.num_labels} labels {config_names}, the data has {spec.describe_labels()}; "
-            f"{fix}."
-        )
-    named = has_named_labels(config)
-    if spec.label_names is None:
-        # Bare integer labels: value order is output order.
-        id2label = (
-            dict(enumerate(config_names)) if named else {i: str(v) for i, v in enumerate(spec.label_values)}
-        )
-        return LabelAlignment({v: i for i, v in enumerate(spec.label_values)}, id2label)
-    if not named:
-        return LabelAlignment(
-            {v: i for i, v in enumerate(spec.label_values)}, dict(enumerate(spec.label_names))
-        )
-    for normalise in (lambda s: s, str.lower):
-        config_ids = {normalise(name): i for i, name in enumerate(config_names)}
-        if set(config_ids) == {normalise(n) for n in spec.label_names}:
-            label_to_id = {v: config_ids[normalise(n)] for v, n in zip(spec.label_values, spec.label_names)}
-            return LabelAlignment(label_to_id, dict(enumerate(config_names)))
-    raise ValueError(
-        f"The {role}'s labels {config_names} differ from the data's labels {spec.label_names}; {fix}, or rename "
-        "the labels in the data to match."
-    )
-
-
-def _set_labels(config: PretrainedConfig, spec: TaskSpec, id2label: Mapping[int, str]) -> None:
-    config.num_labels = spec.num_labels
-    config.id2label = dict(id2label)
-    config.label2id = {name: i for i, name in id2label.items()}
-    config.problem_type = "regression" if spec.is_regression else "single_label_classification"
-
-
-# --------------------------------------------------------------------------------------------- models
-def _load_classifier(
-    path: str, config: PretrainedConfig, role: str, loading_args: LoadingArguments, **kwargs: Any
-) -> tuple[PreTrainedModel, dict[str, Any]]:
-    model, info = load_pretrained(
-        AutoModelForSequenceClassification,
-        path,
-        role=role,
-        loading_args=loading_args,
-        config=config,
-        output_loading_info=True,
-        **kwargs,
-    )
-    return model, info
-
-
-def load_tokenizer(name_or_path: str, loading_args: LoadingArguments) -> PreTrainedTokenizerBase:
-    return load_pretrained(
-        AutoTokenizer,
-        loading_args.tokenizer_name or name_or_path,
-        role="tokenizer",
-        loading_args=loading_args,
-    )
-
-
-@dataclass
-class DistillationModels:
-    teacher: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
-    label_to_id: dict[Any, int]
-    # A fresh student on each call, initialised the same way (from the teacher, or loaded under the run's seed).
-    make_student: Callable[[], PreTrainedModel]
-
-
-def load_distillation_models(model_args: ModelArguments, spec: TaskSpec) -> DistillationModels:
-    """Teacher, tokenizer and student factory, with the teacher checked against the data first.
-
-    Errors (before training): label count or names differ, the teacher has no trained head, a model
-    cannot be found offline.
-    """
-    teacher_path = model_args.teacher_model_name_or_path
-    teacher_config = load_pretrained(AutoConfig, teacher_path, role="teacher", loading_args=model_args)
-    teacher_alignment = align_labels(spec, teacher_config, role="teacher")
-
-    # Data labels are encoded in the student's output order: the trainer reorders the teacher's logits.
-    student_config = None
-    student_alignment = teacher_alignment
-    if model_args.student_model_name_or_path is not None:
-        student_config = load_pretrained(
-            AutoConfig, model_args.student_model_name_or_path, role="student", loading_args=model_args
-        )
-        if student_config.num_labels == spec.num_labels and has_named_labels(student_config):
-            student_alignment = align_labels(spec, student_config, role="student")
-
-    if not has_named_labels(teacher_config):
-        _set_labels(teacher_config, spec, teacher_alignment.id2label)
-    teacher_config.problem_type = "regression" if spec.is_regression else "single_label_classification"
-    tokenizer = load_tokenizer(teacher_path, model_args)
-    teacher, info = _load_classifier(teacher_path, teacher_config, "teacher", model_args)
-    if info.get("missing_keys"):
-        raise ValueError(
-            f"The teacher {teacher_path!r} has no trained weights for {sorted(info['missing_keys'])}: its "
-            "classification head would be random. Fine-tune it on this data first with scripts/train_teacher.py "
-            "and pass the result as --teacher_model_name_or_path."
-        )
-
-    def make_student() -> PreTrainedModel:
-        def load_student(path: str) -> PreTrainedModel:
-            config = copy.deepcopy(student_config)
-            mismatched = config.num_labels != spec.num_labels
-            _set_labels(config, spec, student_alignment.id2label)
-            if getattr(config, "vocab_size", len(tokenizer)) < len(tokenizer):
-                raise ValueError(
-                    f"The student's vocabulary ({config.vocab_size}) is smaller than the teacher's tokenizer "
-                    f"({len(tokenizer)}); teacher and student must share a tokenizer."
-                )
-            model, _ = _load_classifier(
-                path, config, "student", model_args, ignore_mismatched_sizes=mismatched
-            )
-            return model
-
-        return build_student(model_args, teacher, load_student)
-
-    return DistillationModels(teacher, tokenizer, student_alignment.label_to_id, make_student)
-
-
-def load_model_for_finetuning(
-    model_name_or_path: str, spec: TaskSpec, loading_args: LoadingArguments
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[Any, int]]:
-    """A model with a classification head sized for the data (a new head when the sizes differ)."""
-    config = load_pretrained(AutoConfig, model_name_or_path, role="model", loading_args=loading_args)
-    mismatched = config.num_labels != spec.num_labels
-    if not mismatched and has_named_labels(config):
-        try:
-            alignment = align_labels(spec, config, role="model")
-        except ValueError:
-            alignment = None  # labels of another task: train a new head in the data's order
-    else:
-        alignment = None
-    if alignment is None:
-        natural = align_labels(spec, PretrainedConfig(num_labels=spec.num_labels), role="model")
-        _set_labels(config, spec, natural.id2label)
-        alignment = natural
-    config.problem_type = "regression" if spec.is_regression else "single_label_classification"
-    tokenizer = load_tokenizer(model_name_or_path, loading_args)
-    model, _ = _load_classifier(
-        model_name_or_path, config, "model", loading_args, ignore_mismatched_sizes=mismatched
-    )
-    return model, tokenizer, alignment.label_to_id
-
-
-# --------------------------------------------------------------------------------------------- running
 def check_splits(spec: TaskSpec, raw: DatasetDict, do_train: bool, do_eval: bool, do_predict: bool) -> None:
     """Fail before any model is loaded when a requested stage has no data."""
-    wanted = {"--do_train": (do_train, ("train",) if do_train else ())}
-    wanted["--do_eval"] = (do_eval, spec.eval_splits)
-    wanted["--do_predict"] = (do_predict, spec.predict_splits)
-    for flag, (requested, splits) in wanted.items():
-        if requested and (not splits or any(split not in raw for split in splits)):
-            kind = {"--do_train": "train", "--do_eval": "validation", "--do_predict": "test"}[flag]
-            raise ValueError(
-                f"{flag} needs {kind} data, but the loaded splits are {list(raw)}; pass --{kind}_file or drop {flag}."
-            )
+    needs = raw_data.stage_needs(do_train, do_eval, do_predict, spec.eval_splits, spec.predict_splits)
+    raw_data.require_splits(raw, needs)
 
 
 def train_evaluate_predict(

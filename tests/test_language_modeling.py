@@ -37,8 +37,10 @@ def _load_script(name: str):
 
 
 distill_lm = _load_script("distill_lm")
-lm = distill_lm.lm  # hf_distill.tasks.language_modeling when installed, tasks.language_modeling in a checkout
+lm = distill_lm.lm  # hf_distill.tasks.language_modeling: the recipe's public names, gathered from its modules
 generation_limits = importlib.import_module(f"{lm.__package__}.generation_limits")
+lm_seq_kd = importlib.import_module(f"{lm.__package__}.lm_seq_kd")
+lm_report = importlib.import_module(f"{lm.__package__}.lm_report")
 
 
 @pytest.fixture(autouse=True)
@@ -904,13 +906,16 @@ def test_lengths_are_bounded_by_a_gpt2_position_table(tmp_path, lm_tokenizer, pr
         "--validation_file", valid, "--do_train", "--do_eval", "--seq_kd", "--lmbda", "0.5",
         "--seq_kd_cache_dir", str(tmp_path / "seq_kd"),
     ] + run_flags(out, max_steps=2) + ["--report_max_new_tokens", "32"]  # fmt: skip
-    with CaptureLogger(generation_limits.logger) as limits_log, CaptureLogger(lm.logger) as lm_log:
-        with CaptureLogger(distill_lm.logger) as script_log:
+    with CaptureLogger(generation_limits.logger) as limits_log, CaptureLogger(lm_seq_kd.logger) as seq_kd_log:
+        with CaptureLogger(distill_lm.logger) as script_log, CaptureLogger(lm_report.logger) as report_log:
             results = distill_lm.main(argv)
     assert f"--block_size 128 exceeds the {positions} positions" in limits_log.out
-    assert "--seq_kd_max_new_tokens 128" in lm_log.out and f"teacher's {positions} positions" in lm_log.out
+    assert (
+        "--seq_kd_max_new_tokens 128" in seq_kd_log.out
+        and f"teacher's {positions} positions" in seq_kd_log.out
+    )
     assert "--on_policy_max_new_tokens 64" in script_log.out
-    assert "--report_max_new_tokens 32" in lm_log.out
+    assert "--report_max_new_tokens 32" in report_log.out
     cached = Dataset.load_from_disk(str(tmp_path / "seq_kd" / "data"))
     assert max(len(row) for row in cached["input_ids"]) <= positions
     assert math.isfinite(results["eval"]["perplexity"]) and len(results["report"]["generations"]) == 2

@@ -5,12 +5,14 @@ scripts/distill_lm.py --teacher_logits_cache end to end."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
 import json
 import os
 import random
 import shutil
 import signal
+import struct
 import sys
 from pathlib import Path
 
@@ -21,7 +23,8 @@ from conftest import WORDS
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hf_distill import logit_cache
+from hf_distill import atomic, logit_cache
+from hf_distill.fingerprint import model_fingerprint, vocab_hash
 from hf_distill.logit_cache import (
     INDICES_COLUMN,
     LOGPROBS_COLUMN,
@@ -189,11 +192,11 @@ def test_manifest_describes_the_cache(tmp_path, lm_tokenizer):
 
     assert manifest["teacher"] == "tiny-teacher"
     assert manifest["tokenizer"]["vocab_size"] == len(lm_tokenizer)
-    assert manifest["tokenizer"]["vocab_hash"] == logit_cache.vocab_hash(lm_tokenizer)
+    assert manifest["tokenizer"]["vocab_hash"] == vocab_hash(lm_tokenizer)
     assert manifest["block_size"] == 16 and manifest["num_rows"] == 2
     assert manifest["data_checksum"] == token_ids_checksum(dataset)
     assert manifest["hf_distill_version"] == __version__
-    assert manifest["teacher_fingerprint"] == logit_cache.model_fingerprint(teacher)
+    assert manifest["teacher_fingerprint"] == model_fingerprint(teacher)
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["data", "manifest.json"]
 
 
@@ -203,6 +206,26 @@ def test_checksum_depends_on_ids_order_and_row_boundaries():
     assert checksum([[1, 2], [3]]) != checksum([[1], [2, 3]])
     assert checksum([[1, 2], [3]]) != checksum([[3], [1, 2]])
     assert checksum([[1, 2], [3]]) != checksum([[1, 2], [4]])
+    # The value caches record and compare: each row's length, then its ids, as little-endian int64.
+    reference = hashlib.sha256()
+    for row in ([1, 2], [3]):
+        reference.update(struct.pack("<q", len(row)) + struct.pack(f"<{len(row)}q", *row))
+    assert checksum([[1, 2], [3]]) == reference.hexdigest()
+
+
+def test_model_fingerprint_sees_every_bit_of_the_weights_and_nothing_else(tmp_path, lm_tokenizer):
+    teacher = tiny_llama(len(lm_tokenizer))
+    fingerprint = model_fingerprint(teacher)
+    assert model_fingerprint(copy.deepcopy(teacher)) == fingerprint
+    teacher.save_pretrained(tmp_path / "teacher")
+    assert model_fingerprint(LlamaForCausalLM.from_pretrained(tmp_path / "teacher")) == fingerprint
+    # The smallest change of one weight, far below what sums of the weights would show.
+    changed = copy.deepcopy(teacher)
+    with torch.no_grad():
+        weight = changed.model.layers[0].mlp.up_proj.weight
+        weight[0, 0] = torch.nextafter(weight[0, 0], weight[0, 0] + 1)
+    assert model_fingerprint(changed) != fingerprint
+    assert model_fingerprint(copy.deepcopy(teacher).to(torch.bfloat16)) != fingerprint
 
 
 # --------------------------------------------------------------------------------------------- manifest checks
@@ -345,7 +368,7 @@ def test_a_killed_build_leaves_a_temporary_directory_that_is_ignored_and_cleaned
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the child
         try:
-            with logit_cache.atomic_directory(target) as temporary:
+            with atomic.atomic_directory(target) as temporary:
                 (temporary / "data").mkdir()
                 os.kill(os.getpid(), signal.SIGKILL)
         finally:

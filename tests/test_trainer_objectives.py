@@ -407,7 +407,7 @@ def test_uniform_layer_map_follows_create_student(tmp_path, bert_tokenizer):
         model=student, teacher_model=teacher, args=make_args(tmp_path, hidden_weight=1.0, alpha=0.0)
     )
     # hidden_states index k is the output of layer k: student layer j+1 is teacher layer [0, 3, 5][j] + 1
-    assert trainer._layer_maps["layers"] == [(1, 1), (2, 4), (3, 6)]
+    assert trainer.layer_maps["layers"] == [(1, 1), (2, 4), (3, 6)]
     # where the student's first layer is its teacher layer, their outputs are equal at initialisation
     rows = bert_tokenizer(TEXTS[:3], padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -419,7 +419,7 @@ def test_uniform_layer_map_follows_create_student(tmp_path, bert_tokenizer):
         teacher_model=teacher,
         args=make_args(tmp_path, hidden_weight=1.0),
     )
-    assert plain._layer_maps["layers"] == [(1, 2), (2, 4), (3, 6)]
+    assert plain.layer_maps["layers"] == [(1, 2), (2, 4), (3, 6)]
 
 
 # ---- 11. bad data fails before training ------------------------------------------------------------------------
@@ -438,3 +438,38 @@ def test_empty_training_set_and_string_labels_fail_before_training(tmp_path, ber
         ValueError, match=r"column 'label' of the training set holds strings.*class_encode_column"
     ):
         DistillationTrainer(**common, train_dataset=Dataset.from_dict(rows))
+
+
+# ---- one KD source per configuration, chosen at construction -------------------------------------------------
+
+
+def test_the_kd_source_is_chosen_once_from_the_configuration(tmp_path, lm_tokenizer, bert_tokenizer):
+    from hf_distill.kd_sources import CachedTopKKD, FusedLMHeadKD, LogitsKD, SpanKD
+
+    vocab = len(lm_tokenizer)
+    common = dict(processing_class=lm_tokenizer, teacher_processing_class=lm_tokenizer)
+    live = DistillationTrainer(
+        model=llama(vocab), teacher_model=llama(vocab, seed=2), args=make_args(tmp_path), **common
+    )
+    fused = DistillationTrainer(
+        model=llama(vocab),
+        teacher_model=llama(vocab, seed=2),
+        args=make_args(tmp_path, fused_kd_loss=True),
+        **common,
+    )
+    cached = DistillationTrainer(
+        model=llama(vocab), args=make_args(tmp_path, teacher_logits_cache=str(tmp_path / "none")), **common
+    )
+    spans = DistillationTrainer(
+        model=_qa_model(bert_tokenizer, seed=1),
+        teacher_model=_qa_model(bert_tokenizer, seed=2),
+        args=make_args(tmp_path),
+    )
+    assert [type(t.kd_source) for t in (live, fused, cached, spans)] == [
+        LogitsKD,
+        FusedLMHeadKD,
+        CachedTopKKD,
+        SpanKD,
+    ]
+    assert fused.kd_source.model_kwargs() == {"output_hidden_states": True, "logits_to_keep": 1}
+    assert not cached.kd_source.needs_teacher and cached.teacher_model is None

@@ -33,6 +33,7 @@ from transformers import (
 from transformers.testing_utils import CaptureLogger
 
 from hf_distill import Seq2SeqDistillationTrainer, Seq2SeqDistillationTrainingArguments, create_student
+from hf_distill.fingerprint import texts_checksum
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,9 +47,10 @@ def _load_script(name: str):
 
 
 distill_translation = _load_script("distill_translation")
-# The modules the script uses (hf_distill.tasks.* when installed, tasks.* in a checkout).
-translation = distill_translation.translation
-seq_kd_cache = distill_translation.seq_kd_cache
+translation = distill_translation.translation  # hf_distill.tasks.translation, as the script uses it
+translation_models = importlib.import_module(f"{translation.__package__}.translation_models")
+translation_seq_kd = importlib.import_module(f"{translation.__package__}.translation_seq_kd")
+seq_kd_cache = importlib.import_module(f"{translation.__package__}.seq_kd_cache")
 
 PAIRS = [
     ("the cat is big", "die katze ist gross"),
@@ -469,10 +471,10 @@ def test_t5_teacher_without_prefix_warns_and_builds_a_shallow_decoder(seq2seq_to
     model_args = translation.Seq2SeqModelArguments(
         teacher_model_name_or_path=teacher_dir, student_num_layers=2, student_num_decoder_layers=1
     )
-    with CaptureLogger(translation.logger) as captured:
+    with CaptureLogger(translation_models.logger) as captured:
         models = translation.load_translation_models(model_args, _data_args(), EN_DE)
     assert "t5 model but didn't provide a source prefix" in captured.out
-    with CaptureLogger(translation.logger) as captured:
+    with CaptureLogger(translation_models.logger) as captured:
         translation.load_translation_models(model_args, _data_args(source_prefix="hello world "), EN_DE)
     assert "source prefix" not in captured.out
 
@@ -486,22 +488,30 @@ def test_t5_teacher_without_prefix_warns_and_builds_a_shallow_decoder(seq2seq_to
 
 
 # --------------------------------------------------------------------------------------------- seq-KD cache
-def _identity(sources, **overrides):
+TOKENIZER = {"name_or_path": "teacher-dir", "vocab_size": 10, "vocab_hash": "0123"}
+
+
+def _identity(sources, teacher_fingerprint="abc", **settings):
     values = {
-        "teacher": "teacher-dir",
-        "teacher_fingerprint": "abc",
-        "tokenizer": "teacher-dir",
         "source_lang": "en",
         "target_lang": "de",
-        "source_prefix": None,
+        "source_prefix": "",
         "max_source_length": 16,
         "num_beams": 4,
         "max_length": 16,
         "forced_bos_token": None,
-        "sources": sources,
     }
-    values.update(overrides)
-    return seq_kd_cache.cache_identity(**values)
+    values.update(settings)
+    return seq_kd_cache.cache_identity(
+        task="translation",
+        teacher_name="teacher-dir",
+        teacher_fingerprint=teacher_fingerprint,
+        tokenizer=TOKENIZER,
+        vocab_size=None,
+        inputs_checksum=texts_checksum(sources),
+        num_inputs=len(sources),
+        settings=values,
+    )
 
 
 class _FakeTeacher:
@@ -516,6 +526,13 @@ class _FakeTeacher:
         return [source.upper() + self.tag for source in sources]
 
 
+def _load_or_build(cache_dir, identity, sources, teacher, **options):
+    def generate():
+        return Dataset.from_dict({"source": list(sources), "target": teacher(sources)})
+
+    return seq_kd_cache.load_or_build(cache_dir, identity, generate, **options)
+
+
 SOURCES = [source for source, _ in PAIRS]
 
 
@@ -523,23 +540,26 @@ def test_seq_kd_cache_round_trip(tmp_path):
     cache_dir = tmp_path / "cache"
     identity = _identity(SOURCES)
     teacher = _FakeTeacher()
-    first = seq_kd_cache.load_or_build(cache_dir, identity, SOURCES, teacher)
+    first = _load_or_build(cache_dir, identity, SOURCES, teacher)
     assert teacher.calls == 1
     assert first["source"] == SOURCES and first["target"] == [s.upper() for s in SOURCES]
 
-    second = seq_kd_cache.load_or_build(cache_dir, identity, SOURCES, teacher)
+    second = _load_or_build(cache_dir, identity, SOURCES, teacher)
     assert teacher.calls == 1  # read from disk
     assert second["target"] == first["target"]
 
     manifest = json.loads((cache_dir / "manifest.json").read_text())
-    assert manifest["num_examples"] == len(SOURCES) and manifest["num_beams"] == 4
-    assert {name for name in os.listdir(cache_dir)} == {"manifest.json", manifest["data"]}
+    assert manifest["kind"] == "seq_kd_completions" and manifest["task"] == "translation"
+    assert manifest["num_inputs"] == len(SOURCES) and manifest["num_rows"] == len(SOURCES)
+    assert manifest["num_beams"] == 4 and manifest["columns"] == ["source", "target"]
+    assert {name for name in os.listdir(cache_dir)} == {"manifest.json", "data"}
+    assert sorted(os.listdir(tmp_path)) == ["cache"]  # no temporary left beside it
     # the checksum sees the texts, their order and their boundaries
-    assert seq_kd_cache.source_checksum(SOURCES) == manifest["sources_sha256"]
-    assert seq_kd_cache.source_checksum(SOURCES[::-1]) != manifest["sources_sha256"]
-    assert seq_kd_cache.source_checksum(["ab", "c"]) != seq_kd_cache.source_checksum(["a", "bc"])
+    assert texts_checksum(SOURCES) == manifest["inputs_checksum"]
+    assert texts_checksum(SOURCES[::-1]) != manifest["inputs_checksum"]
+    assert texts_checksum(["ab", "c"]) != texts_checksum(["a", "bc"])
 
-    overwritten = seq_kd_cache.load_or_build(cache_dir, identity, SOURCES, _FakeTeacher("!"), overwrite=True)
+    overwritten = _load_or_build(cache_dir, identity, SOURCES, _FakeTeacher("!"), overwrite=True)
     assert overwritten["target"][0].endswith("!")
 
 
@@ -556,60 +576,83 @@ def test_seq_kd_cache_round_trip(tmp_path):
 )
 def test_seq_kd_stale_cache_is_rebuilt_with_a_warning(tmp_path, change):
     cache_dir = tmp_path / "cache"
-    seq_kd_cache.load_or_build(cache_dir, _identity(SOURCES), SOURCES, _FakeTeacher())
+    _load_or_build(cache_dir, _identity(SOURCES), SOURCES, _FakeTeacher())
     sources = change.get("sources", SOURCES)
     identity = _identity(**{"sources": SOURCES, **change})
     state = seq_kd_cache.inspect_cache(cache_dir, identity)
     assert state.status == seq_kd_cache.STALE
-    key = "sources_sha256" if "sources" in change else next(iter(change))
+    key = "inputs_checksum" if "sources" in change else next(iter(change))
     assert key in state.detail
 
     teacher = _FakeTeacher("!")
     with CaptureLogger(seq_kd_cache.logger) as captured:
-        rebuilt = seq_kd_cache.load_or_build(cache_dir, identity, sources, teacher)
+        rebuilt = _load_or_build(cache_dir, identity, sources, teacher)
     assert teacher.calls == 1 and rebuilt["target"][0].endswith("!")
     assert "built for another run" in captured.out and key in captured.out
     assert seq_kd_cache.inspect_cache(cache_dir, identity).status == seq_kd_cache.VALID
-    assert len([name for name in os.listdir(cache_dir) if name.startswith("data-")]) == 1
+    assert sorted(os.listdir(cache_dir)) == ["data", "manifest.json"]
+    assert sorted(os.listdir(tmp_path)) == ["cache"]
+
+
+def test_seq_kd_cache_of_an_older_format_is_rebuilt(tmp_path):
+    # The translation recipe's format 1: manifest.json pointing at a data-<id> directory, other keys.
+    cache_dir = tmp_path / "cache"
+    (cache_dir / "data-0a1b2c").mkdir(parents=True)
+    old = {"format_version": 1, "teacher": "teacher-dir", "data": "data-0a1b2c", "num_examples": len(SOURCES)}
+    (cache_dir / "manifest.json").write_text(json.dumps(old))
+    identity = _identity(SOURCES)
+    state = seq_kd_cache.inspect_cache(cache_dir, identity)
+    assert state.status == seq_kd_cache.STALE and "format" in state.detail
+    teacher = _FakeTeacher()
+    with CaptureLogger(seq_kd_cache.logger) as captured:
+        _load_or_build(cache_dir, identity, SOURCES, teacher)
+    assert teacher.calls == 1 and "built for another run" in captured.out
+    assert sorted(os.listdir(cache_dir)) == ["data", "manifest.json"]
 
 
 def test_seq_kd_partial_cache_is_never_used(tmp_path):
     cache_dir = tmp_path / "cache"
     identity = _identity(SOURCES)
-    seq_kd_cache.load_or_build(cache_dir, identity, SOURCES, _FakeTeacher())
-    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    _load_or_build(cache_dir, identity, SOURCES, _FakeTeacher())
 
-    # a temporary directory left by a killed run is ignored, and removed by the next write
-    leftover = cache_dir / ".tmp-killedrun"
-    leftover.mkdir()
-    (leftover / "data-00000-of-00001.arrow").write_bytes(b"\x00" * 10)
-    assert seq_kd_cache.inspect_cache(cache_dir, identity).status == seq_kd_cache.VALID
-
-    # no manifest: partial, rebuilt
+    # no manifest: partial, rebuilt (the whole directory is replaced)
     (cache_dir / "manifest.json").unlink()
     assert seq_kd_cache.inspect_cache(cache_dir, identity).status == seq_kd_cache.PARTIAL
     teacher = _FakeTeacher("!")
     with CaptureLogger(seq_kd_cache.logger) as captured:
-        rebuilt = seq_kd_cache.load_or_build(cache_dir, identity, SOURCES, teacher)
+        rebuilt = _load_or_build(cache_dir, identity, SOURCES, teacher)
     assert teacher.calls == 1 and rebuilt["target"][0].endswith("!")
     assert "incomplete cache" in captured.out
-    assert not leftover.exists() and not (cache_dir / manifest["data"]).exists()
 
-    # a manifest whose data is gone, or a truncated manifest: partial
-    manifest = json.loads((cache_dir / "manifest.json").read_text())
-    shutil.rmtree(cache_dir / manifest["data"])
+    # data that is gone, or that the manifest does not describe, or a truncated manifest: partial
+    shutil.rmtree(cache_dir / "data")
     assert seq_kd_cache.inspect_cache(cache_dir, identity).status == seq_kd_cache.PARTIAL
-    (cache_dir / "manifest.json").write_text('{"format_version": 1, "teach')
+    Dataset.from_dict({"source": SOURCES[:2], "target": SOURCES[:2]}).save_to_disk(str(cache_dir / "data"))
     assert seq_kd_cache.inspect_cache(cache_dir, identity).status == seq_kd_cache.PARTIAL
-    seq_kd_cache.load_or_build(cache_dir, identity, SOURCES, teacher)
+    (cache_dir / "manifest.json").write_text('{"format_version": 2, "teach')
+    assert seq_kd_cache.inspect_cache(cache_dir, identity).status == seq_kd_cache.PARTIAL
+    _load_or_build(cache_dir, identity, SOURCES, teacher)
     assert teacher.calls == 2
     assert seq_kd_cache.inspect_cache(cache_dir, identity).status == seq_kd_cache.VALID
+
+
+def test_seq_kd_cache_never_replaces_a_directory_of_other_files(tmp_path):
+    cache_dir = tmp_path / "results"
+    cache_dir.mkdir()
+    (cache_dir / "notes.txt").write_text("mine")
+    teacher = _FakeTeacher()
+    with pytest.raises(
+        ValueError, match=r"holds \['notes.txt'\].*--seq_kd_cache_dir at a directory of its own"
+    ):
+        _load_or_build(cache_dir, _identity(SOURCES), SOURCES, teacher)
+    assert teacher.calls == 0  # refused before the teacher spends any time
+    assert sorted(os.listdir(cache_dir)) == ["notes.txt"]
 
 
 def test_seq_kd_cache_write_is_atomic(tmp_path, monkeypatch):
     cache_dir = tmp_path / "cache"
     old_identity = _identity(SOURCES)
-    seq_kd_cache.load_or_build(cache_dir, old_identity, SOURCES, _FakeTeacher())
+    _load_or_build(cache_dir, old_identity, SOURCES, _FakeTeacher())
     new_identity = _identity(SOURCES, num_beams=2)
     listing = sorted(os.listdir(cache_dir))
 
@@ -622,20 +665,20 @@ def test_seq_kd_cache_write_is_atomic(tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(Dataset, "save_to_disk", crash_while_saving)
         with pytest.raises(KeyboardInterrupt):
-            seq_kd_cache.load_or_build(cache_dir, new_identity, SOURCES, _FakeTeacher("!"))
+            _load_or_build(cache_dir, new_identity, SOURCES, _FakeTeacher("!"))
     state = seq_kd_cache.inspect_cache(cache_dir, old_identity)
     assert state.status == seq_kd_cache.VALID and state.dataset["target"][0] == SOURCES[0].upper()
-    assert sorted(os.listdir(cache_dir)) == listing
+    assert sorted(os.listdir(cache_dir)) == listing and sorted(os.listdir(tmp_path)) == ["cache"]
 
-    # killed after the data is in place but before the manifest is replaced: still the previous cache
+    # killed after the data is saved but before the manifest is written: still the previous cache
     with monkeypatch.context() as patch:
         patch.setattr(
-            seq_kd_cache, "_write_manifest", lambda *args: (_ for _ in ()).throw(OSError("disk full"))
+            seq_kd_cache, "write_manifest", lambda *args: (_ for _ in ()).throw(OSError("disk full"))
         )
         with pytest.raises(OSError, match="disk full"):
-            seq_kd_cache.load_or_build(cache_dir, new_identity, SOURCES, _FakeTeacher("!"))
+            _load_or_build(cache_dir, new_identity, SOURCES, _FakeTeacher("!"))
     assert seq_kd_cache.inspect_cache(cache_dir, old_identity).status == seq_kd_cache.VALID
-    assert sorted(os.listdir(cache_dir)) == listing
+    assert sorted(os.listdir(cache_dir)) == listing and sorted(os.listdir(tmp_path)) == ["cache"]
 
     # the cache directory is never visible without a manifest: a first write into a new directory either
     # completes or leaves nothing that inspect_cache would load
@@ -643,15 +686,16 @@ def test_seq_kd_cache_write_is_atomic(tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(Dataset, "save_to_disk", crash_while_saving)
         with pytest.raises(KeyboardInterrupt):
-            seq_kd_cache.load_or_build(fresh, old_identity, SOURCES, _FakeTeacher())
+            _load_or_build(fresh, old_identity, SOURCES, _FakeTeacher())
     assert seq_kd_cache.inspect_cache(fresh, old_identity).status == seq_kd_cache.MISSING
+    assert sorted(os.listdir(tmp_path)) == ["cache"]
 
 
 def test_translate_with_teacher_matches_generate_and_keeps_order(seq2seq_tokenizer):
     tokenizer = seq2seq_tokenizer
     teacher = _marian(tokenizer)
     sources = [source for source, _ in PAIRS[:5]]
-    translations = seq_kd_cache.translate_with_teacher(
+    translations = translation_seq_kd.translate_with_teacher(
         teacher, tokenizer, sources, source_prefix="hello ", max_source_length=16, num_beams=2, max_length=6,
         batch_size=2,
     )  # fmt: skip
@@ -680,9 +724,9 @@ def test_seq_kd_training_set_alone_or_mixed(seq2seq_tokenizer, tmp_path, monkeyp
         calls.append(kwargs)
         return [f"teacher {source}" for source in sources]
 
-    monkeypatch.setattr(seq_kd_cache, "translate_with_teacher", fake_translate)
+    monkeypatch.setattr(translation_seq_kd, "translate_with_teacher", fake_translate)
     for mix, expected_size in (("none", len(PAIRS)), ("concat", 2 * len(PAIRS))):
-        seq_kd_args = seq_kd_cache.SeqKDArguments(seq_kd=True, seq_kd_mix=mix, seq_kd_num_beams=3)
+        seq_kd_args = translation.SeqKDArguments(seq_kd=True, seq_kd_mix=mix, seq_kd_num_beams=3)
         dataset = translation.build_seq_kd_train_dataset(
             train, models, model_args, data_args, seq_kd_args, EN_DE, str(tmp_path / "cache")
         )
@@ -728,9 +772,7 @@ def test_distill_translation_end_to_end(seq2seq_tokenizer, tmp_path):
     train_results = json.loads((output_dir / "train_results.json").read_text())
     assert train_results["train_samples"] == 2 * len(PAIRS)  # references + teacher translations
     manifest = json.loads((output_dir / "seq_kd_cache" / "manifest.json").read_text())
-    assert (
-        manifest["num_examples"] == len(PAIRS) and manifest["num_beams"] == 2 and manifest["max_length"] == 8
-    )
+    assert manifest["num_inputs"] == len(PAIRS) and manifest["num_beams"] == 2 and manifest["max_length"] == 8
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
     steps = [entry for entry in history if "loss" in entry]
     assert len(steps) == 3 and all(math.isfinite(entry["hidden_loss"]) for entry in steps)
@@ -804,10 +846,12 @@ def test_seq_kd_translations_of_a_padded_teacher_stay_in_the_shared_vocabulary(s
 
     padded.generate = recording_generate
     options = dict(max_source_length=16, num_beams=3, max_length=8, batch_size=3)
-    restricted = seq_kd_cache.translate_with_teacher(padded, tokenizer, sources, vocab_size=shared, **options)
+    restricted = translation_seq_kd.translate_with_teacher(
+        padded, tokenizer, sources, vocab_size=shared, **options
+    )
     assert generated_ids and all(int(ids.max()) < shared for ids in generated_ids)
     # Beam search over the renormalised shared vocabulary is the cut-off teacher's beam search.
-    assert restricted == seq_kd_cache.translate_with_teacher(cut, tokenizer, sources, **options)
+    assert restricted == translation_seq_kd.translate_with_teacher(cut, tokenizer, sources, **options)
 
     # Through the script: a pretrained student with exactly the tokenizer's rows trains on the cached translations.
     teacher_dir = _save(padded, tokenizer, tmp_path / "teacher")
@@ -824,7 +868,7 @@ def test_seq_kd_translations_of_a_padded_teacher_stay_in_the_shared_vocabulary(s
     cache_dir = output_dir / "seq_kd_cache"
     manifest = json.loads((cache_dir / "manifest.json").read_text())
     assert manifest["vocab_size"] == shared
-    cached = Dataset.load_from_disk(str(cache_dir / manifest["data"]))
+    cached = Dataset.load_from_disk(str(cache_dir / "data"))
     assert cached["target"] == restricted
     assert json.loads((output_dir / "train_results.json").read_text())["train_samples"] == len(PAIRS)
 

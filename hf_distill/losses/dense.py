@@ -1,0 +1,156 @@
+"""Losses over full logits with plain autograd: `logit_distillation_loss` (the reference path; chunk_size=N hands
+the same loss to the chunked Function in `chunked.py`) and `bernoulli_distillation_loss` for multi-label heads."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._common import (
+    DIVERGENCE_KINDS,
+    LOGIT_KINDS,
+    _check_chunk_size,
+    _check_logit_shapes,
+    _check_options,
+    _flat_mask,
+    _jsd_endpoint,
+    _log_mixture,
+    _mean_or_sum,
+)
+from .chunked import _ChunkedLogitDistillation
+
+
+def _divergence_rows(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str, temperature: float, beta: float
+) -> torch.Tensor:
+    """(n, V) float32 student/teacher logits -> (n,) per-position loss; T**2 already applied to the KL kinds."""
+    if kind == "mse":
+        return (student_logits - teacher_logits).pow(2).mean(-1)
+    log_p_student = F.log_softmax(student_logits / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=-1)
+    if kind == "forward_kl":
+        per_row = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)
+    elif kind == "reverse_kl":
+        per_row = (log_p_student.exp() * (log_p_student - log_p_teacher)).sum(-1)
+    else:
+        log_m = _log_mixture(log_p_teacher, log_p_student, beta)
+        kl_teacher = (log_p_teacher.exp() * (log_p_teacher - log_m)).sum(-1)
+        kl_student = (log_p_student.exp() * (log_p_student - log_m)).sum(-1)
+        per_row = beta * kl_teacher + (1.0 - beta) * kl_student
+    return per_row * temperature**2
+
+
+def logit_distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    mask: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Divergence between temperature-softened student and teacher distributions, per position, reduced.
+
+    student_logits, teacher_logits: (..., V), any float dtype; every leading dim is a position.
+    mask: (...) bool over the leading dims, True = counts; None = every position counts.
+    Returns a float32 scalar.
+
+    With p_s = softmax(student / T) and p_t = softmax(teacher / T), the per-position loss is
+      forward_kl: T**2 * KL(p_t || p_s)                               (Hinton et al., 2015)
+      reverse_kl: T**2 * KL(p_s || p_t)
+      jsd:        T**2 * (beta * KL(p_t || m) + (1 - beta) * KL(p_s || m)),  m = beta * p_t + (1 - beta) * p_s
+                  (log m via logaddexp); as in TRL, beta = 0 is forward_kl and beta = 1 is reverse_kl
+      mse:        mean over V of (student - teacher)**2, no temperature (regression heads, V = 1)
+    reduction="mean" averages over unmasked positions (0.0 with a zero gradient if there are none);
+    reduction="sum" sums them (divide by the Trainer's num_items_in_batch outside).
+
+    Inputs are upcast to float32 before any arithmetic; teacher_logits never receive a gradient.
+    chunk_size=None uses plain autograd over the full (N, V) tensors. chunk_size=N runs a custom autograd Function
+    over N unmasked positions at a time, holding at most one chunk of float32 (N, V) intermediates plus the
+    gradient buffer (input dtype and shape), with the same value and gradient; a mask adds no memory (masked
+    positions are zeroed inside their chunk). Backward through it once only.
+    """
+    _check_options(kind, LOGIT_KINDS, temperature, beta, reduction)
+    kind = _jsd_endpoint(kind, beta)
+    _check_chunk_size(chunk_size)
+    _check_logit_shapes(student_logits, teacher_logits)
+    flat_mask = _flat_mask(mask, student_logits.shape[:-1], "the logits")
+    teacher_logits = teacher_logits.detach()
+
+    if chunk_size is None:
+        vocab = student_logits.shape[-1]
+        student_rows = student_logits.float().reshape(-1, vocab)  # (N, V)
+        teacher_rows = teacher_logits.float().reshape(-1, vocab)
+        if flat_mask is not None:
+            student_rows, teacher_rows = student_rows[flat_mask], teacher_rows[flat_mask]
+        per_position = _divergence_rows(student_rows, teacher_rows, kind, temperature, beta)
+        return _mean_or_sum(per_position.sum(), per_position.shape[0], reduction)
+
+    if flat_mask is not None and bool(flat_mask.all()):
+        flat_mask = None
+    want_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    return _ChunkedLogitDistillation.apply(
+        student_logits,
+        teacher_logits,
+        flat_mask,
+        kind,
+        float(temperature),
+        float(beta),
+        chunk_size,
+        reduction,
+        want_grad,
+    )
+
+
+def bernoulli_distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Divergence between independent per-label Bernoulli distributions: multi-label classification heads.
+
+    student_logits, teacher_logits: (..., L), one logit per label; every leading dim is an example.
+    mask: (...) bool over the examples, True = counts. Returns a float32 scalar.
+
+    With p_s = sigmoid(student / T) and p_t = sigmoid(teacher / T) per label, the per-example loss is the mean over
+    the L labels of
+      forward_kl: T**2 * KL(Bern(p_t) || Bern(p_s)) = T**2 * (p_t log(p_t / p_s) + (1 - p_t) log((1 - p_t) / (1 - p_s)))
+      reverse_kl: T**2 * KL(Bern(p_s) || Bern(p_t))
+      jsd:        T**2 * (beta * KL(Bern(p_t) || Bern(m)) + (1 - beta) * KL(Bern(p_s) || Bern(m))),
+                  m = beta * p_t + (1 - beta) * p_s; beta = 0 is forward_kl and beta = 1 reverse_kl
+    A softmax over the labels would be blind to a student that adds the same constant to every logit; each label
+    is its own yes/no question here. Logs come from logsigmoid (exact for large |logits|). Same reductions as
+    `logit_distillation_loss`; teacher_logits never receive a gradient.
+    """
+    _check_options(kind, DIVERGENCE_KINDS, temperature, beta, reduction)
+    kind = _jsd_endpoint(kind, beta)
+    _check_logit_shapes(student_logits, teacher_logits)
+    flat_mask = _flat_mask(mask, student_logits.shape[:-1], "the logits")
+    labels = student_logits.shape[-1]
+    student_rows = student_logits.float().reshape(-1, labels) / temperature  # (N, L)
+    teacher_rows = teacher_logits.detach().float().reshape(-1, labels) / temperature
+    if flat_mask is not None:
+        student_rows, teacher_rows = student_rows[flat_mask], teacher_rows[flat_mask]
+    # (2, N, L): log-probabilities of "yes" and "no" for each label
+    log_p_student = torch.stack([F.logsigmoid(student_rows), F.logsigmoid(-student_rows)])
+    log_p_teacher = torch.stack([F.logsigmoid(teacher_rows), F.logsigmoid(-teacher_rows)])
+
+    def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:  # KL(p || q) per label, (N, L)
+        return (log_p.exp() * (log_p - log_q)).sum(0)
+
+    if kind == "forward_kl":
+        per_label = kl(log_p_teacher, log_p_student)
+    elif kind == "reverse_kl":
+        per_label = kl(log_p_student, log_p_teacher)
+    else:
+        log_m = _log_mixture(log_p_teacher, log_p_student, beta)
+        per_label = beta * kl(log_p_teacher, log_m) + (1.0 - beta) * kl(log_p_student, log_m)
+    per_example = per_label.mean(-1) * temperature**2
+    return _mean_or_sum(per_example.sum(), per_example.shape[0], reduction)

@@ -1,0 +1,199 @@
+"""Classification models: matching the data's labels to a model's outputs, and loading the teacher (checked
+against the data before anything trains), the student and a model to fine-tune."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from .common import LoadingArguments, ModelArguments, build_student, load_pretrained
+
+if TYPE_CHECKING:  # classification.py imports this module; the spec is only read here
+    from .classification import TaskSpec
+
+
+# --------------------------------------------------------------------------------------------- labels
+def has_named_labels(config: PretrainedConfig) -> bool:
+    """False for the LABEL_0, LABEL_1... that transformers assigns when a model was saved without names."""
+    return any(config.id2label.get(i) != f"LABEL_{i}" for i in range(config.num_labels))
+
+
+@dataclass
+class LabelAlignment:
+    label_to_id: dict[Any, int]  # raw label value -> output index of the model
+    id2label: dict[int, str]
+
+
+def align_labels(spec: TaskSpec, config: PretrainedConfig, role: str = "teacher") -> LabelAlignment:
+    """Map the data's labels onto the outputs of a model with `config`.
+
+    A model with named labels keeps its order (data labels are matched by name, then case-insensitively);
+    an unnamed one takes the data's sorted order. Raises when the counts or the names differ.
+    """
+    config_names = [config.id2label.get(i, f"LABEL_{i}") for i in range(config.num_labels)]
+    fix = (
+        "pass a teacher fine-tuned on this data (scripts/train_teacher.py fine-tunes one)"
+        if role == "teacher"
+        else f"pass a {role} whose classification head matches the data"
+    )
+    if spec.is_regression:
+        if config.num_labels != 1:
+            raise ValueError(
+                f"The {role} has {config.num_labels} labels {config_names}, but the task is regression (1 output); "
+                f"{fix}."
+            )
+        return LabelAlignment({}, {0: config_names[0]})
+    if config.num_labels != spec.num_labels:
+        raise ValueError(
+            f"The {role} has {config.num_labels} labels {config_names}, the data has {spec.describe_labels()}; "
+            f"{fix}."
+        )
+    named = has_named_labels(config)
+    if spec.label_names is None:
+        # Bare integer labels: value order is output order.
+        id2label = (
+            dict(enumerate(config_names)) if named else {i: str(v) for i, v in enumerate(spec.label_values)}
+        )
+        return LabelAlignment({v: i for i, v in enumerate(spec.label_values)}, id2label)
+    if not named:
+        return LabelAlignment(
+            {v: i for i, v in enumerate(spec.label_values)}, dict(enumerate(spec.label_names))
+        )
+    for normalise in (lambda s: s, str.lower):
+        config_ids = {normalise(name): i for i, name in enumerate(config_names)}
+        if set(config_ids) == {normalise(n) for n in spec.label_names}:
+            label_to_id = {v: config_ids[normalise(n)] for v, n in zip(spec.label_values, spec.label_names)}
+            return LabelAlignment(label_to_id, dict(enumerate(config_names)))
+    raise ValueError(
+        f"The {role}'s labels {config_names} differ from the data's labels {spec.label_names}; {fix}, or rename "
+        "the labels in the data to match."
+    )
+
+
+def _set_labels(config: PretrainedConfig, spec: TaskSpec, id2label: Mapping[int, str]) -> None:
+    config.num_labels = spec.num_labels
+    config.id2label = dict(id2label)
+    config.label2id = {name: i for i, name in id2label.items()}
+    config.problem_type = "regression" if spec.is_regression else "single_label_classification"
+
+
+# --------------------------------------------------------------------------------------------- models
+def _load_classifier(
+    path: str, config: PretrainedConfig, role: str, loading_args: LoadingArguments, **kwargs: Any
+) -> tuple[PreTrainedModel, dict[str, Any]]:
+    model, info = load_pretrained(
+        AutoModelForSequenceClassification,
+        path,
+        role=role,
+        loading_args=loading_args,
+        config=config,
+        output_loading_info=True,
+        **kwargs,
+    )
+    return model, info
+
+
+def load_tokenizer(name_or_path: str, loading_args: LoadingArguments) -> PreTrainedTokenizerBase:
+    return load_pretrained(
+        AutoTokenizer,
+        loading_args.tokenizer_name or name_or_path,
+        role="tokenizer",
+        loading_args=loading_args,
+    )
+
+
+@dataclass
+class DistillationModels:
+    teacher: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    label_to_id: dict[Any, int]
+    # A fresh student on each call, initialised the same way (from the teacher, or loaded under the run's seed).
+    make_student: Callable[[], PreTrainedModel]
+
+
+def load_distillation_models(model_args: ModelArguments, spec: TaskSpec) -> DistillationModels:
+    """Teacher, tokenizer and student factory, with the teacher checked against the data first.
+
+    Errors (before training): label count or names differ, the teacher has no trained head, a model
+    cannot be found offline.
+    """
+    teacher_path = model_args.teacher_model_name_or_path
+    teacher_config = load_pretrained(AutoConfig, teacher_path, role="teacher", loading_args=model_args)
+    teacher_alignment = align_labels(spec, teacher_config, role="teacher")
+
+    # Data labels are encoded in the student's output order: the trainer reorders the teacher's logits.
+    student_config = None
+    student_alignment = teacher_alignment
+    if model_args.student_model_name_or_path is not None:
+        student_config = load_pretrained(
+            AutoConfig, model_args.student_model_name_or_path, role="student", loading_args=model_args
+        )
+        if student_config.num_labels == spec.num_labels and has_named_labels(student_config):
+            student_alignment = align_labels(spec, student_config, role="student")
+
+    if not has_named_labels(teacher_config):
+        _set_labels(teacher_config, spec, teacher_alignment.id2label)
+    teacher_config.problem_type = "regression" if spec.is_regression else "single_label_classification"
+    tokenizer = load_tokenizer(teacher_path, model_args)
+    teacher, info = _load_classifier(teacher_path, teacher_config, "teacher", model_args)
+    if info.get("missing_keys"):
+        raise ValueError(
+            f"The teacher {teacher_path!r} has no trained weights for {sorted(info['missing_keys'])}: its "
+            "classification head would be random. Fine-tune it on this data first with scripts/train_teacher.py "
+            "and pass the result as --teacher_model_name_or_path."
+        )
+
+    def make_student() -> PreTrainedModel:
+        def load_student(path: str) -> PreTrainedModel:
+            config = copy.deepcopy(student_config)
+            mismatched = config.num_labels != spec.num_labels
+            _set_labels(config, spec, student_alignment.id2label)
+            if getattr(config, "vocab_size", len(tokenizer)) < len(tokenizer):
+                raise ValueError(
+                    f"The student's vocabulary ({config.vocab_size}) is smaller than the teacher's tokenizer "
+                    f"({len(tokenizer)}); teacher and student must share a tokenizer."
+                )
+            model, _ = _load_classifier(
+                path, config, "student", model_args, ignore_mismatched_sizes=mismatched
+            )
+            return model
+
+        return build_student(model_args, teacher, load_student)
+
+    return DistillationModels(teacher, tokenizer, student_alignment.label_to_id, make_student)
+
+
+def load_model_for_finetuning(
+    model_name_or_path: str, spec: TaskSpec, loading_args: LoadingArguments
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[Any, int]]:
+    """A model with a classification head sized for the data (a new head when the sizes differ)."""
+    config = load_pretrained(AutoConfig, model_name_or_path, role="model", loading_args=loading_args)
+    mismatched = config.num_labels != spec.num_labels
+    if not mismatched and has_named_labels(config):
+        try:
+            alignment = align_labels(spec, config, role="model")
+        except ValueError:
+            alignment = None  # labels of another task: train a new head in the data's order
+    else:
+        alignment = None
+    if alignment is None:
+        natural = align_labels(spec, PretrainedConfig(num_labels=spec.num_labels), role="model")
+        _set_labels(config, spec, natural.id2label)
+        alignment = natural
+    config.problem_type = "regression" if spec.is_regression else "single_label_classification"
+    tokenizer = load_tokenizer(model_name_or_path, loading_args)
+    model, _ = _load_classifier(
+        model_name_or_path, config, "model", loading_args, ignore_mismatched_sizes=mismatched
+    )
+    return model, tokenizer, alignment.label_to_id
