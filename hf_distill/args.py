@@ -6,11 +6,13 @@ from dataclasses import dataclass, field
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
+from .losses.cross_tokenizer import CROSS_TOKENIZER_MODES
 from .task_loss import TASK_TYPES
 
 KD_LOSSES = ("forward_kl", "reverse_kl", "jsd", "mse")
 HIDDEN_LOSSES = ("mse", "cosine")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+TEACHER_WEIGHTINGS = ("fixed", "confidence")
 
 
 @dataclass
@@ -119,6 +121,36 @@ class DistillationTrainingArguments(TrainingArguments):
             "help": f"dtype the teacher runs in, one of {TEACHER_DTYPES}; 'auto' keeps the loaded dtype."
         },
     )
+    cross_tokenizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "Causal LMs whose teacher tokenizes text differently (hf_distill/cross_tokenizer.py): KD at the "
+            "positions where both tokenizations have read the same text and predict the same span, as 'exact' "
+            "(kd_loss over the tokens whose normalised strings both vocabularies share, renormalised), 'uld' "
+            "(Universal Logit Distillation: L1 between sorted probabilities) or 'hybrid' (exact on the shared "
+            "tokens + uld_weight * ULD on the rest). None: different tokenizers are refused."
+        },
+    )
+    uld_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the ULD term with cross_tokenizer 'uld' or 'hybrid' (>= 0)."},
+    )
+    teacher_weights: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "With several teachers: one weight per teacher, in their order (normalised to sum to 1; equal "
+            "weights by default). The KD target is the weighted mixture of the teachers' softened distributions "
+            "(hf_distill/ensemble.py)."
+        },
+    )
+    teacher_weighting: str = field(
+        default="fixed",
+        metadata={
+            "help": f"With several teachers, one of {TEACHER_WEIGHTINGS}: 'confidence' multiplies each teacher's "
+            "weight, per example, by its probability of the gold label (renormalised; unlabelled examples keep the "
+            "fixed weights)."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -171,6 +203,21 @@ class DistillationTrainingArguments(TrainingArguments):
             )
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}.")
+        if self.cross_tokenizer is not None and self.cross_tokenizer not in CROSS_TOKENIZER_MODES:
+            raise ValueError(
+                f"cross_tokenizer must be one of {CROSS_TOKENIZER_MODES} or None, got {self.cross_tokenizer!r}."
+            )
+        if self.uld_weight < 0:
+            raise ValueError(f"uld_weight must be >= 0, got {self.uld_weight}.")
+        if self.teacher_weighting not in TEACHER_WEIGHTINGS:
+            raise ValueError(
+                f"teacher_weighting must be one of {TEACHER_WEIGHTINGS}, got {self.teacher_weighting!r}."
+            )
+        if self.teacher_weights is not None:
+            # Checked here for sign and sum; the count is checked by the trainer, against the teachers.
+            from .ensemble import normalised_weights
+
+            normalised_weights(self.teacher_weights, len(self.teacher_weights))
         # Parsed here so that a malformed map fails before any model is loaded; ranges are checked by the
         # trainer once the layer counts are known.
         from .matching import parse_layer_map

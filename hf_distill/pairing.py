@@ -108,7 +108,10 @@ def pair_models(
     _check_teacher_head(task, student, teacher)
     return Pairing(
         label_order=_label_order(task, student, teacher),
-        vocab_size=_shared_vocabulary(task, student, teacher, tokenizer, teacher_tokenizer),
+        # cross_tokenizer: the vocabularies are different by design and mapped by the KD source instead
+        vocab_size=None
+        if args.cross_tokenizer is not None
+        else _shared_vocabulary(task, student, teacher, tokenizer, teacher_tokenizer),
         layer_maps=_layer_maps(args, student, teacher),
     )
 

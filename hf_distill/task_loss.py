@@ -147,7 +147,9 @@ def align_positions(
     Causal LMs predict token t+1 at position t. As in transformers' own causal-LM loss, the labels are shifted
     left (padded with -100) rather than the logits cut, so the (batch, seq, vocab) logits are never copied; the
     last position has no target and is masked. The mask marks the positions that count: labels != -100 where
-    labels exist, else the attention mask.
+    labels exist, else the attention mask. Sequence-level heads have one position per example and every example
+    counts for KD (None): an example labelled -100 is an unlabelled one (a transfer set mixed with labelled data),
+    left out of the hard loss only (`hard_label_loss` ignores -100).
     """
     if kind == CAUSAL_LM:
         if labels is not None:
@@ -156,7 +158,9 @@ def align_positions(
             if attention_mask is None:
                 attention_mask = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
             attention_mask = F.pad(attention_mask[:, 1:].bool(), (0, 1), value=False)
-    if labels is not None and not labels.is_floating_point():
+    if kind == SEQUENCE:
+        mask = None
+    elif labels is not None and not labels.is_floating_point():
         mask = labels.ne(-100)
     elif attention_mask is not None and kind != SEQUENCE:
         mask = attention_mask.bool()

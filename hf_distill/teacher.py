@@ -268,14 +268,16 @@ def shared_vocab_size(teacher_vocab: int, student_vocab: int, tokenizer: Any, te
             raise ValueError(
                 f"{sizes}, but the {role} tokenizer has {len(candidate)} tokens: ids {shared} and above exist on one "
                 "side only, so the models do not share a vocabulary. Logit distillation needs one tokenizer: use a "
-                "student built from the teacher (create_student), or resize the smaller embedding to the tokenizer."
+                "student built from the teacher (create_student), or resize the smaller embedding to the tokenizer; "
+                "for causal LMs with different tokenizers, set cross_tokenizer (--cross_tokenizer exact|uld|hybrid)."
             )
     if tokenizer is not teacher_tokenizer and tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
         mismatched = set(tokenizer.get_vocab().items()) ^ set(teacher_tokenizer.get_vocab().items())
         different = sorted(mismatched)[:3]
         raise ValueError(
             f"{sizes}, and the teacher's and the student's tokenizers map tokens to different ids (e.g. {different}): "
-            "their logits are over different tokens. Logit distillation needs one shared tokenizer."
+            "their logits are over different tokens. Logit distillation needs one shared tokenizer, or, for causal "
+            "LMs, cross_tokenizer='exact'|'uld'|'hybrid' (--cross_tokenizer) to align the two tokenizations."
         )
     logger.info(
         f"Comparing the first {shared} vocabulary logits (teacher {teacher_vocab}, student {student_vocab}); "
@@ -292,5 +294,6 @@ def check_same_tokenizer(tokenizer: Any, teacher_tokenizer: Any) -> None:
         raise ValueError(
             "the teacher's tokenizer and the student's tokenizer have different vocabularies, so their logits are "
             "over different tokens. Logit distillation needs one shared tokenizer: use a student built from the "
-            "teacher (create_student) or from the same model family."
+            "teacher (create_student) or from the same model family; for causal LMs, cross_tokenizer="
+            "'exact'|'uld'|'hybrid' (--cross_tokenizer) aligns the two tokenizations instead."
         )

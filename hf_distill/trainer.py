@@ -20,7 +20,10 @@ from . import hub, on_policy
 from .accumulation import normalise_sum, window_token_counts
 from .args import DistillationTrainingArguments
 from .checkpoints import resolve_resume
+from .cross_tokenizer import CROSS_TOKENIZER_COLUMNS, TEXT_COLUMN
+from .cross_tokenizer_kd import CrossTokenizerKD
 from .data_checks import check_training_data
+from .ensemble import build_ensemble_source, check_ensemble_options, teacher_set, teacher_tokenizer_of
 from .evaluation import counted_once
 from .kd_sources import CachedTopKKD, FusedLMHeadKD, KDSource, LogitsKD, SpanKD, StudentStep, logits_of
 from .logit_cache import CACHE_COLUMNS, check_cache_temperature
@@ -58,7 +61,11 @@ class DistillationTrainer(Trainer):
         teacher_model: the teacher; frozen and moved to the student's device here.
         args: `DistillationTrainingArguments`.
         teacher_processing_class: the teacher's tokenizer; needed when the two vocabulary matrices differ in size
-            (it must then be the student's tokenizer on the shared ids).
+            (it must then be the student's tokenizer on the shared ids). With several teachers: one for all, or a
+            list / name -> tokenizer dict.
+        teacher_model may also be several teachers, a list or a name -> model dict: the KD target is then the
+            mixture of their softened distributions, weighted by `args.teacher_weights` (hf_distill/ensemble.py);
+            hidden-state and attention matching follow `matching_teacher` (a name or an index; default the first).
         All other arguments are `Trainer`'s (`compute_loss_func` becomes the task loss).
     """
 
@@ -69,6 +76,7 @@ class DistillationTrainer(Trainer):
         args: DistillationTrainingArguments | None = None,
         *trainer_args: Any,
         teacher_processing_class: Any = None,
+        matching_teacher: str | int | None = None,
         **trainer_kwargs: Any,
     ):
         if isinstance(teacher_model, TrainingArguments):
@@ -83,6 +91,14 @@ class DistillationTrainer(Trainer):
             raise TypeError(
                 f"args must be DistillationTrainingArguments, got {type(args).__name__}; build it with the same "
                 "fields plus the distillation ones (temperature, alpha, kd_loss, ...)."
+            )
+        teachers = teacher_set(teacher_model, args.teacher_weights, matching_teacher)
+        teacher_tokenizers = teacher_processing_class
+        if teachers is not None:
+            # Several teachers: the matching one is run and paired as a single teacher is.
+            teacher_model = teachers.matching_model
+            teacher_processing_class = teacher_tokenizer_of(
+                teacher_tokenizers, teachers.names[teachers.matching], teachers.matching, len(teachers.names)
             )
         if teacher_model is None and args.teacher_logits_cache is None:
             raise ValueError(
@@ -106,6 +122,7 @@ class DistillationTrainer(Trainer):
         self._pairing = Pairing()
         self.hidden_projections = nn.ModuleDict()
         self.teacher_model = None
+        self._teacher_tokenizer = teacher_processing_class
         if teacher_model is not None:
             teacher = unwrap_model(teacher_model)
             self._pairing = pair_models(
@@ -122,7 +139,21 @@ class DistillationTrainer(Trainer):
             self.teacher_model = prepare_teacher(
                 teacher_model, self.accelerator, args.device, args.teacher_dtype
             )
-        self.kd_source = self._choose_kd_source(fused)
+        if teachers is not None:
+            check_ensemble_options(args, self._task, fused)
+            self.kd_source: KDSource = build_ensemble_source(
+                teachers,
+                args=args,
+                task=self._task,
+                student=student,
+                matching_pairing=self._pairing,
+                prepared_matching=self.teacher_model,
+                tokenizer=self.processing_class,
+                teacher_tokenizers=teacher_tokenizers,
+                accelerator=self.accelerator,
+            )
+        else:
+            self.kd_source = self._choose_kd_source(fused)
         # Evaluation runs the student alone and whole (full logits even when training fuses the LM head).
         self._evaluation_source = (
             SpanKD(args)
@@ -139,6 +170,15 @@ class DistillationTrainer(Trainer):
 
     def _choose_kd_source(self, fused: bool) -> KDSource:
         args = self.args
+        if args.cross_tokenizer is not None:  # refuses a cache, the fused loss and feature matching itself
+            return CrossTokenizerKD(
+                args,
+                self._task,
+                self.model,
+                self.teacher_model,
+                self.processing_class,
+                self._teacher_tokenizer,
+            )
         if self.teacher_model is None:
             own_task_loss = self.compute_loss_func is None and args.label_smoothing_factor == 0
             return CachedTopKKD(args, self._task, share_cross_entropy=own_task_loss)
@@ -156,7 +196,8 @@ class DistillationTrainer(Trainer):
     def _set_signature_columns_if_needed(self) -> None:
         # Keep the cached-teacher columns through `remove_unused_columns`: the student does not take them.
         super()._set_signature_columns_if_needed()
-        for column in CACHE_COLUMNS:
+        kept = (*CACHE_COLUMNS, TEXT_COLUMN) if self.args.cross_tokenizer is not None else CACHE_COLUMNS
+        for column in kept:  # cross_tokenizer: CrossTokenizerCollator reads the raw text
             if column not in self._signature_columns:
                 self._signature_columns.append(column)
 
@@ -184,7 +225,8 @@ class DistillationTrainer(Trainer):
             # activations, which made its forward ~20% slower on CPU (benchmarks/bench_trainer_overhead.py).
             with torch.no_grad():
                 teacher_outputs = self.teacher_model(
-                    **forward_inputs(self.teacher_model, model_inputs), **self._output_flags()
+                    **forward_inputs(self.teacher_model, self._teacher_inputs(model_inputs, inputs)),
+                    **self._output_flags(),
                 )
         step = self._student_step(model, inputs, model_inputs)
         step.teacher_outputs = teacher_outputs
@@ -256,11 +298,19 @@ class DistillationTrainer(Trainer):
             total, count, num_items if step.mask is not None else None, self._task.token_level
         )
 
+    def _teacher_inputs(self, model_inputs: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
+        """What the teacher is called with: the student's inputs, unless the source builds the teacher's own
+        (`teacher_inputs`, e.g. its tokenization of the same text)."""
+        build = getattr(self.kd_source, "teacher_inputs", None)
+        return build(model_inputs, inputs) if build is not None else model_inputs
+
     def _model_inputs(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
         """The batch without targets (the trainer computes the task loss itself). Encoder-decoder models get
         `decoder_input_ids` built from the labels once, so teacher and student decode the same prefix."""
         model_inputs = {
-            key: value for key, value in inputs.items() if key not in _LABEL_KEYS and key not in CACHE_COLUMNS
+            key: value
+            for key, value in inputs.items()
+            if key not in _LABEL_KEYS and key not in CACHE_COLUMNS and key not in CROSS_TOKENIZER_COLUMNS
         }
         labels = inputs.get("labels")
         if self._task.kind == SEQ2SEQ and labels is not None and "decoder_input_ids" not in inputs:

@@ -8,10 +8,12 @@
     python scripts/distill_glue.py run.yaml          # the same flags, from one YAML or JSON file
     accelerate launch scripts/distill_glue.py run.yaml
 
-Flags: the model flags of tasks/common.py (ModelArguments), the data flags of tasks/classification.py
-(DataArguments, as in transformers' run_glue.py), the report flags (ClassificationReportArguments, e.g.
---compare_no_kd) and every DistillationTrainingArguments flag (all of TrainingArguments plus
---temperature, --alpha, --kd_loss, --hidden_weight, ...).
+Flags: the model flags of tasks/common.py (ModelArguments; --teacher_model_name_or_path takes one teacher or
+several, `a b c`, mixed with --teacher_weights), the data flags of tasks/classification.py
+(DataArguments, as in transformers' run_glue.py), the unlabelled-data flags of tasks/transfer.py (--transfer_file,
+--augment_copies, ...), the report flags (ClassificationReportArguments, e.g. --compare_no_kd) and every
+DistillationTrainingArguments flag (all of TrainingArguments plus --temperature, --alpha, --kd_loss,
+--hidden_weight, --teacher_weights, ...).
 
 Writes into --output_dir: the student with its tokenizer and model card, train/eval/all_results.json,
 trainer_state.json, and, after a run with evaluation, distill_report.{json,md,png} comparing teacher and
@@ -28,13 +30,14 @@ from transformers import Trainer, set_seed
 from transformers.utils import logging
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments
-from hf_distill.tasks import classification, common
+from hf_distill.tasks import augmentation, classification, common, transfer
 
 logger = logging.get_logger("distill_glue")
 
 ARGUMENT_TYPES = (
-    common.ModelArguments,
+    classification.ClassificationModelArguments,
     classification.DataArguments,
+    transfer.TransferArguments,
     classification.ClassificationReportArguments,
     DistillationTrainingArguments,
 )
@@ -62,8 +65,33 @@ def _train_without_teacher(
     return trainer
 
 
+def _augmented(raw_train, spec, models, transfer_args, data_args, training_args, tokenize):
+    """The augmented copies of the training texts (tasks/augmentation.py), tokenized and labelled -100."""
+    from datasets import load_dataset
+
+    directory = transfer_args.augment_dir or os.path.join(training_args.output_dir, "augmented")
+    rows = raw_train.select_columns(list(spec.text_columns))
+    if data_args.max_train_samples is not None:
+        rows = rows.select(range(min(data_args.max_train_samples, len(rows))))
+    with training_args.main_process_first(desc="augmenting"):
+        path = augmentation.augmented_file(
+            list(rows),
+            spec.text_columns,
+            models.tokenizer,
+            models.teacher.get_input_embeddings().weight,
+            directory,
+            copies=transfer_args.augment_copies,
+            replace_prob=transfer_args.augment_replace_prob,
+            neighbours=transfer_args.augment_neighbours,
+            max_tokens=data_args.max_seq_length,
+            seed=training_args.seed,
+        )
+    texts = load_dataset("json", data_files={"train": str(path)}, split="train")
+    return transfer.tokenize_unlabelled(texts, tokenize)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    model_args, data_args, report_args, training_args = common.parse_args(ARGUMENT_TYPES, argv)
+    model_args, data_args, transfer_args, report_args, training_args = common.parse_args(ARGUMENT_TYPES, argv)
     common.setup_logging(training_args)
     set_seed(training_args.seed)
 
@@ -73,11 +101,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     classification.check_splits(
         spec, raw, training_args.do_train, training_args.do_eval, training_args.do_predict
     )
-    models = classification.load_distillation_models(model_args, spec)
-    with training_args.main_process_first(desc="tokenizing"):
-        tokenized = classification.tokenize_datasets(
-            raw, spec, models.tokenizer, models.label_to_id, data_args
+    if transfer_args.transfer_file is not None:  # its format and columns fail here, before any model loads
+        transfer_texts = transfer.load_transfer_texts(
+            transfer_args.transfer_file, spec.text_columns, spec.label_column
         )
+    models = classification.load_distillation_models(model_args, spec)
+    if training_args.teacher_weights is not None and len(training_args.teacher_weights) != len(
+        models.teachers
+    ):
+        raise ValueError(
+            f"--teacher_weights has {len(training_args.teacher_weights)} values for {len(models.teachers)} teacher(s) "
+            f"{list(models.teachers)}; give one weight per --teacher_model_name_or_path."
+        )
+
+    def tokenize(splits):
+        return classification.tokenize_datasets(splits, spec, models.tokenizer, models.label_to_id, data_args)
+
+    with training_args.main_process_first(desc="tokenizing"):
+        tokenized = tokenize(raw)
+        labelled_train = tokenized["train"] if "train" in tokenized else None
+        extra = []
+        if training_args.do_train and transfer_args.transfer_file is not None:
+            extra.append(transfer.tokenize_unlabelled(transfer_texts, tokenize))
+        if training_args.do_train and transfer_args.augment_copies > 0:
+            extra.append(
+                _augmented(raw["train"], spec, models, transfer_args, data_args, training_args, tokenize)
+            )
+        if extra:
+            tokenized["train"] = transfer.mixed_training_set(labelled_train, extra, training_args.seed)
     collator = classification.data_collator(models.tokenizer, data_args, fp16=training_args.fp16)
     compute_metrics = classification.make_compute_metrics(spec)
 
@@ -89,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     baseline = models.make_student() if compare_no_kd else None
     trainer = DistillationTrainer(
         model=student,
-        teacher_model=models.teacher,
+        teacher_model=models.teacher_argument,
         args=training_args,
         train_dataset=tokenized["train"] if training_args.do_train else None,
         eval_dataset=tokenized[spec.eval_splits[0]] if spec.eval_splits else None,
@@ -130,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     entries = {
         "teacher": {
             "model": models.teacher,
-            "name_or_path": model_args.teacher_model_name_or_path,
+            "name_or_path": classification.teacher_paths(model_args)[0],
             "metrics": common.strip_prefix(teacher_metrics, "teacher", spec.metrics),
         },
         "student": {
@@ -140,8 +191,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
     }
     if baseline is not None:
+        # The baseline has no teacher to label the transfer rows: it trains on the labelled rows alone.
         baseline_trainer = _train_without_teacher(
-            baseline, training_args, tokenized, collator, models.tokenizer, compute_metrics
+            baseline, training_args, {"train": labelled_train}, collator, models.tokenizer, compute_metrics
         )
         baseline_metrics = baseline_trainer.evaluate(report_dataset, metric_key_prefix=prefix)
         common.save_metrics(baseline_trainer, prefix if prefix == "eval" else "predict", baseline_metrics)

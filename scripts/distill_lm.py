@@ -44,6 +44,7 @@ from transformers import Trainer, set_seed
 from transformers.utils import logging
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments
+from hf_distill.cross_tokenizer import CrossTokenizerCollator, check_alignable
 from hf_distill.logit_cache import load_logit_cache
 from hf_distill.report import write_report
 from hf_distill.tasks import common
@@ -75,6 +76,13 @@ def check_flags(data_args, seq_kd_args, training_args) -> None:
             "--streaming cannot be combined with --teacher_logits_cache or --seq_kd, which need the whole "
             "training set; drop --streaming."
         )
+    if training_args.cross_tokenizer and (cache or seq_kd_args.seq_kd or data_args.streaming):
+        raise ValueError(
+            f"--cross_tokenizer {training_args.cross_tokenizer} cannot be combined with --teacher_logits_cache, "
+            "--seq_kd or --streaming: a logit cache holds the teacher's distributions at the student's own token "
+            "positions (a cross-tokenizer cache would also need the teacher's ids and offsets, which it does not "
+            "store), and sequence-level KD and streaming are not implemented for two tokenizers. Drop them."
+        )
     if cache and training_args.do_train and not Path(cache).is_dir():
         raise FileNotFoundError(
             f"--teacher_logits_cache {cache!r} does not exist; build it with scripts/cache_teacher_logits.py."
@@ -104,6 +112,39 @@ def bound_on_policy_length(
             f"teacher or student (max_position_embeddings); using {fits}."
         )
         training_args.on_policy_max_new_tokens = fits
+
+
+def cross_tokenizer_data(
+    raw: Any,
+    data_format: lm.DataFormat,
+    data_args: Any,
+    tokenizer: Any,
+    teacher_tokenizer: Any,
+    block_size: int,
+    max_positions: int | None,
+) -> tuple[dict[str, Any], CrossTokenizerCollator]:
+    """--cross_tokenizer: each split as rows of raw text of at most `block_size` student tokens (documents cut at
+    token ends, never joined), and the collator that tokenizes them for both models; the alignment is checked on
+    the first row before any training."""
+    if teacher_tokenizer is None:
+        raise ValueError(
+            "--cross_tokenizer needs the teacher's tokenizer: the teacher folder holds none; pass "
+            "--teacher_tokenizer_name."
+        )
+    (column,) = data_format.columns
+    limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples}
+    tokenized = {}
+    for split, dataset in raw.items():
+        blocks = lm.text_blocks(dataset[column], tokenizer, block_size)[: limits.get(split)]
+        if not blocks:
+            raise ValueError(f"The {split} data yields no text; give more data.")
+        tokenized[split] = Dataset.from_dict({"text": blocks})
+    sample = next(iter(tokenized.values()))[0]["text"]
+    check_alignable(tokenizer, teacher_tokenizer, sample_text=sample)
+    collator = CrossTokenizerCollator(
+        tokenizer, teacher_tokenizer, max_length=block_size, teacher_max_length=max_positions
+    )
+    return tokenized, collator
 
 
 def perplexity(loss: float) -> float:
@@ -201,15 +242,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"--seq_kd and --lmbda need prompts to complete, but the data is raw text (columns {list(data_format.columns)}); "
             "give prompt/completion or messages data."
         )
-    tokenizer, teacher_tokenizer = lm.load_tokenizers(model_args)
+    cross = training_args.cross_tokenizer is not None
+    if cross and (data_format.kind != lm.TEXT or model_args.student_model_name_or_path is None):
+        raise ValueError(
+            f"--cross_tokenizer distils into a student with its own tokenizer from raw text: it needs "
+            f"--student_model_name_or_path (a student built from the teacher shares the teacher's tokenizer) and "
+            f"raw-text data (got {data_format.kind} data); prompt/completion and chat data are not supported yet."
+        )
+    tokenizer, teacher_tokenizer = lm.load_tokenizers(model_args, cross_tokenizer=cross)
     # Lengths never exceed the models' position tables (lowered with a warning, as run_clm.py does).
     max_positions = lm.position_limit(model_args)
     block_size = lm.resolve_block_size(data_args, tokenizer, max_positions)
-    with training_args.main_process_first(desc="tokenizing"):
-        tokenized = lm.preprocess(raw, data_format, tokenizer, block_size, data_args)
-    collator = lm.CausalLMCollator(
-        tokenizer.pad_token_id, pad_to_multiple_of=8 if (training_args.fp16 or training_args.bf16) else None
-    )
+    if cross:
+        # Rows of raw text; both tokenizers read them in the collator (hf_distill/cross_tokenizer.py).
+        tokenized, collator = cross_tokenizer_data(
+            raw, data_format, data_args, tokenizer, teacher_tokenizer, block_size, max_positions
+        )
+    else:
+        with training_args.main_process_first(desc="tokenizing"):
+            tokenized = lm.preprocess(raw, data_format, tokenizer, block_size, data_args)
+        collator = lm.CausalLMCollator(
+            tokenizer.pad_token_id,
+            pad_to_multiple_of=8 if (training_args.fp16 or training_args.bf16) else None,
+        )
     train_dataset = tokenized.get("train") if training_args.do_train else None
     eval_dataset = tokenized.get("validation") if training_args.do_eval else None
 
@@ -228,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     teacher = None
     if not cache or model_args.student_model_name_or_path is None:
         teacher = lm.load_teacher(model_args)
-        lm.check_vocabulary(teacher, tokenizer, "teacher")
+        lm.check_vocabulary(teacher, teacher_tokenizer if cross else tokenizer, "teacher")
     if seq_kd_args.seq_kd and train_dataset is not None:
         seq_kd_dir = seq_kd_args.seq_kd_cache_dir or os.path.join(training_args.output_dir, "seq_kd_cache")
         with training_args.main_process_first(desc="sequence-KD completions"):
@@ -302,6 +357,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     common.save_metrics(trainer, "eval", metrics)
     results["eval"] = metrics
 
+    if cross:
+        logger.info(
+            "--cross_tokenizer: no teacher-vs-student report; the teacher's perplexity is over its own tokens and "
+            "not comparable with the student's (eval_results.json has the student's)."
+        )
+        return results
     if teacher is None:
         teacher = lm.load_teacher(model_args).to(training_args.device).eval()
     # A LoRA student is measured merged: that is the model one deploys (and its size is not the adapters').

@@ -29,6 +29,7 @@ from transformers.utils import logging
 from . import raw_data
 from .classification_metrics import compute_task_metrics, make_compute_metrics, predictions_from_logits
 from .classification_models import (
+    ClassificationModelArguments,
     DistillationModels,
     LabelAlignment,
     align_labels,
@@ -36,6 +37,7 @@ from .classification_models import (
     load_distillation_models,
     load_model_for_finetuning,
     load_tokenizer,
+    teacher_paths,
 )
 from .common import LoadingArguments, ReportArguments
 
@@ -49,6 +51,7 @@ __all__ = [
     "FILE_SUFFIXES",
     "GLUE_DATASET",
     "GLUE_TASKS",
+    "ClassificationModelArguments",
     "ClassificationReportArguments",
     "DataArguments",
     "DistillationModels",
@@ -68,6 +71,7 @@ __all__ = [
     "predictions_from_logits",
     "resolve_task",
     "split_suffix",
+    "teacher_paths",
     "tokenize_datasets",
     "train_evaluate_predict",
     "write_predictions",

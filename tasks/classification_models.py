@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from transformers import (
@@ -114,12 +114,46 @@ def load_tokenizer(name_or_path: str, loading_args: LoadingArguments) -> PreTrai
 
 
 @dataclass
+class ClassificationModelArguments(ModelArguments):
+    """The model flags, with one teacher or several (their weights are --teacher_weights)."""
+
+    teacher_model_name_or_path: list[str] = field(
+        metadata={
+            "help": "The teacher, or several teachers (`a b c`): Hub names or local directories, each already "
+            "fine-tuned on the task with the same labels and tokenizer. Several teachers are distilled as the "
+            "weighted mixture of their softened distributions (--teacher_weights); the student is built from, and "
+            "its hidden states matched with, the first."
+        }
+    )
+
+    def __post_init__(self):
+        if isinstance(self.teacher_model_name_or_path, str):  # one path from a YAML/JSON file or Python
+            self.teacher_model_name_or_path = [self.teacher_model_name_or_path]
+        if not self.teacher_model_name_or_path:
+            raise ValueError("--teacher_model_name_or_path needs at least one teacher.")
+        super().__post_init__()
+
+
+def teacher_paths(model_args: ModelArguments) -> list[str]:
+    """--teacher_model_name_or_path as a list (one path, or several)."""
+    paths = model_args.teacher_model_name_or_path
+    return [paths] if isinstance(paths, str) else list(paths)
+
+
+@dataclass
 class DistillationModels:
     teacher: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     label_to_id: dict[Any, int]
     # A fresh student on each call, initialised the same way (from the teacher, or loaded under the run's seed).
     make_student: Callable[[], PreTrainedModel]
+    # path -> model of every teacher, the first being `teacher` (one entry with a single teacher).
+    teachers: dict[str, PreTrainedModel] = field(default_factory=dict)
+
+    @property
+    def teacher_argument(self) -> PreTrainedModel | dict[str, PreTrainedModel]:
+        """What DistillationTrainer takes as teacher_model: the model, or the path -> model dict."""
+        return self.teacher if len(self.teachers) <= 1 else dict(self.teachers)
 
 
 def load_distillation_models(model_args: ModelArguments, spec: TaskSpec) -> DistillationModels:
@@ -128,7 +162,7 @@ def load_distillation_models(model_args: ModelArguments, spec: TaskSpec) -> Dist
     Errors (before training): label count or names differ, the teacher has no trained head, a model
     cannot be found offline.
     """
-    teacher_path = model_args.teacher_model_name_or_path
+    teacher_path, *other_paths = teacher_paths(model_args)
     teacher_config = load_pretrained(AutoConfig, teacher_path, role="teacher", loading_args=model_args)
     teacher_alignment = align_labels(spec, teacher_config, role="teacher")
 
@@ -154,6 +188,10 @@ def load_distillation_models(model_args: ModelArguments, spec: TaskSpec) -> Dist
             "and pass the result as --teacher_model_name_or_path."
         )
 
+    teachers = {teacher_path: teacher}
+    for path in other_paths:
+        teachers[path] = _load_other_teacher(path, spec, teacher_config, tokenizer, model_args)
+
     def make_student() -> PreTrainedModel:
         def load_student(path: str) -> PreTrainedModel:
             config = copy.deepcopy(student_config)
@@ -171,7 +209,37 @@ def load_distillation_models(model_args: ModelArguments, spec: TaskSpec) -> Dist
 
         return build_student(model_args, teacher, load_student)
 
-    return DistillationModels(teacher, tokenizer, student_alignment.label_to_id, make_student)
+    return DistillationModels(teacher, tokenizer, student_alignment.label_to_id, make_student, teachers)
+
+
+def _load_other_teacher(
+    path: str,
+    spec: TaskSpec,
+    first_config: PretrainedConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    model_args: ModelArguments,
+) -> PreTrainedModel:
+    """A further teacher, checked like the first (labels against the data, a trained head) and against the first:
+    the same tokenizer (every teacher reads the same input ids) and the same label names."""
+    config = load_pretrained(AutoConfig, path, role="teacher", loading_args=model_args)
+    alignment = align_labels(spec, config, role=f"teacher {path!r}")
+    if not has_named_labels(config):
+        _set_labels(config, spec, alignment.id2label)
+    config.problem_type = first_config.problem_type
+    other_tokenizer = load_tokenizer(path, model_args)
+    if other_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(
+            f"teacher {path!r} has another vocabulary than the first teacher ({len(other_tokenizer)} vs "
+            f"{len(tokenizer)} tokens, or the same size with other ids); every teacher reads the same input ids, "
+            "so pass teachers fine-tuned from models with one tokenizer."
+        )
+    model, info = _load_classifier(path, config, "teacher", model_args)
+    if info.get("missing_keys"):
+        raise ValueError(
+            f"The teacher {path!r} has no trained weights for {sorted(info['missing_keys'])}: fine-tune it on this "
+            "data first with scripts/train_teacher.py."
+        )
+    return model
 
 
 def load_model_for_finetuning(

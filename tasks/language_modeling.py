@@ -7,6 +7,7 @@ Each idea lives in its own module; this one only gathers their public names:
 - lm_models.py   the shared tokenizer, teacher and student loading, vocabulary and position limits, LoRA
 - lm_seq_kd.py   sequence-level KD: the teacher's completions, kept in the sequence-KD cache (seq_kd_cache.py)
 - lm_report.py   the report's greedy generations and tokens per second
+- lm_cross_tokenizer.py  text rows for a teacher with another tokenizer (--cross_tokenizer); tokenizers for tests
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .lm_args import (
     SequenceKDArguments,
     TeacherArguments,
 )
+from .lm_cross_tokenizer import text_blocks, train_tokenizer
 from .lm_data import (
     CausalLMCollator,
     DataFormat,
@@ -90,6 +92,8 @@ __all__ = [
     "resolve_data_format",
     "sequence_kd_dataset",
     "student_vocab_size",
+    "text_blocks",
     "tokenize_split",
+    "train_tokenizer",
     "tokens_per_second",
 ]

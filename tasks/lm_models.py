@@ -59,13 +59,14 @@ def _load_tokenizer(name_or_path: str, role: str, loading_args: LoadingArguments
 
 
 def load_tokenizers(
-    model_args: LMModelArguments | TeacherArguments,
+    model_args: LMModelArguments | TeacherArguments, *, cross_tokenizer: bool = False
 ) -> tuple[PreTrainedTokenizerBase, PreTrainedTokenizerBase | None]:
     """(the run's tokenizer, the teacher's tokenizer: the same object when both come from one place, None when the
     teacher directory holds none and none was named).
 
     The run's tokenizer is --tokenizer_name, else the student directory's, else the teacher's. The teacher's is
-    --teacher_tokenizer_name, else the teacher directory's. Different vocabularies raise here, before training.
+    --teacher_tokenizer_name, else the teacher directory's. Different vocabularies raise here, before training,
+    unless `cross_tokenizer` (--cross_tokenizer) allows them.
     """
     from hf_distill.teacher import check_same_tokenizer
 
@@ -86,6 +87,8 @@ def load_tokenizers(
     teacher_tokenizer = tokenizer if teacher_source == run_source else None
     if teacher_source is not None and teacher_source != run_source:
         teacher_tokenizer = _load_tokenizer(teacher_source, "teacher tokenizer", model_args)
+        if cross_tokenizer:
+            return tokenizer, teacher_tokenizer
         try:
             check_same_tokenizer(tokenizer, teacher_tokenizer)
         except ValueError as error:

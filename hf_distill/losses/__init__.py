@@ -16,8 +16,11 @@ Layout, one idea per module:
                  bernoulli_distillation_loss (multi-label heads)
     chunked.py   the chunked logit loss's autograd Function
     fused.py     fused_linear_distillation_loss: hidden states + LM heads, never the full logits
+    mixture.py   logprob_distillation_loss (a teacher given by log-probabilities) and teacher_mixture_logprobs
+                 (the weighted mixture of several teachers)
     sparse.py    sparse_distillation_loss and sparse_distillation_and_cross_entropy (cached teacher top-k)
     features.py  hidden_state_loss and attention_distillation_loss
+    cross_tokenizer.py  cross_tokenizer_distillation_loss: teacher and student with different vocabularies
     _inplace.py  the in-place per-chunk divergence and gradient shared by chunked.py and fused.py
     _common.py   valid kinds, argument checks, mask flattening, reductions, the JSD mixture
 """
@@ -25,19 +28,25 @@ Layout, one idea per module:
 from __future__ import annotations
 
 from ._common import DIVERGENCE_KINDS, LOGIT_KINDS
+from .cross_tokenizer import CROSS_TOKENIZER_MODES, cross_tokenizer_distillation_loss
 from .dense import bernoulli_distillation_loss, logit_distillation_loss
 from .features import attention_distillation_loss, hidden_state_loss
 from .fused import fused_linear_distillation_loss
+from .mixture import logprob_distillation_loss, teacher_mixture_logprobs
 from .sparse import sparse_distillation_and_cross_entropy, sparse_distillation_loss
 
 __all__ = [
+    "CROSS_TOKENIZER_MODES",
     "DIVERGENCE_KINDS",
     "LOGIT_KINDS",
     "attention_distillation_loss",
     "bernoulli_distillation_loss",
+    "cross_tokenizer_distillation_loss",
     "fused_linear_distillation_loss",
     "hidden_state_loss",
     "logit_distillation_loss",
+    "logprob_distillation_loss",
     "sparse_distillation_and_cross_entropy",
     "sparse_distillation_loss",
+    "teacher_mixture_logprobs",
 ]

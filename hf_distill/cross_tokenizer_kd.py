@@ -1,0 +1,139 @@
+"""`CrossTokenizerKD`: the KD source of a causal-LM teacher that tokenizes text its own way.
+
+The batch carries the teacher's tokenization of the same text and the aligned position pairs
+(`cross_tokenizer.CrossTokenizerCollator`); the teacher runs on its own ids (`teacher_inputs`), and the KD term
+compares the two next-token distributions at the aligned positions only (`losses.cross_tokenizer_distillation_loss`:
+exact divergence over the shared tokens, ULD, or both). The student's cross-entropy covers all of its own tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .args import DistillationTrainingArguments
+from .cross_tokenizer import (
+    ALIGNED_COLUMN,
+    TEACHER_ATTENTION_MASK,
+    TEACHER_INPUT_IDS,
+    check_alignable,
+    vocabulary_map,
+)
+from .kd_sources import StudentStep, head_loss_sum, logits_of
+from .losses import cross_tokenizer_distillation_loss
+from .task_loss import CAUSAL_LM, TaskKind
+from .teacher import unwrap_model
+
+Sum = tuple[torch.Tensor, torch.Tensor]
+
+
+def check_cross_tokenizer_options(args: DistillationTrainingArguments, task: TaskKind) -> None:
+    """What cross-tokenizer KD cannot combine with, refused when the trainer is built."""
+    if task.kind != CAUSAL_LM:
+        raise ValueError(
+            f"cross_tokenizer={args.cross_tokenizer!r} aligns next-token predictions of two causal LMs; the student "
+            f"is a {task.kind} model. Unset cross_tokenizer."
+        )
+    conflicts = {
+        "teacher_logits_cache": args.teacher_logits_cache is not None,
+        "fused_kd_loss": args.fused_kd_loss,
+        "hidden_weight": args.hidden_weight > 0,
+        "attention_weight": args.attention_weight > 0,
+        "lmbda": args.lmbda > 0,
+    }
+    found = [name for name, on in conflicts.items() if on]
+    if found:
+        raise ValueError(
+            f"cross_tokenizer={args.cross_tokenizer!r} cannot be combined with {', '.join(found)}: the cache holds "
+            "the teacher's distributions over the student's own tokens (a cross-tokenizer cache would need the "
+            "teacher's ids and offsets, which it does not store), the fused loss and hidden/attention matching "
+            "compare positions one to one, and on-policy samples are not re-tokenized for the teacher. Drop them."
+        )
+
+
+def _vocab_rows(model: Any) -> int | None:
+    config = getattr(unwrap_model(model), "config", None)
+    return None if config is None else getattr(config.get_text_config(), "vocab_size", None)
+
+
+class CrossTokenizerKD:
+    """KD between a student and a teacher with different tokenizers, at the aligned positions of each batch.
+
+    Args:
+        args: `cross_tokenizer` (exact | uld | hybrid), `uld_weight`, `kd_loss`, `temperature`, `jsd_beta`,
+            `kd_chunk_size`.
+        student, teacher: the models (their vocabulary rows bound the map's ids).
+        tokenizer, teacher_tokenizer: fast tokenizers with offsets; the vocabulary map is built from them here.
+    """
+
+    needs_teacher = True
+
+    def __init__(
+        self,
+        args: DistillationTrainingArguments,
+        task: TaskKind,
+        student: Any,
+        teacher: Any,
+        tokenizer: Any,
+        teacher_tokenizer: Any,
+    ):
+        check_cross_tokenizer_options(args, task)
+        check_alignable(tokenizer, teacher_tokenizer)
+        self.args, self.task = args, task
+        for role, model, tok in (("student", student, tokenizer), ("teacher", teacher, teacher_tokenizer)):
+            rows = _vocab_rows(model)
+            if rows is not None and rows < len(tok):
+                raise ValueError(
+                    f"the {role} has {rows} vocabulary rows but its tokenizer {len(tok)} tokens: they do not belong "
+                    f"together; pass the {role}'s own tokenizer."
+                )
+        self.student_ids, self.teacher_ids = vocabulary_map(tokenizer, teacher_tokenizer)
+        if args.cross_tokenizer != "uld" and self.student_ids.numel() == 0:
+            raise ValueError(
+                f"cross_tokenizer={args.cross_tokenizer!r} needs tokens shared by the two vocabularies, and the "
+                "tokenizers share none after normalising their conventions; use cross_tokenizer='uld'."
+            )
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    def teacher_inputs(self, model_inputs: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
+        """The teacher's forward reads its own tokenization of the batch's text."""
+        if TEACHER_INPUT_IDS not in inputs or ALIGNED_COLUMN not in inputs:
+            raise ValueError(
+                "cross-tokenizer KD needs batches with the teacher's tokenization and the aligned positions "
+                f"({TEACHER_INPUT_IDS}, {ALIGNED_COLUMN}); use hf_distill.cross_tokenizer.CrossTokenizerCollator "
+                f"as the data collator (it reads a 'text' column). Found: {sorted(inputs)}."
+            )
+        return {"input_ids": inputs[TEACHER_INPUT_IDS], "attention_mask": inputs.get(TEACHER_ATTENTION_MASK)}
+
+    def kd_sum(self, step: StudentStep) -> Sum:
+        args = self.args
+        student_logits = step.positions  # (B, T_s, V_s); position t predicts token t + 1
+        teacher_logits = logits_of(step.teacher_outputs)  # (B, T_t, V_t)
+        aligned = step.inputs[ALIGNED_COLUMN].to(student_logits.device)  # (B, T_s), -1 = no teacher position
+        counts = aligned.ge(0)
+        if step.mask is not None:
+            counts = counts & step.mask
+        batch_index, student_position = counts.nonzero(as_tuple=True)
+        teacher_position = aligned[batch_index, student_position]
+        total = cross_tokenizer_distillation_loss(
+            student_logits,
+            teacher_logits,
+            batch_index * student_logits.shape[1] + student_position,
+            batch_index * teacher_logits.shape[1] + teacher_position,
+            student_ids=self.student_ids,
+            teacher_ids=self.teacher_ids,
+            mode=args.cross_tokenizer,
+            kind=args.kd_loss,
+            temperature=args.temperature,
+            beta=args.jsd_beta,
+            uld_weight=args.uld_weight,
+            chunk_size=args.kd_chunk_size,
+            reduction="sum",
+        )
+        return total, counts.sum()
+
+    def task_sum(self, step: StudentStep, label_smoothing: float) -> Sum:
+        return head_loss_sum(self.task, step, label_smoothing)

@@ -1,0 +1,102 @@
+"""KD against a teacher given by log-probabilities rather than logits: the weighted mixture of several teachers'
+softened distributions (`teacher_mixture_logprobs`) and the divergence of the student from it
+(`logprob_distillation_loss`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ._common import (
+    DIVERGENCE_KINDS,
+    _check_logit_shapes,
+    _check_options,
+    _flat_mask,
+    _jsd_endpoint,
+    _log_mixture,
+    _mean_or_sum,
+)
+
+
+def teacher_mixture_logprobs(
+    teacher_logits: Sequence[torch.Tensor],
+    weights: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """log(sum_i w_i * softmax(teacher_i / T)), computed as logsumexp_i(log w_i + log_softmax(teacher_i / T)).
+
+    teacher_logits: K tensors (..., V), one per teacher, same shape.
+    weights: (K,) one weight per teacher, or (K, ...) per position (the leading dims of the logits); every weight
+        >= 0 and, per position, summing to 1 (a zero weight drops that teacher there).
+    Returns (..., V) float32 log-probabilities, no gradient.
+    """
+    if len(teacher_logits) == 0:
+        raise ValueError("teacher_mixture_logprobs needs at least one teacher's logits.")
+    shape = teacher_logits[0].shape
+    for index, logits in enumerate(teacher_logits):
+        if logits.shape != shape:
+            raise ValueError(
+                f"teacher {index} has logits of shape {tuple(logits.shape)}, teacher 0 {tuple(shape)}: every teacher "
+                "must score the same positions over the same classes or vocabulary."
+            )
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
+    with torch.no_grad():
+        stacked = torch.stack([logits.detach().float() for logits in teacher_logits])  # (K, ..., V)
+        log_probs = F.log_softmax(stacked / temperature, dim=-1)
+        weights = weights.detach().float().to(stacked.device)
+        if weights.shape[0] != stacked.shape[0]:
+            raise ValueError(f"got {weights.shape[0]} weights for {stacked.shape[0]} teachers.")
+        weights = weights.reshape(weights.shape + (1,) * (stacked.dim() - weights.dim()))
+        # log(0) = -inf drops a teacher with zero weight; logsumexp stays finite while one weight is positive.
+        return torch.logsumexp(weights.log() + log_probs, dim=0)
+
+
+def logprob_distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Divergence between the student's softened distribution and a teacher distribution given as log-probabilities.
+
+    student_logits: (..., V); teacher_logprobs: (..., V), log q with q summing to 1 over V (already softened: a
+    mixture from `teacher_mixture_logprobs` at the same temperature); mask: (...) bool, True = counts.
+    With p_s = softmax(student / T), per position:
+      forward_kl: T**2 * KL(q || p_s);  reverse_kl: T**2 * KL(p_s || q);
+      jsd:        T**2 * (beta * KL(q || m) + (1 - beta) * KL(p_s || m)),  m = beta * q + (1 - beta) * p_s.
+    Equals `logit_distillation_loss(student_logits, teacher_logits)` when teacher_logprobs =
+    log_softmax(teacher_logits / T). Reductions as there ("mean" over unmasked positions, or "sum"); float32;
+    teacher_logprobs never receive a gradient.
+    """
+    _check_options(kind, DIVERGENCE_KINDS, temperature, beta, reduction)
+    kind = _jsd_endpoint(kind, beta)
+    _check_logit_shapes(student_logits, teacher_logprobs)
+    flat_mask = _flat_mask(mask, student_logits.shape[:-1], "the logits")
+    vocab = student_logits.shape[-1]
+    student_rows = student_logits.float().reshape(-1, vocab)  # (N, V)
+    teacher_rows = teacher_logprobs.detach().float().reshape(-1, vocab)
+    if flat_mask is not None:
+        student_rows, teacher_rows = student_rows[flat_mask], teacher_rows[flat_mask]
+    log_p_student = F.log_softmax(student_rows / temperature, dim=-1)
+    # q log q with q = 0 is 0: xlogy-style, so a class no teacher gives mass to adds nothing instead of NaN.
+    teacher_probs = teacher_rows.exp()
+    if kind == "forward_kl":
+        per_row = (teacher_probs * (teacher_rows - log_p_student)).nan_to_num(0.0).sum(-1)
+    elif kind == "reverse_kl":
+        per_row = (log_p_student.exp() * (log_p_student - teacher_rows)).sum(-1)
+    else:
+        log_m = _log_mixture(teacher_rows, log_p_student, beta)
+        kl_teacher = (teacher_probs * (teacher_rows - log_m)).nan_to_num(0.0).sum(-1)
+        kl_student = (log_p_student.exp() * (log_p_student - log_m)).sum(-1)
+        per_row = beta * kl_teacher + (1.0 - beta) * kl_student
+    per_row = per_row * temperature**2
+    return _mean_or_sum(per_row.sum(), per_row.shape[0], reduction)

@@ -1,0 +1,430 @@
+"""Cross-tokenizer distillation: alignment of two tokenizations, the vocabulary map, the losses against float64
+references written here, and the trainer with two genuinely different tokenizers trained offline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TEXTS_FOR_TESTS
+from datasets import Dataset
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_distill import DistillationTrainer, DistillationTrainingArguments
+from hf_distill.cross_tokenizer import (
+    ALIGNED_COLUMN,
+    TEACHER_INPUT_IDS,
+    CrossTokenizerCollator,
+    align_positions,
+    check_alignable,
+    prediction_pairs,
+    vocabulary_map,
+)
+from hf_distill.losses import cross_tokenizer_distillation_loss
+from hf_distill.tasks.lm_cross_tokenizer import text_blocks, train_tokenizer
+
+CORPUS = [
+    "Hello world, the unbelievable café served crème brûlée 😀 to the team.",
+    "The market price rose; voters were unbelievably happy with the election.",
+    "Naïve tokens: emojis 🎉🚀 and accents é è ê, plus  double  spaces.",
+] + TEXTS_FOR_TESTS
+TRAINING_TEXT = CORPUS * 20
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return train_tokenizer("byte_bpe", TRAINING_TEXT, 400)
+
+
+@pytest.fixture(scope="module")
+def unigram():
+    return train_tokenizer("unigram", TRAINING_TEXT, 200)
+
+
+@pytest.fixture(scope="module")
+def wordpiece():
+    return train_tokenizer("wordpiece", TRAINING_TEXT, 300)
+
+
+# --------------------------------------------------------------------------------------------- hand-made alignment
+def test_multi_piece_word_aligns_on_shared_ends_and_the_shift_pairs_contexts():
+    # "unbelievable": student un|believ|able, teacher unbeliev|able
+    student, teacher = [(0, 2), (2, 8), (8, 12)], [(0, 8), (8, 12)]
+    assert align_positions(student, teacher, text="unbelievable") == [(1, 0), (2, 1)]
+    # student position 1 (read "unbeliev") and teacher position 0 (read "unbeliev") both predict "able"
+    assert prediction_pairs(student, teacher, text="unbelievable") == [(1, 0)]
+    # a BOS added by the student's post-processor shifts its positions by one
+    with_bos = [(0, 0), *student]
+    assert prediction_pairs(with_bos, teacher, text="unbelievable", student_special=[1, 0, 0, 0]) == [(2, 0)]
+    # both with BOS: BOS reads no text on either side, so it predicts the same first word only if it is one piece
+    assert (
+        prediction_pairs(
+            [(0, 0), (0, 12)],
+            [(0, 0), (0, 8), (8, 12)],
+            text="unbelievable",
+            student_special=[1, 0],
+            teacher_special=[1, 0, 0],
+        )
+        == []
+    )
+    assert prediction_pairs(
+        [(0, 0), (0, 5), (5, 11)],
+        [(0, 0), (0, 5), (6, 11)],
+        text="hello world",
+        student_special=[1, 0, 0],
+        teacher_special=[1, 0, 0],
+    ) == [(0, 0), (1, 1)]
+
+
+def test_spaces_are_read_the_same_by_space_markers_and_by_wordpiece():
+    text = "Hello  world"
+    byte_level = [(0, 5), (6, 6), (7, 12)]  # Hello, Ġ (trimmed to nothing), Ġworld trimmed to (7, 12)
+    wordpiece = [(0, 5), (7, 12)]  # whitespace dropped
+    assert align_positions(byte_level, wordpiece, text=text) == [(1, 0), (2, 1)]
+    assert prediction_pairs(byte_level, wordpiece, text=text) == [
+        (1, 0)
+    ]  # after the spaces, both predict world
+
+
+def test_a_character_split_into_bytes_aligns_through_its_last_byte():
+    text = "a😀b"
+    byte_level = [(0, 1), (1, 2), (1, 2), (1, 2), (2, 3)]  # the emoji is three byte pieces with one span
+    characters = [(0, 1), (1, 2), (2, 3)]
+    assert align_positions(byte_level, characters, text=text) == [(0, 0), (3, 1), (4, 2)]
+    # "a" -> first emoji byte is not a whole token: no pair; after the emoji both predict "b"
+    assert prediction_pairs(byte_level, characters, text=text) == [(3, 1)]
+
+
+def test_special_tokens_are_contexts_but_never_predicted_nor_aligned():
+    text = "a<eos>b"
+    student = [(0, 1), (1, 6), (6, 7)]  # <eos> is one special token
+    teacher = [(0, 1), (1, 2), (2, 5), (5, 6), (6, 7)]  # the other tokenizer reads it as characters
+    special = [0, 1, 0]
+    assert align_positions(student, teacher, text=text, student_special=special) == [(0, 0), (2, 4)]
+    assert prediction_pairs(student, teacher, text=text, student_special=special) == [(1, 3)]
+
+
+def test_real_tokenizers_pair_positions_that_read_the_same_text_and_predict_the_same_span(
+    bpe, unigram, wordpiece
+):
+    text = "Hello world, the unbelievable café 😀 team  rose."
+    for student, teacher in ((unigram, bpe), (wordpiece, bpe), (bpe, wordpiece)):
+        s = student(text, return_offsets_mapping=True, return_special_tokens_mask=True)
+        t = teacher(text, return_offsets_mapping=True, return_special_tokens_mask=True)
+        pairs = prediction_pairs(
+            s["offset_mapping"],
+            t["offset_mapping"],
+            text=text,
+            student_special=s["special_tokens_mask"],
+            teacher_special=t["special_tokens_mask"],
+        )
+        assert len(pairs) >= 3  # where both predict the same span (few: these vocabularies are tiny)
+
+        def read(offsets, special, position):  # the text a position has read, trailing whitespace dropped
+            ends = [end for (_, end), sp in zip(offsets[: position + 1], special) if not (sp and _ == end)]
+            return text[: max(ends, default=0)].rstrip()
+
+        for t_pos, u_pos in pairs:
+            assert read(s["offset_mapping"], s["special_tokens_mask"], t_pos) == read(
+                t["offset_mapping"], t["special_tokens_mask"], u_pos
+            )
+            assert (
+                text[: s["offset_mapping"][t_pos + 1][1]].rstrip()
+                == text[: t["offset_mapping"][u_pos + 1][1]].rstrip()
+            )
+
+
+# --------------------------------------------------------------------------------------------- vocabulary
+def test_vocabulary_map_matches_conventions_one_to_one(bpe, unigram, wordpiece):
+    def pairs_of(student, teacher):
+        s_ids, t_ids = vocabulary_map(student, teacher)
+        assert len(set(s_ids.tolist())) == len(s_ids) and len(set(t_ids.tolist())) == len(t_ids)
+        return set(
+            zip(student.convert_ids_to_tokens(s_ids.tolist()), teacher.convert_ids_to_tokens(t_ids.tolist()))
+        )
+
+    unigram_bpe = pairs_of(unigram, bpe)
+    assert ("▁the", "Ġthe") in unigram_bpe and ("e", "e") in unigram_bpe
+    wordpiece_bpe = pairs_of(wordpiece, bpe)
+    assert ("the", "Ġthe") in wordpiece_bpe  # a WordPiece word start is a word after a space
+    continuation = next(
+        tok for tok in wordpiece.get_vocab() if tok.startswith("##") and tok[2:] in bpe.get_vocab()
+    )
+    assert (continuation, continuation[2:]) in wordpiece_bpe
+    accented = [(s, t) for s, t in wordpiece_bpe if "é" in s]  # byte-level pieces of é decode to é
+    assert accented and all(t.encode("latin-1", "ignore") != t.encode() for _, t in accented)
+    specials = set(bpe.all_special_tokens) | set(unigram.all_special_tokens)
+    assert not any(s in specials or t in specials for s, t in unigram_bpe)
+
+
+# --------------------------------------------------------------------------------------------- losses
+def _forward_kl64(student, teacher, temperature):
+    log_q = torch.log_softmax(student.double() / temperature, -1)
+    log_p = torch.log_softmax(teacher.double() / temperature, -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1) * temperature**2
+
+
+def _uld64(student, teacher, temperature, student_keep=None, teacher_keep=None):
+    p = torch.softmax(student.double() / temperature, -1)
+    q = torch.softmax(teacher.double() / temperature, -1)
+    if student_keep is not None:
+        p, q = p[:, student_keep], q[:, teacher_keep]
+    width = max(p.shape[1], q.shape[1])
+    p = torch.nn.functional.pad(p.sort(-1, descending=True).values, (0, width - p.shape[1]))
+    q = torch.nn.functional.pad(q.sort(-1, descending=True).values, (0, width - q.shape[1]))
+    return (p - q).abs().sum(-1)
+
+
+def _setup(seed=0, pairs=7):
+    generator = torch.Generator().manual_seed(seed)
+    student = torch.randn(2, 6, 11, generator=generator) * 2  # (B, T_s, V_s)
+    teacher = torch.randn(2, 8, 17, generator=generator) * 2  # (B, T_t, V_t)
+    student_rows = torch.randperm(12, generator=generator)[:pairs]
+    teacher_rows = torch.randperm(16, generator=generator)[:pairs]
+    student_ids = torch.tensor([0, 3, 4, 7, 10])
+    teacher_ids = torch.tensor([5, 1, 16, 2, 9])
+    return student, teacher, student_rows, teacher_rows, student_ids, teacher_ids
+
+
+@pytest.mark.parametrize("mode", ["exact", "uld", "hybrid"])
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_losses_match_float64_references_in_value_and_gradient(mode, chunk_size):
+    student, teacher, s_rows, t_rows, s_ids, t_ids = _setup()
+    temperature, weight = 2.0, 0.7
+    student_leaf = student.clone().requires_grad_(True)
+    loss = cross_tokenizer_distillation_loss(
+        student_leaf, teacher, s_rows, t_rows, student_ids=s_ids, teacher_ids=t_ids, mode=mode,
+        temperature=temperature, uld_weight=weight, chunk_size=chunk_size,
+    )  # fmt: skip
+    loss.backward()
+
+    reference_leaf = student.double().clone().requires_grad_(True)
+    s = reference_leaf.reshape(-1, 11)[s_rows]
+    t = teacher.double().reshape(-1, 17)[t_rows]
+    exact = _forward_kl64(s[:, s_ids], t[:, t_ids], temperature)
+    rest_s = [i for i in range(11) if i not in s_ids.tolist()]
+    rest_t = [i for i in range(17) if i not in t_ids.tolist()]
+    per_pair = {
+        "exact": exact,
+        "uld": weight * _uld64(s, t, temperature),
+        "hybrid": exact + weight * _uld64(s, t, temperature, rest_s, rest_t),
+    }[mode]
+    reference = per_pair.mean()
+    reference.backward()
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(student_leaf.grad.double(), reference_leaf.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_student_equal_to_the_teacher_on_the_mapped_subset_gets_zero_exact_loss():
+    student, teacher, s_rows, t_rows, s_ids, t_ids = _setup()
+    student = student.reshape(-1, 11).clone()
+    flat_teacher = teacher.reshape(-1, 17)
+    # the mapped logits equal the teacher's up to a per-row constant; the unmapped ones are anything
+    student[s_rows[:, None], s_ids[None, :]] = flat_teacher[t_rows[:, None], t_ids[None, :]] + 3.0
+    for kind in ("forward_kl", "reverse_kl", "jsd"):
+        for chunk_size in (None, 2):
+            leaf = student.clone().requires_grad_(True)
+            loss = cross_tokenizer_distillation_loss(
+                leaf, flat_teacher, s_rows, t_rows, student_ids=s_ids, teacher_ids=t_ids, mode="exact", kind=kind,
+                temperature=1.5, chunk_size=chunk_size,
+            )  # fmt: skip
+            loss.backward()
+            assert abs(loss.item()) < 1e-6
+            assert leaf.grad.abs().max().item() < 1e-6
+
+
+def test_uld_is_zero_for_equal_sorted_distributions_of_different_vocabulary_sizes():
+    generator = torch.Generator().manual_seed(1)
+    student = torch.randn(5, 6, generator=generator)
+    permutation = torch.randperm(6, generator=generator)
+    # the teacher's 9 tokens: the student's probabilities in another order, and three with probability 0
+    teacher = torch.cat([student[:, permutation], torch.full((5, 3), -1e4)], dim=-1)
+    rows = torch.arange(5)
+    leaf = student.clone().requires_grad_(True)
+    loss = cross_tokenizer_distillation_loss(leaf, teacher, rows, rows, mode="uld", temperature=1.0)
+    loss.backward()
+    assert abs(loss.item()) < 1e-6 and leaf.grad.abs().max().item() < 1e-5
+    shifted = teacher.clone()
+    shifted[:, 0] += 1.0
+    assert cross_tokenizer_distillation_loss(student, shifted, rows, rows, mode="uld").item() > 1e-3
+
+
+def test_no_pairs_give_zero_and_bad_maps_raise():
+    student, teacher, _, _, s_ids, t_ids = _setup()
+    leaf = student.clone().requires_grad_(True)
+    empty = torch.zeros(0, dtype=torch.long)
+    loss = cross_tokenizer_distillation_loss(
+        leaf, teacher, empty, empty, student_ids=s_ids, teacher_ids=t_ids
+    )
+    loss.backward()
+    assert loss.item() == 0.0 and leaf.grad.abs().sum().item() == 0.0
+    with pytest.raises(ValueError, match="vocabulary map"):
+        cross_tokenizer_distillation_loss(student, teacher, empty, empty, mode="hybrid")
+    with pytest.raises(ValueError, match="past the logits"):
+        cross_tokenizer_distillation_loss(
+            student, teacher, empty, empty, student_ids=torch.tensor([11]), teacher_ids=torch.tensor([0])
+        )
+
+
+# --------------------------------------------------------------------------------------------- collator and trainer
+def test_collator_gives_the_teacher_the_text_the_student_read(bpe, unigram):
+    collator = CrossTokenizerCollator(unigram, bpe, max_length=12)
+    batch = collator([{"text": CORPUS[0]}, {"text": "the cat"}])
+    assert batch["input_ids"].shape[1] == 12 and batch["labels"][1].eq(-100).sum() > 0
+    student_text = unigram.decode(batch["input_ids"][0], skip_special_tokens=True)
+    teacher_text = bpe.decode(batch[TEACHER_INPUT_IDS][0][batch["teacher_attention_mask"][0].bool()])
+    assert teacher_text.replace(" ", "") == student_text.replace(" ", "")  # truncated at the same character
+    aligned = batch[ALIGNED_COLUMN]
+    assert aligned.shape == batch["input_ids"].shape
+    assert aligned.max() < batch["teacher_attention_mask"].sum(1).max() and (aligned >= 0).sum() >= 2
+
+
+def test_unalignable_tokenizers_fail_with_a_message(bpe, unigram):
+    class Slow:
+        is_fast = False
+
+    with pytest.raises(ValueError, match="slow tokenizer"):
+        check_alignable(unigram, Slow())
+    with pytest.raises(ValueError, match="teacher_processing_class"):
+        check_alignable(unigram, None)
+
+
+def _llama(vocab, seed, layers=1):
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def _args(tmp_path, **values):
+    base = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-3,
+        report_to=[], save_strategy="no", logging_steps=1, seed=0, use_cpu=True, temperature=2.0, alpha=0.5,
+    )  # fmt: skip
+    base.update(values)
+    return DistillationTrainingArguments(**base)
+
+
+def test_trainer_distils_across_tokenizers_and_refuses_without_cross_tokenizer(tmp_path, bpe, unigram):
+    teacher, student = _llama(len(bpe), 0, layers=2), _llama(len(unigram), 1)
+    data = Dataset.from_dict({"text": text_blocks(CORPUS, unigram, 16)})
+    collator = CrossTokenizerCollator(unigram, bpe, max_length=16)
+    with pytest.raises(ValueError, match="cross_tokenizer"):
+        DistillationTrainer(
+            model=student, teacher_model=teacher, args=_args(tmp_path), train_dataset=data,
+            processing_class=unigram, teacher_processing_class=bpe, data_collator=collator,
+        )  # fmt: skip
+    for mode in ("exact", "uld", "hybrid"):
+        trainer = DistillationTrainer(
+            model=student, teacher_model=teacher, args=_args(tmp_path, cross_tokenizer=mode, kd_chunk_size=8),
+            train_dataset=data, eval_dataset=data, processing_class=unigram, teacher_processing_class=bpe,
+            data_collator=collator,
+        )  # fmt: skip
+        trainer.train()
+        logged = [entry for entry in trainer.state.log_history if "kd_loss" in entry]
+        assert logged and all(entry["kd_loss"] > 0 for entry in logged)
+        assert torch.isfinite(torch.tensor(trainer.evaluate()["eval_loss"]))
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_trainer_kd_term_is_the_loss_at_the_collated_pairs(tmp_path, bpe, unigram):
+    """alpha = 1: the training loss is the KD sum over the collator's pairs over the label tokens, computed here
+    from the two models' own forwards."""
+    teacher, student = _llama(len(bpe), 0), _llama(len(unigram), 1)
+    rows = [{"text": text} for text in CORPUS[:4]]
+    collator = CrossTokenizerCollator(unigram, bpe, max_length=20)
+    args = _args(tmp_path, cross_tokenizer="hybrid", alpha=1.0, uld_weight=0.5)
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows),
+        processing_class=unigram, teacher_processing_class=bpe, data_collator=collator,
+    )  # fmt: skip
+    batch = collator(rows)
+    loss = trainer.compute_loss(student, batch, num_items_in_batch=batch["labels"][:, 1:].ne(-100).sum())
+    with torch.no_grad():
+        s_logits = student(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits.double()
+        t_logits = teacher(
+            input_ids=batch[TEACHER_INPUT_IDS], attention_mask=batch["teacher_attention_mask"]
+        ).logits
+    s_ids, t_ids = vocabulary_map(unigram, bpe)
+    rest_s = [i for i in range(s_logits.shape[-1]) if i not in set(s_ids.tolist())]
+    rest_t = [i for i in range(t_logits.shape[-1]) if i not in set(t_ids.tolist())]
+    total = 0.0
+    for b in range(len(rows)):
+        for t_pos, u_pos in enumerate(batch[ALIGNED_COLUMN][b].tolist()):
+            if u_pos < 0 or batch["labels"][b, t_pos + 1] == -100:
+                continue
+            s, t = s_logits[b, t_pos : t_pos + 1], t_logits[b, u_pos : u_pos + 1].double()
+            exact = _forward_kl64(s[:, s_ids], t[:, t_ids], 2.0)
+            total += (exact + 0.5 * _uld64(s, t, 2.0, rest_s, rest_t)).item()
+    label_tokens = batch["labels"][:, 1:].ne(-100).sum().item()
+    assert loss.item() == pytest.approx(total / label_tokens, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "option",
+    [{"teacher_logits_cache": "cache"}, {"fused_kd_loss": True}, {"hidden_weight": 1.0}, {"lmbda": 0.5}],
+)
+def test_options_cross_tokenizer_cannot_honour_are_refused(tmp_path, option):
+    from hf_distill.cross_tokenizer_kd import check_cross_tokenizer_options
+    from hf_distill.task_loss import infer_task
+
+    args = _args(tmp_path, cross_tokenizer="hybrid", **option)
+    with pytest.raises(
+        ValueError, match=f"cross_tokenizer='hybrid' cannot be combined with {next(iter(option))}"
+    ):
+        check_cross_tokenizer_options(args, infer_task(_llama(16, 0), None))
+
+
+def test_distill_lm_refuses_a_cache_with_cross_tokenizer(tmp_path):
+    from hf_distill.tasks import language_modeling as lm
+
+    args = _args(tmp_path, cross_tokenizer="exact", teacher_logits_cache=str(tmp_path))
+    data = lm.DataArguments(train_file=str(tmp_path / "train.txt"))
+    with pytest.raises(ValueError, match="teacher's ids and offsets"):
+        _distill_lm().check_flags(data, lm.SequenceKDArguments(), args)
+
+
+# --------------------------------------------------------------------------------------------- the LM recipe
+def _distill_lm():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "distill_lm.py"
+    spec = importlib.util.spec_from_file_location("_script_distill_lm_cross", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_distill_lm_recipe_distils_across_tokenizers(tmp_path, bpe, unigram):
+    teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
+    _llama(len(bpe), 0).save_pretrained(teacher_dir)
+    bpe.save_pretrained(teacher_dir)
+    _llama(len(unigram), 1).save_pretrained(student_dir)
+    unigram.save_pretrained(student_dir)
+    train, valid = tmp_path / "train.txt", tmp_path / "valid.txt"
+    train.write_text("\n".join(CORPUS * 3) + "\n")
+    valid.write_text("\n".join(CORPUS[:4]) + "\n")
+    out = tmp_path / "out"
+    argv = [
+        "--teacher_model_name_or_path", str(teacher_dir), "--student_model_name_or_path", str(student_dir),
+        "--train_file", str(train), "--validation_file", str(valid), "--block_size", "24", "--do_train",
+        "--do_eval", "--cross_tokenizer", "hybrid", "--output_dir", str(out), "--max_steps", "2",
+        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--save_strategy", "no",
+        "--logging_steps", "1", "--report_to", "none", "--use_cpu", "true", "--disable_tqdm", "true",
+    ]  # fmt: skip
+    distill_lm = _distill_lm()
+    results = distill_lm.main(argv)
+    assert torch.isfinite(torch.tensor(results["eval"]["perplexity"]))
+    log_history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert any(entry.get("kd_loss", 0) > 0 for entry in log_history)
+    with pytest.raises(ValueError, match="cross_tokenizer"):  # without the flag: refused before training
+        distill_lm.main([arg for arg in argv if arg not in ("--cross_tokenizer", "hybrid")])
