@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
@@ -230,3 +231,22 @@ class DistillationTrainingArguments(TrainingArguments):
 class Seq2SeqDistillationTrainingArguments(DistillationTrainingArguments, Seq2SeqTrainingArguments):
     """Distillation arguments with the generation settings of `Seq2SeqTrainingArguments`
     (`predict_with_generate`, `generation_max_length`, `generation_num_beams`)."""
+
+
+def checked_trainer_arguments(teacher_model: Any, args: Any) -> DistillationTrainingArguments:
+    """The `args` DistillationTrainer runs with (defaults when None), refusing the mistakes of calling it like
+    `Trainer`: training arguments passed where the teacher goes, or plain `TrainingArguments`."""
+    if isinstance(teacher_model, TrainingArguments):
+        raise TypeError(
+            "DistillationTrainer's second argument is the teacher, but it got training arguments: "
+            "DistillationTrainer(student, training_args) reads training_args as the teacher. Pass the models "
+            "by keyword: DistillationTrainer(model=student, teacher_model=teacher, args=training_args, ...)."
+        )
+    if args is None:
+        args = DistillationTrainingArguments(output_dir="trainer_output")
+    if not isinstance(args, DistillationTrainingArguments):
+        raise TypeError(
+            f"args must be DistillationTrainingArguments, got {type(args).__name__}; build it with the same "
+            "fields plus the distillation ones (temperature, alpha, kd_loss, ...)."
+        )
+    return args

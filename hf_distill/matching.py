@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import TrainerCallback
 from transformers.utils import logging
 
 from .losses import attention_distillation_loss, hidden_state_loss
@@ -242,6 +243,20 @@ def load_projections(projections: nn.Module, checkpoint: str, device: Any) -> No
             "Resume with the same hidden_weight/layer_map as that run, or start a new run."
         )
     projections.load_state_dict(load_file(path, device=str(device)))
+
+
+class ZeroProjectionGradients(TrainerCallback):
+    """The Trainer zeroes only the student's gradients after an optimizer step; the projections are trained
+    beside it and need the same, or their gradients would add up across steps."""
+
+    def __init__(self, projections: nn.Module):
+        self.projections = projections
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.projections.zero_grad(set_to_none=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.projections.zero_grad(set_to_none=True)
 
 
 # ---- what a model's config says about its layers -------------------------------------------------------------

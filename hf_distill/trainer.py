@@ -13,22 +13,23 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Seq2SeqTrainer, Trainer, TrainerCallback, TrainingArguments
+from transformers import Seq2SeqTrainer, Trainer
 from transformers.utils import logging
 
 from . import hub, on_policy
 from .accumulation import normalise_sum, window_token_counts
-from .args import DistillationTrainingArguments
+from .args import DistillationTrainingArguments, checked_trainer_arguments
 from .checkpoints import resolve_resume
 from .cross_tokenizer import CROSS_TOKENIZER_COLUMNS, TEXT_COLUMN
-from .cross_tokenizer_kd import CrossTokenizerKD
 from .data_checks import check_training_data
-from .ensemble import build_ensemble_source, check_ensemble_options, teacher_set, teacher_tokenizer_of
+from .ensemble import teacher_set, teacher_tokenizer_of
 from .evaluation import counted_once
-from .kd_sources import CachedTopKKD, FusedLMHeadKD, KDSource, LogitsKD, SpanKD, StudentStep, logits_of
+from .kd_choice import choose_kd_source
+from .kd_sources import FusedLMHeadKD, KDSource, LogitsKD, SpanKD, StudentStep, logits_of
 from .logit_cache import CACHE_COLUMNS, check_cache_temperature
 from .matching import (
     PROJECTIONS_NAME,  # noqa: F401 - the checkpoint file name, importable from here as before
+    ZeroProjectionGradients,
     attention_matching_loss,
     build_projections,
     hidden_width,
@@ -79,19 +80,7 @@ class DistillationTrainer(Trainer):
         matching_teacher: str | int | None = None,
         **trainer_kwargs: Any,
     ):
-        if isinstance(teacher_model, TrainingArguments):
-            raise TypeError(
-                "DistillationTrainer's second argument is the teacher, but it got training arguments: "
-                "DistillationTrainer(student, training_args) reads training_args as the teacher. Pass the models "
-                "by keyword: DistillationTrainer(model=student, teacher_model=teacher, args=training_args, ...)."
-            )
-        if args is None:
-            args = DistillationTrainingArguments(output_dir="trainer_output")
-        if not isinstance(args, DistillationTrainingArguments):
-            raise TypeError(
-                f"args must be DistillationTrainingArguments, got {type(args).__name__}; build it with the same "
-                "fields plus the distillation ones (temperature, alpha, kd_loss, ...)."
-            )
+        args = checked_trainer_arguments(teacher_model, args)
         teachers = teacher_set(teacher_model, args.teacher_weights, matching_teacher)
         teacher_tokenizers = teacher_processing_class
         if teachers is not None:
@@ -139,21 +128,7 @@ class DistillationTrainer(Trainer):
             self.teacher_model = prepare_teacher(
                 teacher_model, self.accelerator, args.device, args.teacher_dtype
             )
-        if teachers is not None:
-            check_ensemble_options(args, self._task, fused)
-            self.kd_source: KDSource = build_ensemble_source(
-                teachers,
-                args=args,
-                task=self._task,
-                student=student,
-                matching_pairing=self._pairing,
-                prepared_matching=self.teacher_model,
-                tokenizer=self.processing_class,
-                teacher_tokenizers=teacher_tokenizers,
-                accelerator=self.accelerator,
-            )
-        else:
-            self.kd_source = self._choose_kd_source(fused)
+        self.kd_source: KDSource = choose_kd_source(self, fused, teachers, teacher_tokenizers)
         # Evaluation runs the student alone and whole (full logits even when training fuses the LM head).
         self._evaluation_source = (
             SpanKD(args)
@@ -162,31 +137,11 @@ class DistillationTrainer(Trainer):
         )
         self._projection_runners = projection_runners(self.hidden_projections, args.device, args.world_size)
         if any(True for _ in self.hidden_projections.parameters()):
-            self.add_callback(_ZeroProjectionGradients(self.hidden_projections))
+            self.add_callback(ZeroProjectionGradients(self.hidden_projections))
         self._on_policy_now = False
         self._logged_sums: dict[str, torch.Tensor] = {}
         self._model_card_arguments: dict[str, Any] = {}
         self.distillation_report: dict | None = None
-
-    def _choose_kd_source(self, fused: bool) -> KDSource:
-        args = self.args
-        if args.cross_tokenizer is not None:  # refuses a cache, the fused loss and feature matching itself
-            return CrossTokenizerKD(
-                args,
-                self._task,
-                self.model,
-                self.teacher_model,
-                self.processing_class,
-                self._teacher_tokenizer,
-            )
-        if self.teacher_model is None:
-            own_task_loss = self.compute_loss_func is None and args.label_smoothing_factor == 0
-            return CachedTopKKD(args, self._task, share_cross_entropy=own_task_loss)
-        if fused:
-            return FusedLMHeadKD(args, self._pairing, self.teacher_model, self.accelerator)
-        if self._task.kind == QUESTION_ANSWERING:
-            return SpanKD(args)
-        return LogitsKD(args, self._task, self._pairing)
 
     @property
     def layer_maps(self) -> dict[str, list[tuple[int, int]]]:
@@ -501,16 +456,21 @@ class DistillationTrainer(Trainer):
     def _clip_grad_norm(self, model: nn.Module):
         """Clip, and report as grad_norm, the norm over everything the optimizer updates: the student and the
         hidden-state projections, which train beside it."""
-        projections = [p for p in self.hidden_projections.parameters() if p.requires_grad]
-        if not projections:
+        if not any(p.requires_grad for p in self.hidden_projections.parameters()):
             return super()._clip_grad_norm(model)
-        return self.accelerator.clip_grad_norm_([*model.parameters(), *projections], self.args.max_grad_norm)
+        return self._norm_with_projections(model, self.args.max_grad_norm)
 
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None):
-        projections = [p for p in self.hidden_projections.parameters() if p.requires_grad]
-        if grad_norm is None and projections:
-            grad_norm = self.accelerator.clip_grad_norm_([*model.parameters(), *projections], float("inf"))
+        if grad_norm is None and any(p.requires_grad for p in self.hidden_projections.parameters()):
+            grad_norm = self._norm_with_projections(model, float("inf"))
         return super()._get_grad_norm(model, grad_norm=grad_norm)
+
+    def _norm_with_projections(self, model: nn.Module, max_norm: float):
+        parameters = [
+            *model.parameters(),
+            *(p for p in self.hidden_projections.parameters() if p.requires_grad),
+        ]
+        return self.accelerator.clip_grad_norm_(parameters, max_norm)
 
     # ---- checkpoints and saving --------------------------------------------------------------------------------
 
@@ -545,20 +505,6 @@ class DistillationTrainer(Trainer):
         self._model_card_arguments = {**self._model_card_arguments, **given}
         if self.is_world_process_zero():
             hub.write_model_card(self, self.args.output_dir, **self._model_card_arguments)
-
-
-class _ZeroProjectionGradients(TrainerCallback):
-    """The Trainer zeroes only the student's gradients after an optimizer step; the projections are trained
-    beside it and need the same, or their gradients would add up across steps."""
-
-    def __init__(self, projections: nn.Module):
-        self.projections = projections
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.projections.zero_grad(set_to_none=True)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.projections.zero_grad(set_to_none=True)
 
 
 class Seq2SeqDistillationTrainer(DistillationTrainer, Seq2SeqTrainer):
