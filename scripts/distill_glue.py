@@ -155,6 +155,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         training_args,
         resume_from_checkpoint=common.resume_checkpoint(training_args),
     )
+    if training_args.do_train:
+        # The card arguments run_glue.py passes; the trainer keeps them for later save_model calls.
+        card = {"tasks": "text-classification", "finetuned_from": model_args.teacher_model_name_or_path[0]}
+        if data_args.task_name is not None:
+            card.update(
+                language="en",
+                dataset_tags="glue",
+                dataset_args=data_args.task_name,
+                dataset=f"GLUE {data_args.task_name.upper()}",
+            )
+        trainer.create_model_card(**card)
 
     # The report compares on the held-out test split when it has labels, else on the first evaluation split.
     if "predict" in results:

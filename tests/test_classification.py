@@ -537,3 +537,12 @@ def test_glue_task_from_the_hub_mnli_end_to_end(tmp_path, bert_tokenizer, monkey
         assert {line.split("\t")[1] for line in lines[1:]} <= set(MNLI_LABELS)
     report = json.loads((output / "distill_report.json").read_text())
     assert report["primary_metric"] == "accuracy" and report["split"] == "validation_matched"
+    # the model card carries run_glue's card arguments, and no local path as base_model
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(output / "README.md").data
+    assert card.datasets == ["glue"] and card.language == ["en"]
+    assert getattr(card, "base_model", None) is None
+    assert any(
+        result["dataset"]["name"] == "GLUE MNLI" for result in card.to_dict()["model-index"][0]["results"]
+    )
