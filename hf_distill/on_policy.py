@@ -216,3 +216,34 @@ def student_completions(
             max_new_tokens=max_new_tokens,
             **sample,
         )
+
+
+def on_policy_batch(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    tokenizer: Any,
+    accelerator: Any,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+) -> dict[str, torch.Tensor]:
+    """The on-policy batch of one step (GKD): completions the student (possibly wrapped and sharded) samples for
+    the prompts of `batch`, with the tokenizer's (else the generation config's) pad and end-of-sequence ids. The
+    model is left in training mode."""
+    from .teacher import unwrap_model
+
+    student = unwrap_model(model)
+    config = student.generation_config if getattr(student, "generation_config", None) else student.config
+    pad_token_id = getattr(tokenizer, "pad_token_id", None) or config.pad_token_id or 0
+    eos_token_id = getattr(tokenizer, "eos_token_id", None) or config.eos_token_id
+    with torch.no_grad(), gathered_for_generation(model, accelerator) as generator:
+        completions = student_completions(
+            generator,
+            batch,
+            pad_token_id=pad_token_id,
+            eos_token_id=eos_token_id,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+        )
+    model.train()  # generate() may leave the model in eval mode
+    return completions

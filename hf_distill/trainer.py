@@ -199,12 +199,14 @@ class DistillationTrainer(Trainer):
         return (loss, step.outputs) if return_outputs else loss
 
     def _output_flags(self) -> dict[str, Any]:
-        flags = dict(self.kd_source.model_kwargs())
-        if self.args.hidden_weight > 0:
-            flags["output_hidden_states"] = True
-        if self.args.attention_weight > 0:
-            flags["output_attentions"] = True
-        return flags
+        """What both forwards must return beyond the defaults; fixed by the configuration, so built once."""
+        if getattr(self, "_flags", None) is None:
+            self._flags = dict(self.kd_source.model_kwargs())
+            if self.args.hidden_weight > 0:
+                self._flags["output_hidden_states"] = True
+            if self.args.attention_weight > 0:
+                self._flags["output_attentions"] = True
+        return self._flags
 
     def _student_step(
         self, model: nn.Module, inputs: dict[str, Any], model_inputs: dict[str, Any], training: bool = True
@@ -287,7 +289,14 @@ class DistillationTrainer(Trainer):
         student samples for its prompts, as the step is built, so that `compute_loss` sees an ordinary batch."""
         if not self._on_policy_step():
             return super().training_step(model, inputs, num_items_in_batch)
-        inputs = self._on_policy_batch(model, self._prepare_inputs(inputs))
+        inputs = on_policy.on_policy_batch(
+            model,
+            self._prepare_inputs(inputs),
+            self.processing_class,
+            self.accelerator,
+            max_new_tokens=self.args.on_policy_max_new_tokens,
+            temperature=self.args.on_policy_temperature,
+        )
         self._on_policy_now = True
         try:
             # The sampled completions have their own token count: each micro-batch is normalised on its own.
@@ -301,24 +310,6 @@ class DistillationTrainer(Trainer):
         if self.args.lmbda <= 0:
             return False
         return random.Random(self.args.seed * 1_000_003 + self.state.global_step).random() < self.args.lmbda
-
-    def _on_policy_batch(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
-        tokenizer = self.processing_class
-        student = unwrap_model(model)
-        config = student.generation_config if getattr(student, "generation_config", None) else student.config
-        pad_token_id = getattr(tokenizer, "pad_token_id", None) or config.pad_token_id or 0
-        eos_token_id = getattr(tokenizer, "eos_token_id", None) or config.eos_token_id
-        with torch.no_grad(), on_policy.gathered_for_generation(model, self.accelerator) as generator:
-            batch = on_policy.student_completions(
-                generator,
-                inputs,
-                pad_token_id=pad_token_id,
-                eos_token_id=eos_token_id,
-                max_new_tokens=self.args.on_policy_max_new_tokens,
-                temperature=self.args.on_policy_temperature,
-            )
-        model.train()  # generate() may leave the model in eval mode
-        return batch
 
     # ---- evaluation ------------------------------------------------------------------------------------------
 

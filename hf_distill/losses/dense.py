@@ -28,16 +28,22 @@ def _divergence_rows(
         return (student_logits - teacher_logits).pow(2).mean(-1)
     log_p_student = F.log_softmax(student_logits / temperature, dim=-1)
     log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=-1)
+    return _divergence_from_logprobs(log_p_student, log_p_teacher, kind, beta) * temperature**2
+
+
+def _divergence_from_logprobs(
+    log_p_student: torch.Tensor, log_p_teacher: torch.Tensor, kind: str, beta: float
+) -> torch.Tensor:
+    """(n, V) float32 log-probabilities -> (n,) forward KL, reverse KL or JSD, without the T**2 factor. Teacher
+    terms with probability 0 add 0 (q log q -> 0), not NaN, so a class no teacher gives mass to is harmless."""
     if kind == "forward_kl":
-        per_row = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)
-    elif kind == "reverse_kl":
-        per_row = (log_p_student.exp() * (log_p_student - log_p_teacher)).sum(-1)
-    else:
-        log_m = _log_mixture(log_p_teacher, log_p_student, beta)
-        kl_teacher = (log_p_teacher.exp() * (log_p_teacher - log_m)).sum(-1)
-        kl_student = (log_p_student.exp() * (log_p_student - log_m)).sum(-1)
-        per_row = beta * kl_teacher + (1.0 - beta) * kl_student
-    return per_row * temperature**2
+        return (log_p_teacher.exp() * (log_p_teacher - log_p_student)).nan_to_num(0.0).sum(-1)
+    if kind == "reverse_kl":
+        return (log_p_student.exp() * (log_p_student - log_p_teacher)).sum(-1)
+    log_m = _log_mixture(log_p_teacher, log_p_student, beta)
+    kl_teacher = (log_p_teacher.exp() * (log_p_teacher - log_m)).nan_to_num(0.0).sum(-1)
+    kl_student = (log_p_student.exp() * (log_p_student - log_m)).sum(-1)
+    return beta * kl_teacher + (1.0 - beta) * kl_student
 
 
 def logit_distillation_loss(

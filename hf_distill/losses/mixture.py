@@ -16,9 +16,9 @@ from ._common import (
     _check_options,
     _flat_mask,
     _jsd_endpoint,
-    _log_mixture,
     _mean_or_sum,
 )
+from .dense import _divergence_from_logprobs
 
 
 def teacher_mixture_logprobs(
@@ -87,16 +87,5 @@ def logprob_distillation_loss(
     if flat_mask is not None:
         student_rows, teacher_rows = student_rows[flat_mask], teacher_rows[flat_mask]
     log_p_student = F.log_softmax(student_rows / temperature, dim=-1)
-    # q log q with q = 0 is 0: xlogy-style, so a class no teacher gives mass to adds nothing instead of NaN.
-    teacher_probs = teacher_rows.exp()
-    if kind == "forward_kl":
-        per_row = (teacher_probs * (teacher_rows - log_p_student)).nan_to_num(0.0).sum(-1)
-    elif kind == "reverse_kl":
-        per_row = (log_p_student.exp() * (log_p_student - teacher_rows)).sum(-1)
-    else:
-        log_m = _log_mixture(teacher_rows, log_p_student, beta)
-        kl_teacher = (teacher_probs * (teacher_rows - log_m)).nan_to_num(0.0).sum(-1)
-        kl_student = (log_p_student.exp() * (log_p_student - log_m)).sum(-1)
-        per_row = beta * kl_teacher + (1.0 - beta) * kl_student
-    per_row = per_row * temperature**2
+    per_row = _divergence_from_logprobs(log_p_student, teacher_rows, kind, beta) * temperature**2
     return _mean_or_sum(per_row.sum(), per_row.shape[0], reduction)
