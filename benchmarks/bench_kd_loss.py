@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
+import json
 import math
 import multiprocessing as mp
 import os
@@ -336,6 +337,11 @@ def main() -> None:
         "--case-timeout", type=float, default=180.0, help="seconds before a case is abandoned"
     )
     parser.add_argument("--cpu", action="store_true", help="stay on CPU even when CUDA is available")
+    parser.add_argument(
+        "--json",
+        default=None,
+        help="where the figures go (default benchmarks/results/bench_kd_loss.json, _smoke.json with --smoke)",
+    )
     args = parser.parse_args()
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
@@ -351,13 +357,29 @@ def main() -> None:
     )
 
     started = time.perf_counter()
+    measured = []
     for shape in shapes:
         results: dict[str, list[dict]] = {method: [] for method in methods}
         for _ in range(args.repeats):
             for method in methods:
                 results[method].append(measure(method, shape, args, device))
-        report(shape, results, args, device)
-    print(f"\ntotal wall time {time.perf_counter() - started:.0f} s")
+        checks = report(shape, results, args, device)
+        measured.append({"shape_b_t_v_h": list(shape), "results": results, "checks": checks})
+    wall = time.perf_counter() - started
+    print(f"\ntotal wall time {wall:.0f} s")
+    default = Path(__file__).parent / "results" / f"bench_kd_loss{'_smoke' if args.smoke else ''}.json"
+    output = Path(args.json) if args.json else default
+    output.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "device": device,
+        "wall_s": round(wall, 1),
+        "shapes": measured,
+    }
+    output.write_text(json.dumps(record, indent=2, default=str))
+    print(f"wrote {output}")
 
 
 if __name__ == "__main__":

@@ -88,7 +88,8 @@ class DistillationTrainingArguments(TrainingArguments):
             "help": "Directory of cached teacher top-k log-probabilities (scripts/cache_teacher_logits.py). Training "
             "then needs no teacher in memory; batches carry teacher_topk_logprobs/teacher_topk_indices (and "
             "teacher_tail_logmass, the teacher's remaining mass tempered at the cache's temperature, which must equal "
-            "--temperature)."
+            "--temperature). A cache may hold one teacher, the mixture of several (with their weights), a "
+            "classifier's classes, or a teacher with another tokenizer (--cross_tokenizer)."
         },
     )
     lmbda: float = field(

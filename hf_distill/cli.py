@@ -32,7 +32,11 @@ COMMANDS: dict[str, Command] = {
     "lm": Command("distill_lm", "distil a causal LM (live or cached teacher, seq-KD, on-policy, LoRA)"),
     "translation": Command("distill_translation", "distil an encoder-decoder translation model"),
     "teacher": Command("train_teacher", "fine-tune a sequence-classification teacher for `glue`"),
-    "cache-logits": Command("cache_teacher_logits", "cache an LM teacher's top-k log-probabilities for `lm`"),
+    "cache-logits": Command(
+        "cache_teacher_logits",
+        "cache teachers' top-k log-probabilities (LM, cross-tokenizer, several teachers, classifiers)",
+    ),
+    "compress": Command("compress", "prune, distil, quantize a classifier in stages; report every stage"),
     "demo-bbc": Command("demo_bbc", "offline demo on BBC News: fine-tune a teacher, distil it, report"),
 }
 

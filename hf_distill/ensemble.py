@@ -10,6 +10,7 @@ the weighted mean of the teachers' outputs (MSE). Hidden-state and attention mat
 *matching teacher* (the first by default), which the trainer runs as it runs a single teacher; `EnsembleLogitsKD`
 runs the others itself, on the same inputs, under `no_grad`. Every teacher is paired with the student on its own
 (`pairing.pair_models`: head, label order, vocabulary), so each passes the checks a single teacher passes.
+The mixture can also be cached once (`hf_distill.logit_cache_mixture`) and trained from with no teacher in memory.
 """
 
 from __future__ import annotations
@@ -74,7 +75,12 @@ def teacher_set(
 ) -> TeacherSet | None:
     """The teachers given as `teacher_model`: one model (None is returned: the ordinary single-teacher path), a
     list of models, or a name -> model mapping; with their weights and the matching teacher, all checked."""
-    if teacher_model is None or isinstance(teacher_model, nn.Module):
+    if teacher_model is None:
+        # no teacher in memory: the weights are checked against the teacher logits cache's (`kd_choice`)
+        if matching_teacher not in (None, 0):
+            raise ValueError(f"matching_teacher={matching_teacher!r} names a teacher, but none was given.")
+        return None
+    if isinstance(teacher_model, nn.Module):
         if weights is not None:
             normalised_weights(weights, 1)
         if matching_teacher not in (None, 0):
@@ -114,8 +120,9 @@ def check_ensemble_options(args: DistillationTrainingArguments, task: TaskKind, 
     """What a mixture of teachers cannot do fails here, before training."""
     if args.teacher_logits_cache is not None:
         raise ValueError(
-            "several teachers cannot be combined with teacher_logits_cache: a cache holds one teacher's top-k "
-            "log-probabilities. Pass the teachers as models (teacher_model=[...]) and drop teacher_logits_cache."
+            "several teachers were passed as models together with teacher_logits_cache: train either from the live "
+            "teachers (drop teacher_logits_cache) or from a cache of their mixture (scripts/cache_teacher_logits.py "
+            "--teacher_model_name_or_path a b c --teacher_weights ...) with teacher_model=None."
         )
     if getattr(args, "cross_tokenizer", None) is not None:
         raise ValueError(
@@ -143,6 +150,28 @@ def check_ensemble_options(args: DistillationTrainingArguments, task: TaskKind, 
             "teacher_weighting='confidence' weighs each teacher by its probability of the gold label, which a "
             "regression head does not have; use teacher_weighting='fixed'."
         )
+
+
+def confidence_weights(
+    weights: torch.Tensor, teacher_logits: Sequence[torch.Tensor], labels: torch.Tensor
+) -> torch.Tensor:
+    """Per-position teacher weights for `teacher_weighting="confidence"`: (K, ...) w_i * p_i(gold) renormalised
+    over the teachers, with p_i = softmax(teacher_i) at temperature 1; positions labelled -100 (or where every
+    teacher gives the gold label probability 0) keep the fixed weights w (K,).
+
+    teacher_logits: K tensors (..., C); labels: (...) long, the gold class (or next token) per position.
+    """
+    labelled = labels.ne(-100)
+    gold = labels.clamp(min=0).unsqueeze(-1)
+    with torch.no_grad():
+        gold_probs = torch.stack(
+            [torch.softmax(logits.float(), dim=-1).gather(-1, gold).squeeze(-1) for logits in teacher_logits]
+        )  # (K, ...)
+        fixed = weights.reshape(weights.shape + (1,) * labels.dim())
+        confident = fixed * gold_probs
+        total = confident.sum(0, keepdim=True)
+        usable = labelled & total.squeeze(0).gt(0)
+        return torch.where(usable, confident / total.clamp(min=1e-30), fixed.expand_as(confident))
 
 
 class EnsembleLogitsKD:
@@ -188,21 +217,7 @@ class EnsembleLogitsKD:
         weights = self.weights.to(teacher_logits[0].device)
         if self.args.teacher_weighting != "confidence" or step.labels is None:
             return weights
-        labels = step.labels
-        labelled = labels.ne(-100)
-        gold = labels.clamp(min=0).unsqueeze(-1)
-        with torch.no_grad():
-            gold_probs = torch.stack(
-                [
-                    torch.softmax(logits.float(), dim=-1).gather(-1, gold).squeeze(-1)
-                    for logits in teacher_logits
-                ]
-            )  # (K, ...)
-            fixed = weights.reshape(weights.shape + (1,) * labels.dim())
-            confident = fixed * gold_probs
-            total = confident.sum(0, keepdim=True)
-            usable = labelled & total.squeeze(0).gt(0)
-            return torch.where(usable, confident / total.clamp(min=1e-30), fixed.expand_as(confident))
+        return confidence_weights(weights, teacher_logits, step.labels)
 
     def kd_sum(self, step: StudentStep) -> Sum:
         args, student_logits = self.args, step.positions

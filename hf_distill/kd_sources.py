@@ -10,7 +10,8 @@ Sources:
   regression, token classification, causal and seq2seq LMs);
 - `SpanKD`: a live teacher's start and end logits (extractive question answering);
 - `FusedLMHeadKD`: a live causal-LM teacher's last hidden states and LM head, logits formed chunk by chunk;
-- `CachedTopKKD`: the teacher's cached top-k log-probabilities (no teacher in memory).
+- `CachedTopKKD`: the teacher's (or several teachers' mixture's) cached top-k log-probabilities (no teacher in
+  memory).
 On-policy steps need no source of their own: they change the batch (`DistillationTrainer.training_step`).
 """
 
@@ -219,13 +220,23 @@ class CachedTopKKD:
     Cached position t holds the teacher's distribution for token t + 1, like the logits at t. For token-level
     tasks with the built-in cross-entropy, one pass over the logits gives both the KD and the hard loss
     (`sparse_distillation_and_cross_entropy`); `task_sum` then returns what that pass computed.
+    `target_at_temperature`: the cache holds several teachers' mixture as log-probabilities at the training
+    temperature (`logit_cache.is_mixture`), used as the teacher's buckets as they are. Sequence-level heads read
+    one cached row per example (every class).
     """
 
     needs_teacher = False
 
-    def __init__(self, args: DistillationTrainingArguments, task: TaskKind, share_cross_entropy: bool):
+    def __init__(
+        self,
+        args: DistillationTrainingArguments,
+        task: TaskKind,
+        share_cross_entropy: bool,
+        target_at_temperature: bool = False,
+    ):
         self.args, self.task = args, task
         self.share_cross_entropy = share_cross_entropy and task.token_level
+        self.target_at_temperature = target_at_temperature
         # Without a cache directory (columns built by hand) the tail means what the loss's default says: T = 1.
         self.tail_temperature = args.temperature if args.teacher_logits_cache is not None else 1.0
 
@@ -242,6 +253,7 @@ class CachedTopKKD:
             reduction="sum",
             teacher_tail_logmass=inputs.get(TAIL_COLUMN),
             tail_temperature=self.tail_temperature,
+            teacher_at_temperature=self.target_at_temperature,
         )
         logprobs, indices = inputs[LOGPROBS_COLUMN], inputs[INDICES_COLUMN].long()
         logits = step.positions

@@ -23,26 +23,37 @@ float16. It is tempered at the temperature the cache is built for (manifest `tai
 at temperature T needs sum_j p_j**(1/T) over the other tokens, which no function of their plain mass sum_j p_j
 gives: with it, the teacher's k + 1 buckets at T are exactly softmax([topk / T, tail]), and a student equal to the
 teacher gets zero loss (see `hf_distill.losses.sparse_distillation_loss`). A cache therefore serves training runs
-at that one temperature; `check_tail_temperature` refuses any other, before training. Older formats still load:
-format 2 stored the plain mass (its tail temperature is 1), and format 1 had no tail column (the loss derives the
-mass from the top k, which is valid at temperature 1 only); both are refused at any other temperature.
+at that one temperature; `check_tail_temperature` refuses any other, before training.
+
+Format 4 (this one) also records what the cached target is (manifest `target`, `teachers`, `task`):
+- "teacher": one teacher's log-probabilities at temperature 1, as above;
+- "mixture": several teachers' weighted mixture of softened distributions (`hf_distill.ensemble`), which is the
+  softmax of no logits at temperature 1, so it is stored as the target's own log-probabilities at the training
+  temperature (`target_temperature`, equal to `tail_temperature`) and used as the teacher's buckets directly; the
+  manifest records the teachers (names, weight fingerprints), their normalised `teacher_weights` and the
+  `teacher_weighting` (`hf_distill.logit_cache_mixture`);
+- sequence-level heads (`task` "sequence"): one position per row holding every class (k = the number of labels);
+- `cross_tokenizer`: a teacher with its own tokenizer, rows of raw text, the top k stored at the aligned positions
+  only (`hf_distill.logit_cache_cross`).
+Older formats still load: format 3 is format 4's single-teacher cache; format 2 stored the plain mass (its tail
+temperature is 1), and format 1 had no tail column (the loss derives the mass from the top k, which is valid at
+temperature 1 only); both are refused at any other temperature.
 
 float32 keeps the log-probabilities exact; float16 saves a quarter of the disk (indices stay int32) and rounds
 a log-probability of -10 by about 0.004.
 
 Caches are built in a temporary directory beside the target and renamed into place only when complete
 (`hf_distill.atomic.atomic_directory`), and a directory without manifest.json is never loaded, so a killed build is
-never used. The manifest records the teacher's `hf_distill.fingerprint.model_fingerprint` (a hash of its weights'
+never used. The manifest records each teacher's `hf_distill.fingerprint.model_fingerprint` (a hash of its weights'
 bytes) for reference; loading checks the tokenizer, block size, top k, data and temperature, not the teacher.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,50 +62,38 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from .atomic import atomic_directory, atomic_write_text
-from .fingerprint import ids_checksum, model_fingerprint, tokenizer_description, vocab_hash
+from .atomic import atomic_directory
+from .fingerprint import model_fingerprint, tokenizer_description, vocab_hash
+from .logit_cache_format import (  # noqa: F401 - the format's names, importable from here as before
+    _FORMAT_COLUMNS,
+    CACHE_COLUMNS,
+    DATA_DIR,
+    FORMAT_VERSION,
+    INDICES_COLUMN,
+    LOGPROBS_COLUMN,
+    LOGPROBS_DTYPES,
+    MANIFEST_NAME,
+    MAPPED_TAIL_COLUMN,
+    STUDENT_POSITIONS_COLUMN,
+    TAIL_COLUMN,
+    TARGET_MIXTURE,
+    TARGET_TEACHER,
+    TASK_CAUSAL_LM,
+    TASK_SEQUENCE,
+    TEACHER_POSITIONS_COLUMN,
+    TOPK_COLUMNS,
+    UNMAPPED_TAIL_COLUMN,
+    cached_tail_temperature,
+    check_cache_temperature,
+    check_tail_temperature,
+    is_mixture,
+    read_manifest,
+    token_ids_checksum,
+    unflatten_rows,
+    write_manifest,
+)
 
 logger = logging.get_logger(__name__)
-
-MANIFEST_NAME = "manifest.json"
-DATA_DIR = "data"
-LOGPROBS_COLUMN = "teacher_topk_logprobs"
-INDICES_COLUMN = "teacher_topk_indices"
-TAIL_COLUMN = "teacher_tail_logmass"
-CACHE_COLUMNS = (LOGPROBS_COLUMN, INDICES_COLUMN, TAIL_COLUMN)
-LOGPROBS_DTYPES = ("float32", "float16")
-FORMAT_VERSION = 3
-# Columns each readable format version holds (format 1 had no remaining-mass column; format 3 tempers it).
-_FORMAT_COLUMNS = {1: (LOGPROBS_COLUMN, INDICES_COLUMN), 2: CACHE_COLUMNS, 3: CACHE_COLUMNS}
-
-
-# --------------------------------------------------------------------------------------------- data checksum
-def token_ids_checksum(dataset: Any, column: str = "input_ids", batch_size: int = 1024) -> str:
-    """sha256 over the rows of `column` (each row's length, then its ids as int64): identifies the tokenized data."""
-    view = dataset.select_columns([column]).with_format(None)
-    batches = (view[start : start + batch_size][column] for start in range(0, len(view), batch_size))
-    return ids_checksum(row for rows in batches for row in rows)
-
-
-# --------------------------------------------------------------------------------------------- manifests
-def write_manifest(directory: str | os.PathLike, manifest: Mapping[str, Any]) -> None:
-    """`directory`/manifest.json, written atomically."""
-    atomic_write_text(Path(directory) / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True))
-
-
-def read_manifest(directory: str | os.PathLike, what: str = "teacher logits cache") -> dict[str, Any]:
-    """The manifest of a complete cache; raises when the directory is missing or incomplete."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{what} {str(directory)!r} does not exist; build it first.")
-    path = directory / MANIFEST_NAME
-    if not path.is_file():
-        raise ValueError(
-            f"{what} {str(directory)!r} has no {MANIFEST_NAME}: it is incomplete (its build was interrupted) or "
-            f"not a cache (found {sorted(p.name for p in directory.iterdir())}). Delete it and build it again."
-        )
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
 
 
 # --------------------------------------------------------------------------------------------- building
@@ -115,28 +114,100 @@ def teacher_topk(
     return values, indices, tail_logmass
 
 
-def _features(logprobs_dtype: str):
+def cache_features(logprobs_dtype: str, extra: Mapping[str, str] | None = None, *, tail: bool = True):
+    """The cache's `datasets.Features`: the top-k columns (log-probabilities in `logprobs_dtype`; the remaining
+    mass unless `tail` is False), plus `extra` name -> value type lists (e.g. the cross-tokenizer columns)."""
     from datasets import Features, List, Value
 
-    return Features(
-        {
-            LOGPROBS_COLUMN: List(Value(logprobs_dtype)),
-            INDICES_COLUMN: List(Value("int32")),
-            TAIL_COLUMN: List(Value("float32")),
-        }
-    )
+    columns = {LOGPROBS_COLUMN: List(Value(logprobs_dtype)), INDICES_COLUMN: List(Value("int32"))}
+    if tail:
+        columns[TAIL_COLUMN] = List(Value("float32"))
+    for name, value_type in (extra or {}).items():
+        columns[name] = List(Value(value_type))
+    return Features(columns)
 
 
-def _batches(dataset: Any, batch_size: int) -> Iterator[list[list[int]]]:
-    view = dataset.select_columns(["input_ids"]).with_format(None)
-    for start in range(0, len(view), batch_size):
-        yield view[start : start + batch_size]["input_ids"]
+def check_build_options(
+    temperature: Any, logprobs_dtype: str, dataset: Any, column: str = "input_ids"
+) -> None:
+    """What every cache build refuses before running a teacher."""
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(
+            f"temperature must be a finite number > 0 (the training run's --temperature), got {temperature!r}."
+        )
+    if logprobs_dtype not in LOGPROBS_DTYPES:
+        raise ValueError(f"logprobs_dtype must be one of {LOGPROBS_DTYPES}, got {logprobs_dtype!r}.")
+    if column not in dataset.column_names:
+        raise ValueError(f"the dataset to cache needs an {column} column; found {dataset.column_names}.")
+    if len(dataset) == 0:
+        raise ValueError("the dataset to cache is empty.")
+
+
+def cached_vocab_size(teacher: nn.Module, tokenizer: Any) -> int:
+    """The vocabulary a cache ranks: the teacher's rows, cut to its tokenizer (padded embedding rows are no token)."""
+    config = getattr(teacher, "config", None)
+    teacher_vocab = getattr(config.get_text_config(), "vocab_size", None) if config is not None else None
+    return min(v for v in (teacher_vocab, len(tokenizer)) if v is not None)
+
+
+def padded_rows(rows: list[Any], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Right-padded (B, L) input_ids and attention_mask of rows of token ids, and the rows' lengths."""
+    lengths = [len(row) for row in rows]
+    input_ids = torch.full((len(rows), max(lengths)), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.as_tensor(np.asarray(row), dtype=torch.long)
+        attention_mask[i, : len(row)] = 1
+    return input_ids, attention_mask, lengths
+
+
+def numpy_dtype(logprobs_dtype: str) -> Any:
+    return np.float16 if logprobs_dtype == "float16" else np.float32
+
+
+def write_cache(
+    cache_dir: str | os.PathLike,
+    features: Any,
+    batches: Iterable[Mapping[str, list]],
+    make_manifest: Callable[[], dict[str, Any]],
+    *,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write the column batches (each a name -> list of rows mapping) as the cache's data, then the manifest
+    `make_manifest()` returns (called once every batch is written), all in a temporary directory renamed to
+    `cache_dir` only when complete. Returns the manifest."""
+    from datasets import Dataset
+    from datasets.arrow_writer import ArrowWriter
+
+    with atomic_directory(cache_dir, overwrite=overwrite) as temporary:
+        arrow_path = temporary / "building.arrow"
+        writer = ArrowWriter(features=features, path=str(arrow_path))
+        try:
+            for batch in batches:
+                writer.write_batch(dict(batch))
+            writer.finalize()
+        finally:
+            writer.close()
+        Dataset.from_file(str(arrow_path)).save_to_disk(str(temporary / DATA_DIR))
+        arrow_path.unlink()
+        manifest = make_manifest()
+        write_manifest(temporary, manifest)
+    return manifest
+
+
+def teacher_entry(name: str, teacher: nn.Module) -> dict[str, Any]:
+    """How the manifest names one teacher: its name or path, model type and weights' fingerprint."""
+    config = getattr(teacher, "config", None)
+    return {
+        "name": name,
+        "model_type": getattr(config, "model_type", None),
+        "fingerprint": model_fingerprint(teacher),
+    }
 
 
 def build_manifest(
     *,
-    teacher_name: str,
-    teacher: nn.Module,
+    teachers: Sequence[tuple[str, nn.Module]],
     tokenizer: Any,
     top_k: int,
     block_size: int | None,
@@ -146,20 +217,33 @@ def build_manifest(
     logprobs_dtype: str,
     vocab_size: int,
     tail_temperature: float,
+    target: str = TARGET_TEACHER,
+    teacher_weights: Sequence[float] | None = None,
+    teacher_weighting: str = "fixed",
+    task: str = TASK_CAUSAL_LM,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The manifest of a cache of `target` ("teacher": one teacher at temperature 1; "mixture": several teachers'
+    mixture at `tail_temperature`) over `teachers` (name, model) pairs, with normalised `teacher_weights`."""
     from . import __version__
 
-    config = getattr(teacher, "config", None)
+    entries = [teacher_entry(name, model) for name, model in teachers]
+    first_config = getattr(teachers[0][1], "config", None)
     return {
         "kind": "teacher_topk_logprobs",
         "format_version": FORMAT_VERSION,
         "hf_distill_version": __version__,
-        "teacher": teacher_name,
-        "teacher_model_type": getattr(config, "model_type", None),
-        "teacher_fingerprint": model_fingerprint(teacher),
-        "teacher_vocab_size": getattr(config.get_text_config(), "vocab_size", None)
-        if config is not None
+        "target": target,
+        "target_temperature": float(tail_temperature) if target == TARGET_MIXTURE else None,
+        "task": task,
+        "teacher": " + ".join(entry["name"] for entry in entries),
+        "teachers": entries,
+        "teacher_weights": [float(w) for w in (teacher_weights or [1.0 / len(entries)] * len(entries))],
+        "teacher_weighting": teacher_weighting,
+        "teacher_model_type": entries[0]["model_type"],
+        "teacher_fingerprint": entries[0]["fingerprint"],
+        "teacher_vocab_size": getattr(first_config.get_text_config(), "vocab_size", None)
+        if first_config is not None
         else None,
         "tokenizer": tokenizer_description(tokenizer),
         "cached_vocab_size": vocab_size,
@@ -170,7 +254,10 @@ def build_manifest(
         "data_checksum": data_checksum,
         "logprobs_dtype": logprobs_dtype,
         "tail_temperature": float(tail_temperature),
-        "layout": "flat row-major (position, rank); position t predicts token t + 1",
+        "cross_tokenizer": None,
+        "layout": "flat row-major (position, rank); position t predicts token t + 1"
+        if task == TASK_CAUSAL_LM
+        else "one position per row: every class, ranked",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **dict(extra or {}),
     }
@@ -199,89 +286,69 @@ def build_logit_cache(
     the padding after it. `block_size` is the run's --block_size: recorded, and checked by training runs.
     `temperature` is the KD temperature of the training runs the cache is for (their --temperature): the remaining
     mass is stored tempered at it (manifest `tail_temperature`) and runs at any other temperature are refused.
+    (Several teachers: `hf_distill.logit_cache_mixture.build_mixture_cache`.)
     """
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(
-            f"temperature must be a finite number > 0 (the training run's --temperature), got {temperature!r}."
-        )
-    from datasets import Dataset
-    from datasets.arrow_writer import ArrowWriter
-
-    if logprobs_dtype not in LOGPROBS_DTYPES:
-        raise ValueError(f"logprobs_dtype must be one of {LOGPROBS_DTYPES}, got {logprobs_dtype!r}.")
-    if "input_ids" not in dataset.column_names:
-        raise ValueError(f"the dataset to cache needs an input_ids column; found {dataset.column_names}.")
-    if len(dataset) == 0:
-        raise ValueError("the dataset to cache is empty.")
-    config = getattr(teacher, "config", None)
-    teacher_vocab = getattr(config.get_text_config(), "vocab_size", None) if config is not None else None
-    vocab_size = min(v for v in (teacher_vocab, len(tokenizer)) if v is not None)
+    check_build_options(temperature, logprobs_dtype, dataset)
+    vocab_size = cached_vocab_size(teacher, tokenizer)
     if not 1 <= top_k <= vocab_size:
         raise ValueError(f"top_k must be in [1, {vocab_size}] (the vocabulary size), got {top_k}.")
-    if device is None:
-        device = next(teacher.parameters()).device
-    device = torch.device(device)
+    device = torch.device(device if device is not None else next(teacher.parameters()).device)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     was_training = teacher.training
     teacher.eval().to(device)
-    numpy_dtype = np.float16 if logprobs_dtype == "float16" else np.float32
+    store = numpy_dtype(logprobs_dtype)
+    counted = {"tokens": 0}
 
-    data_checksum = token_ids_checksum(dataset)
-    num_tokens = 0
-    start_time = time.perf_counter()
-    with atomic_directory(cache_dir, overwrite=overwrite) as temporary:
-        arrow_path = temporary / "building.arrow"
-        writer = ArrowWriter(features=_features(logprobs_dtype), path=str(arrow_path))
-        try:
-            for rows in _batches(dataset, batch_size):
-                lengths = [len(row) for row in rows]
-                input_ids = torch.full((len(rows), max(lengths)), pad_token_id, dtype=torch.long)
-                attention_mask = torch.zeros_like(input_ids)
-                for i, row in enumerate(rows):
-                    input_ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-                    attention_mask[i, : len(row)] = 1
-                with torch.no_grad():
-                    logits = teacher(
-                        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
-                    ).logits  # (B, T, V)
-                logprobs, indices, tails = [], [], []
-                for i, length in enumerate(lengths):
-                    values, ids, tail = teacher_topk(
-                        logits[i, :length], top_k, vocab_size, temperature=temperature
-                    )  # (T_i, k), (T_i,)
-                    logprobs.append(values.cpu().numpy().astype(numpy_dtype).reshape(-1))
-                    indices.append(ids.cpu().numpy().astype(np.int32).reshape(-1))
-                    tails.append(tail.cpu().numpy().astype(np.float32))
-                writer.write_batch({LOGPROBS_COLUMN: logprobs, INDICES_COLUMN: indices, TAIL_COLUMN: tails})
-                num_tokens += sum(lengths)
-            writer.finalize()
-        finally:
-            writer.close()
-            teacher.train(was_training)
-        Dataset.from_file(str(arrow_path)).save_to_disk(str(temporary / DATA_DIR))
-        arrow_path.unlink()
-        manifest = build_manifest(
-            teacher_name=teacher_name,
-            teacher=teacher,
+    def batches() -> Iterator[dict[str, list]]:
+        view = dataset.select_columns(["input_ids"]).with_format(None)
+        for start in range(0, len(view), batch_size):
+            input_ids, attention_mask, lengths = padded_rows(
+                view[start : start + batch_size]["input_ids"], pad_token_id
+            )
+            with torch.no_grad():
+                logits = teacher(
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
+                ).logits  # (B, T, V)
+            logprobs, indices, tails = [], [], []
+            for i, length in enumerate(lengths):
+                values, ids, tail = teacher_topk(
+                    logits[i, :length], top_k, vocab_size, temperature=temperature
+                )  # (T_i, k), (T_i,)
+                logprobs.append(values.cpu().numpy().astype(store).reshape(-1))
+                indices.append(ids.cpu().numpy().astype(np.int32).reshape(-1))
+                tails.append(tail.cpu().numpy().astype(np.float32))
+            counted["tokens"] += sum(lengths)
+            yield {LOGPROBS_COLUMN: logprobs, INDICES_COLUMN: indices, TAIL_COLUMN: tails}
+
+    def manifest() -> dict[str, Any]:
+        return build_manifest(
+            teachers=[(teacher_name, teacher)],
             tokenizer=tokenizer,
             top_k=top_k,
             block_size=block_size,
             num_rows=len(dataset),
-            num_tokens=num_tokens,
-            data_checksum=data_checksum,
+            num_tokens=counted["tokens"],
+            data_checksum=token_ids_checksum(dataset),
             logprobs_dtype=logprobs_dtype,
             vocab_size=vocab_size,
             tail_temperature=temperature,
             extra=extra_manifest,
         )
-        write_manifest(temporary, manifest)
+
+    start_time = time.perf_counter()
+    try:
+        result = write_cache(
+            cache_dir, cache_features(logprobs_dtype), batches(), manifest, overwrite=overwrite
+        )
+    finally:
+        teacher.train(was_training)
     elapsed = time.perf_counter() - start_time
     logger.info(
-        f"Cached the teacher's top-{top_k} log-probabilities of {len(dataset)} rows ({num_tokens} tokens) in "
-        f"{cache_dir}, for training at temperature {temperature:g} ({elapsed:.1f}s, "
-        f"{num_tokens / max(elapsed, 1e-9):.0f} tokens/s)."
+        f"Cached the teacher's top-{top_k} log-probabilities of {len(dataset)} rows ({result['num_tokens']} tokens) "
+        f"in {cache_dir}, for training at temperature {temperature:g} ({elapsed:.1f}s, "
+        f"{result['num_tokens'] / max(elapsed, 1e-9):.0f} tokens/s)."
     )
-    return manifest
+    return result
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -306,6 +373,13 @@ def verify_manifest(
             f"it is not a cache of this format (kind {manifest.get('kind')!r}, format_version "
             f"{manifest.get('format_version')!r}; expected 'teacher_topk_logprobs' version "
             f"{' or '.join(str(version) for version in _FORMAT_COLUMNS)})"
+        )
+    cross = manifest.get("cross_tokenizer")
+    if cross:
+        problems.append(
+            "it is a cross-tokenizer cache (the teacher's top k at the positions aligned with the student's own "
+            f"tokenizer {cross.get('student_tokenizer', {}).get('name_or_path')!r}); train from it with "
+            "--cross_tokenizer exact|uld|hybrid"
         )
     cached_tokenizer = manifest.get("tokenizer", {})
     if cached_tokenizer.get("vocab_hash") != vocab_hash(tokenizer):
@@ -334,62 +408,6 @@ def verify_manifest(
         )
 
 
-def cached_tail_temperature(manifest: Mapping[str, Any]) -> float:
-    """The temperature a cache's remaining mass is tempered at: the manifest's `tail_temperature` from format 3;
-    1.0 for formats 1 and 2 (the plain mass, derived from the top k or stored)."""
-    if manifest.get("format_version") in (1, 2):
-        return 1.0
-    value = manifest.get("tail_temperature")
-    if not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(
-            f"the teacher logits cache's manifest has tail_temperature {value!r}, expected a number > 0; it is "
-            "damaged. Rebuild it with scripts/cache_teacher_logits.py."
-        )
-    return float(value)
-
-
-def check_tail_temperature(
-    manifest: Mapping[str, Any], temperature: float, cache_dir: str | os.PathLike | None = None
-) -> None:
-    """Raise ValueError, naming both temperatures and the fix, when a run distilling at `temperature` would use a
-    remaining mass tempered at another one, which biases the loss (see `hf_distill.losses.sparse_distillation_loss`).
-    A cache whose top k cover its whole vocabulary has an empty tail, valid at every temperature."""
-    top_k, vocab = manifest.get("top_k"), manifest.get("cached_vocab_size")
-    if isinstance(top_k, int) and isinstance(vocab, int) and top_k >= vocab:
-        return
-    cached = cached_tail_temperature(manifest)
-    if math.isclose(cached, temperature, rel_tol=1e-9, abs_tol=0.0):
-        return
-    where = f"teacher logits cache {str(cache_dir)!r}" if cache_dir is not None else "teacher logits cache"
-    held = {
-        1: "has no remaining-mass column (format 1); it is derived from the top k, which holds at temperature 1 only",
-        2: "stores the teacher's remaining mass at temperature 1 (format 2)",
-    }.get(
-        manifest.get("format_version"),
-        f"stores the teacher's remaining mass tempered at temperature {cached:g}",
-    )
-    raise ValueError(
-        f"The {where} {held}, but this run distils at temperature {temperature:g}: the remaining mass at one "
-        "temperature does not give it at another, so the top-k KD loss would be biased. Rebuild the cache with "
-        f"scripts/cache_teacher_logits.py --temperature {temperature:g} (and the same data flags), or train with "
-        f"--temperature {cached:g}."
-    )
-
-
-def check_cache_temperature(cache_dir: str | os.PathLike, temperature: float) -> None:
-    """`check_tail_temperature` against the manifest in `cache_dir`, for callers that hold only the directory (the
-    trainer). A directory that does not exist cannot be checked: a warning says so, and the cached columns in the
-    data are then taken as tempered at `temperature`."""
-    if not Path(cache_dir).exists():
-        logger.warning(
-            f"teacher logits cache {str(cache_dir)!r} does not exist, so the temperature of its remaining mass "
-            f"cannot be checked; a {TAIL_COLUMN} column in the training data is taken as computed at temperature "
-            f"{temperature:g}. Point teacher_logits_cache at the cache the data came from."
-        )
-        return
-    check_tail_temperature(read_manifest(cache_dir), temperature, cache_dir)
-
-
 def load_logit_cache(
     cache_dir: str | os.PathLike,
     train_dataset: Any,
@@ -398,10 +416,12 @@ def load_logit_cache(
     block_size: int | None,
     top_k: int | None = None,
     temperature: float | None = None,
+    task: str = TASK_CAUSAL_LM,
 ) -> tuple[Any, dict[str, Any]]:
     """`train_dataset` with the cache's columns added (top-k log-probabilities and ids, and from format 2 the
     remaining mass), after checking the manifest against it; with `temperature` (the run's KD temperature), also
-    that the remaining mass was tempered at it (`check_tail_temperature`).
+    that the remaining mass was tempered at it (`check_tail_temperature`). `task`: the run's, "causal_lm" (rows of
+    positions) or "sequence" (a classifier: one position per row); a cache of the other is refused.
 
     Returns (dataset, manifest). The dataset is in numpy format (rows as arrays), which the recipe's collator
     takes and which is much faster to read than Python lists.
@@ -409,6 +429,19 @@ def load_logit_cache(
     from datasets import concatenate_datasets, load_from_disk
 
     manifest = read_manifest(cache_dir)
+    if manifest.get("cross_tokenizer"):
+        raise ValueError(
+            f"teacher logits cache {str(cache_dir)!r} is a cross-tokenizer cache (the teacher's top k at the "
+            "positions aligned with its own tokenizer); train from it with --cross_tokenizer exact|uld|hybrid "
+            "(hf_distill.logit_cache_cross.load_cross_tokenizer_cache)."
+        )
+    cached_task = manifest.get("task", TASK_CAUSAL_LM)
+    if cached_task != task:
+        raise ValueError(
+            f"teacher logits cache {str(cache_dir)!r} was built for {cached_task} models, this run trains {task} "
+            "ones; build the cache with scripts/cache_teacher_logits.py --task "
+            f"{'classification' if task == TASK_SEQUENCE else 'causal_lm'} and this run's data flags."
+        )
     verify_manifest(
         manifest,
         tokenizer=tokenizer,
@@ -431,23 +464,17 @@ def load_logit_cache(
     clashing = [column for column in CACHE_COLUMNS if column in train_dataset.column_names]
     if clashing:
         train_dataset = train_dataset.remove_columns(clashing)
-    first_row = len(train_dataset[0]["input_ids"]) * manifest["top_k"]
+    positions = 1 if manifest.get("task") == TASK_SEQUENCE else len(train_dataset[0]["input_ids"])
+    first_row = positions * manifest["top_k"]
     if len(cache[0][INDICES_COLUMN]) != first_row:
         raise ValueError(
             f"teacher logits cache {str(cache_dir)!r} row 0 holds {len(cache[0][INDICES_COLUMN])} values, expected "
             f"{first_row} (positions x top_k); rebuild it."
         )
     combined = concatenate_datasets([train_dataset, cache], axis=1)
+    what = "the mixture of" if is_mixture(manifest) else "log-probabilities of"
     logger.info(
-        f"Training from the teacher logits cache {cache_dir}: top-{manifest['top_k']} log-probabilities of "
+        f"Training from the teacher logits cache {cache_dir}: top-{manifest['top_k']} {what} "
         f"{manifest['teacher']!r}, {manifest['num_rows']} rows."
     )
     return combined.with_format("numpy"), manifest
-
-
-def unflatten_rows(flat: Any, length: int, dtype: torch.dtype) -> torch.Tensor:
-    """A cached row (T * k values) as a (T, k) tensor."""
-    values = torch.as_tensor(np.asarray(flat))
-    if values.numel() % max(length, 1):
-        raise ValueError(f"a cached row of {values.numel()} values does not split into {length} positions.")
-    return values.reshape(length, -1).to(dtype)

@@ -14,6 +14,7 @@ The peers are held by one `PeerModels` module, so the Trainer's optimizer, gradi
 cover every peer. Each checkpoint and the final `save_model` write every peer as an ordinary Hugging Face model in
 its own folder, `peer_0/`, `peer_1/`, ... (with the tokenizer), which loads without this package; resuming reads
 them back. Evaluation reports one peer (`eval_peer`, the first by default); `evaluate_peers` evaluates each.
+The classification recipe runs it with `scripts/distill_glue.py --mutual_learning` (tasks/mutual_recipe.py).
 """
 
 from __future__ import annotations

@@ -11,10 +11,17 @@ Report layout::
       "batch_sizes": [1, 32], ...metadata (task, split, device, sequence length...),
       "models": {
         "teacher": {"metrics": {...}, "primary": 0.97, "params": 22.7e6, "size_mb": 90.9,
-                    "latency_ms": {"1": 9.1, "32": 310.0}, "throughput": {"1": 110.0, "32": 103.2}},
+                    "latency_ms": {"1": 9.1, "32": 310.0}, "throughput": {"1": 110.0, "32": 103.2},
+                    "latency_low_ms": {"1": 8.8, ...}, "latency_high_ms": {"1": 9.9, ...},
+                    "latency_spread": {"1": 0.12, ...}, "latency_wide": {"1": false, ...}, "latency_repeats": 10},
         "student": {..., "retained_pct": 99.1, "speedup": {"1": 2.7, "32": 2.9}, "compression": 1.45},
       }
     }
+
+Latency: `profile_models` times all models alternately (hf_distill.latency.time_alternately: every round runs each
+model once), so background load hits teacher and student alike; latency_ms is the median, latency_low_ms /
+latency_high_ms the 10th / 90th percentiles, latency_spread (p90 - p10) / median, and latency_wide marks a spread
+above 25%, which the markdown points out.
 """
 
 from __future__ import annotations
@@ -22,9 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 import tempfile
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +38,7 @@ import torch
 from transformers.utils import logging
 
 from .atomic import atomic_open, atomic_write_text
+from .latency import Timing, batch_runner, time_alternately
 
 logger = logging.get_logger(__name__)
 
@@ -43,6 +49,9 @@ REPORT_PLOT = "distill_report.png"
 # Files that hold weights; everything else in a model directory (configs, tokenizer, card) is not "size".
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _BYTES_PER_MB = 1e6
+_ONNX_FILE = "model.onnx"
+WIDE_SPREAD = 0.25  # latency spread ((p90 - p10) / median) above which the report warns
+_LATENCY_FIELDS = ("latency_low_ms", "latency_high_ms", "latency_spread", "latency_wide")
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
@@ -63,14 +72,22 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> in
 def size_on_disk_mb(model_or_dir: torch.nn.Module | str | os.PathLike) -> float:
     """Size of a model's weight files in megabytes (10**6 bytes).
 
-    A directory is measured as it is (weight files only, not the tokenizer or configs); a model object
-    is saved with `save_pretrained` (safetensors, its current dtype) into a temporary directory first,
-    so models loaded from anywhere are measured the same way.
+    A directory is measured as it is (weight files only, not the tokenizer or configs; an ONNX folder's
+    model.onnx and its external data); a model object is saved with `save_pretrained` (safetensors, its current
+    dtype) into a temporary directory first, so models loaded from anywhere are measured the same way; a deployed
+    ONNX model (`quantization.OnnxSequenceClassifier`) is measured in its folder.
     """
+    onnx_folder = getattr(model_or_dir, "path", None) if hasattr(model_or_dir, "session") else None
+    if onnx_folder is not None:
+        model_or_dir = onnx_folder
     if isinstance(model_or_dir, (str, os.PathLike)):
         directory = Path(model_or_dir)
         if not directory.is_dir():
             raise ValueError(f"size_on_disk_mb expects a model directory, got {str(directory)!r}.")
+        if (directory / _ONNX_FILE).is_file():
+            from .quantization import size_on_disk
+
+            return size_on_disk(directory) / _BYTES_PER_MB
         weight_files = [p for p in directory.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES)]
         if not weight_files:
             raise ValueError(
@@ -87,13 +104,45 @@ def size_on_disk_mb(model_or_dir: torch.nn.Module | str | os.PathLike) -> float:
         return size_on_disk_mb(directory)
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "xpu":
-        torch.xpu.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
+def measure_latencies(
+    models: Mapping[str, Any],
+    make_inputs: Callable[[int], Mapping[str, torch.Tensor]],
+    batch_sizes: Sequence[int] = (1, 32),
+    warmup: int = 3,
+    repeats: int = 10,
+    device: torch.device | str | None = None,
+    wide_spread: float = WIDE_SPREAD,
+) -> dict[str, dict[int, Timing]]:
+    """Wall-clock milliseconds of one forward pass of each model, per batch size, timed alternately.
+
+    models: name -> torch module or deployed ONNX model (`quantization.OnnxSequenceClassifier`). For each batch size,
+    `warmup` untimed and `repeats` timed rounds each run every model once (`latency.time_alternately`), so load on
+    the machine hits all models alike. `make_inputs(batch_size)` returns the keyword inputs (moved to `device` if
+    given, else to each torch model's own device). Torch models run in eval mode under `torch.inference_mode()` and
+    get their training mode back afterwards. Returns name -> batch size -> Timing (median, p10, p90, spread, wide).
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}.")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}.")
+    modes = {name: model.training for name, model in models.items() if isinstance(model, torch.nn.Module)}
+    timings: dict[str, dict[int, Timing]] = {name: {} for name in models}
+    try:
+        for batch_size in batch_sizes:
+            inputs = dict(make_inputs(batch_size))
+            if device is not None:
+                inputs = {
+                    name: value.to(device) if isinstance(value, torch.Tensor) else value
+                    for name, value in inputs.items()
+                }
+            runners = {name: batch_runner(model, inputs) for name, model in models.items()}
+            measured = time_alternately(runners, repeats=repeats, warmup=warmup, wide_spread=wide_spread)
+            for name, timing in measured.items():
+                timings[name][int(batch_size)] = timing
+    finally:
+        for name, training in modes.items():
+            models[name].train(training)
+    return timings
 
 
 def measure_latency(
@@ -104,37 +153,53 @@ def measure_latency(
     repeats: int = 10,
     device: torch.device | str | None = None,
 ) -> dict[int, float]:
-    """Median wall-clock milliseconds of one forward pass, per batch size.
+    """Median wall-clock milliseconds of one forward pass, per batch size, of one model (see `measure_latencies`,
+    which times several alternately and also gives the spread).
 
-    `make_inputs(batch_size)` returns the model's keyword inputs for that batch size (tensors on any
-    device; they are moved to `device`, default the model's). Runs under `torch.inference_mode()` in
-    eval mode; the model's training mode is restored afterwards.
+    `make_inputs(batch_size)` returns the model's keyword inputs (tensors on any device; they are moved to `device`,
+    default the model's). Runs under `torch.inference_mode()` in eval mode; the model's training mode is restored
+    afterwards.
     """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}.")
-    if warmup < 0:
-        raise ValueError(f"warmup must be >= 0, got {warmup}.")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    latencies: dict[int, float] = {}
-    try:
-        with torch.inference_mode():
-            for batch_size in batch_sizes:
-                inputs = {name: tensor.to(device) for name, tensor in make_inputs(batch_size).items()}
-                for _ in range(warmup):
-                    model(**inputs)
-                _synchronize(device)
-                timings = []
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    model(**inputs)
-                    _synchronize(device)
-                    timings.append((time.perf_counter() - start) * 1000.0)
-                latencies[int(batch_size)] = statistics.median(timings)
-    finally:
-        model.train(was_training)
-    return latencies
+    timings = measure_latencies(
+        {"model": model}, make_inputs, batch_sizes, warmup=warmup, repeats=repeats, device=device
+    )["model"]
+    return {batch_size: timing.median_ms for batch_size, timing in timings.items()}
+
+
+def latency_fields(timings: Mapping[int, Timing]) -> dict[str, Any]:
+    """A report entry's latency keys from per-batch-size Timings: latency_ms (medians) and the spread fields."""
+    return {
+        "latency_ms": {int(bs): timing.median_ms for bs, timing in timings.items()},
+        "latency_low_ms": {int(bs): timing.low_ms for bs, timing in timings.items()},
+        "latency_high_ms": {int(bs): timing.high_ms for bs, timing in timings.items()},
+        "latency_spread": {int(bs): timing.spread for bs, timing in timings.items()},
+        "latency_wide": {int(bs): timing.wide for bs, timing in timings.items()},
+        "latency_repeats": min((timing.repeats for timing in timings.values()), default=0),
+    }
+
+
+def _static_profile(model: Any) -> dict[str, Any]:
+    if isinstance(model, torch.nn.Module):
+        return {"params": count_parameters(model), "size_mb": size_on_disk_mb(model)}
+    return {"params": None, "size_mb": size_on_disk_mb(model)}  # a deployed ONNX model: size from its folder
+
+
+def profile_models(
+    models: Mapping[str, Any],
+    make_inputs: Callable[[int], Mapping[str, torch.Tensor]],
+    batch_sizes: Sequence[int] = (1, 32),
+    warmup: int = 3,
+    repeats: int = 10,
+    device: torch.device | str | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Parameters, size on disk and latency of several models, their latencies timed alternately
+    (`measure_latencies`): name -> the non-metric part of a report entry. Deployed ONNX models get params None."""
+    timings = measure_latencies(
+        models, make_inputs, batch_sizes, warmup=warmup, repeats=repeats, device=device
+    )
+    return {
+        name: {**_static_profile(model), **latency_fields(timings[name])} for name, model in models.items()
+    }
 
 
 def profile_model(
@@ -145,14 +210,11 @@ def profile_model(
     repeats: int = 10,
     device: torch.device | str | None = None,
 ) -> dict[str, Any]:
-    """Parameters, size on disk and latency of one model: the non-metric part of a report entry."""
-    return {
-        "params": count_parameters(model),
-        "size_mb": size_on_disk_mb(model),
-        "latency_ms": measure_latency(
-            model, make_inputs, batch_sizes, warmup=warmup, repeats=repeats, device=device
-        ),
-    }
+    """Parameters, size on disk and latency of one model: the non-metric part of a report entry. To compare a
+    teacher and a student, prefer `profile_models`, which times them alternately."""
+    return profile_models(
+        {"model": model}, make_inputs, batch_sizes, warmup=warmup, repeats=repeats, device=device
+    )["model"]
 
 
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -173,7 +235,8 @@ def build_report(
     """Combine per-model measurements into a report, adding comparisons against `reference`.
 
     models: name -> {"metrics": {metric: value}, "params": int, "size_mb": float,
-    "latency_ms": {batch_size: ms}} plus any extra keys (e.g. "name_or_path"), which are kept.
+    "latency_ms": {batch_size: ms}} plus any extra keys (e.g. "name_or_path", the latency spread fields of
+    `profile_models`), which are kept (batch-size keys as strings).
     Every model other than the reference gets
     - retained_pct: 100 * primary / reference primary (inverted when lower is better, e.g. perplexity),
     - speedup: reference latency / model latency, per batch size,
@@ -192,6 +255,9 @@ def build_report(
         latency = {str(int(bs)): float(ms) for bs, ms in measured.get("latency_ms", {}).items()}
         batch_sizes.update(int(bs) for bs in latency)
         entry = {key: value for key, value in measured.items() if key not in ("metrics", "latency_ms")}
+        for key in _LATENCY_FIELDS:
+            if isinstance(entry.get(key), Mapping):
+                entry[key] = {str(int(bs)): value for bs, value in entry[key].items()}
         entry.update(
             metrics=metrics,
             primary=float(metrics[primary_metric]),
@@ -289,6 +355,8 @@ def report_to_markdown(report: Mapping[str, Any]) -> str:
         row.append("1" if name == reference else _format(entry.get("compression"), 3) + "x")
         lines.append("| " + " | ".join(row) + " |")
 
+    lines += _latency_notes(models, batch_sizes)
+
     metric_names: list[str] = []
     for entry in models.values():
         metric_names += [name for name in entry.get("metrics", {}) if name not in metric_names]
@@ -298,6 +366,37 @@ def report_to_markdown(report: Mapping[str, Any]) -> str:
             values = [_format(entry.get("metrics", {}).get(metric)) for metric in metric_names]
             lines.append(f"| {name} | " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _latency_notes(models: Mapping[str, Mapping[str, Any]], batch_sizes: Sequence[str]) -> list[str]:
+    """A line on how latency was measured, with each model's spread, and a warning for wide spreads."""
+    spreads = {name: entry.get("latency_spread") or {} for name, entry in models.items()}
+    if not any(spreads.values()):
+        return []
+    repeats = max((entry.get("latency_repeats") or 0 for entry in models.values()), default=0)
+    parts = []
+    for name, spread in spreads.items():
+        if spread:
+            parts.append(
+                f"{name} " + ", ".join(f"b{bs} {spread[bs]:.0%}" for bs in batch_sizes if bs in spread)
+            )
+    lines = [
+        "",
+        f"Latency: median of {repeats} rounds, the models timed alternately in each round; spread "
+        f"(p90 - p10) / median: {'; '.join(parts)}.",
+    ]
+    wide = [
+        f"{name} b{bs} ({spreads[name][bs]:.0%})"
+        for name, entry in models.items()
+        for bs in batch_sizes
+        if (entry.get("latency_wide") or {}).get(bs)
+    ]
+    if wide:
+        lines.append(
+            f"**Spread wide** for {', '.join(wide)}: the machine was busy or the timer too coarse while timing, so "
+            "these latencies and speed-ups are uncertain; rerun on an idle machine or with more repeats."
+        )
+    return lines
 
 
 def _plot(report: Mapping[str, Any], handle) -> None:

@@ -188,7 +188,7 @@ class DistillationTrainer(Trainer):
         terms: dict[str, tuple[float, torch.Tensor]] = {}
         if kd_weight > 0:
             terms["kd_loss"] = (kd_weight, self._kd_term(step, num_items_in_batch))
-        if has_labels:
+        if has_labels and args.alpha < 1.0:  # at alpha 1 the task term has no weight: not even computed
             terms["ce_loss"] = (1.0 - args.alpha, self._task_term(step, num_items_in_batch))
         if args.hidden_weight > 0:
             terms["hidden_loss"] = (args.hidden_weight, self._hidden_term(step, num_items_in_batch))

@@ -6,18 +6,24 @@
         --train_file train.csv --validation_file dev.csv --do_train --do_eval \
         --temperature 2 --alpha 0.5 --output_dir outputs/student
     python scripts/distill_glue.py run.yaml          # the same flags, from one YAML or JSON file
+    python scripts/distill_glue.py --mutual_learning \
+        --peer_base_model_name_or_path bert-base-uncased --peer_num_layers 3 2 \
+        --train_file train.csv --validation_file dev.csv --do_train --do_eval --output_dir outputs/peers
     accelerate launch scripts/distill_glue.py run.yaml
 
 Flags: the model flags of tasks/common.py (ModelArguments; --teacher_model_name_or_path takes one teacher or
-several, `a b c`, mixed with --teacher_weights), the data flags of tasks/classification.py
+several, `a b c`, mixed with --teacher_weights, or trained from a cache of them with --teacher_logits_cache DIR
+built by scripts/cache_teacher_logits.py --task classification; or --mutual_learning with --peer_model_name_or_path /
+--peer_num_layers, no teacher: tasks/mutual_recipe.py), the data flags of tasks/classification.py
 (DataArguments, as in transformers' run_glue.py), the unlabelled-data flags of tasks/transfer.py (--transfer_file,
---augment_copies, ...), the report flags (ClassificationReportArguments, e.g. --compare_no_kd) and every
-DistillationTrainingArguments flag (all of TrainingArguments plus --temperature, --alpha, --kd_loss,
+--transfer_split, --use_unlabelled_rows, --augment_copies, --augment_model_name_or_path, ...), the report flags
+(ClassificationReportArguments, e.g. --compare_no_kd) and every DistillationTrainingArguments flag (all of TrainingArguments plus --temperature, --alpha, --kd_loss,
 --hidden_weight, --teacher_weights, ...).
 
 Writes into --output_dir: the student with its tokenizer and model card, train/eval/all_results.json,
 trainer_state.json, and, after a run with evaluation, distill_report.{json,md,png} comparing teacher and
-student (quality retained, size, latency and speed-up at batch 1 and 32).
+student (quality retained, size, latency and speed-up at batch 1 and 32). With --mutual_learning: every peer in
+peer_<k>/ (peers.json says where each came from) and each peer's metrics (eval_peer<k>_...), no report.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ from transformers import Trainer, set_seed
 from transformers.utils import logging
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments
-from hf_distill.tasks import augmentation, classification, common, transfer
+from hf_distill.logit_cache_mixture import label_names_of, load_sequence_cache
+from hf_distill.tasks import augmentation, classification, common, mutual_recipe, quantization_aware, transfer
 
 logger = logging.get_logger("distill_glue")
 
@@ -39,6 +46,7 @@ ARGUMENT_TYPES = (
     classification.DataArguments,
     transfer.TransferArguments,
     classification.ClassificationReportArguments,
+    quantization_aware.QuantizationAwareArguments,
     DistillationTrainingArguments,
 )
 
@@ -65,24 +73,34 @@ def _train_without_teacher(
     return trainer
 
 
-def _augmented(raw_train, spec, models, transfer_args, data_args, training_args, tokenize):
-    """The augmented copies of the training texts (tasks/augmentation.py), tokenized and labelled -100."""
+def _augmented(
+    raw_train, spec, tokenizer, embeddings, transfer_args, data_args, training_args, loading_args, tokenize
+):
+    """The augmented copies of the training texts (tasks/augmentation.py), tokenized and labelled -100: words
+    replaced by their neighbours in `embeddings`, or by a masked LM's predictions (--augment_model_name_or_path)."""
     from datasets import load_dataset
 
     directory = transfer_args.augment_dir or os.path.join(training_args.output_dir, "augmented")
     rows = raw_train.select_columns(list(spec.text_columns))
     if data_args.max_train_samples is not None:
         rows = rows.select(range(min(data_args.max_train_samples, len(rows))))
+    if transfer_args.augment_model_name_or_path is not None:
+        mlm, mlm_tokenizer = augmentation.load_masked_lm(
+            transfer_args.augment_model_name_or_path, loading_args
+        )
+        replacer = augmentation.MaskedLMPredictions(
+            mlm.to(training_args.device), mlm_tokenizer, top_k=transfer_args.augment_neighbours
+        )
+    else:
+        replacer = augmentation.EmbeddingNeighbours(tokenizer, embeddings, transfer_args.augment_neighbours)
     with training_args.main_process_first(desc="augmenting"):
-        path = augmentation.augmented_file(
+        path = augmentation.write_augmented(
             list(rows),
             spec.text_columns,
-            models.tokenizer,
-            models.teacher.get_input_embeddings().weight,
+            replacer,
             directory,
             copies=transfer_args.augment_copies,
             replace_prob=transfer_args.augment_replace_prob,
-            neighbours=transfer_args.augment_neighbours,
             max_tokens=data_args.max_seq_length,
             seed=training_args.seed,
         )
@@ -91,21 +109,35 @@ def _augmented(raw_train, spec, models, transfer_args, data_args, training_args,
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    model_args, data_args, transfer_args, report_args, training_args = common.parse_args(ARGUMENT_TYPES, argv)
+    model_args, data_args, transfer_args, report_args, qat_args, training_args = common.parse_args(
+        ARGUMENT_TYPES, argv
+    )
     common.setup_logging(training_args)
     set_seed(training_args.seed)
 
     # Everything that can be wrong with the flags, the data or the models fails here, before training.
     raw = classification.load_raw_datasets(data_args, model_args)
+    # Rows trained on KD only: a --transfer_split, and training rows without a label (--use_unlabelled_rows).
+    raw, kd_only_rows = transfer.set_aside_kd_only_rows(
+        raw, data_args.label_column_name, transfer_args, data_args.max_train_samples
+    )
     spec = classification.resolve_task(raw, data_args)
     classification.check_splits(
         spec, raw, training_args.do_train, training_args.do_eval, training_args.do_predict
     )
-    if transfer_args.transfer_file is not None:  # its format and columns fail here, before any model loads
-        transfer_texts = transfer.load_transfer_texts(
-            transfer_args.transfer_file, spec.text_columns, spec.label_column
+    # With the --transfer_file, whose format and columns fail here, before any model loads.
+    kd_only_texts = transfer.kd_only_texts(
+        kd_only_rows, spec.text_columns, spec.label_column, transfer_args, spec.is_regression
+    )
+    if model_args.mutual_learning:
+        mutual_recipe.check_mutual_learning(
+            spec, training_args, report_args.compare_no_kd, qat_args.quantization_aware_training
         )
-    models = classification.load_distillation_models(model_args, spec)
+        models = classification.load_peers(model_args, spec)
+        embeddings = models.models[0].get_input_embeddings().weight  # for augmentation
+    else:
+        models = classification.load_distillation_models(model_args, spec)
+        embeddings = models.teacher.get_input_embeddings().weight
     if training_args.teacher_weights is not None and len(training_args.teacher_weights) != len(
         models.teachers
     ):
@@ -120,27 +152,69 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with training_args.main_process_first(desc="tokenizing"):
         tokenized = tokenize(raw)
         labelled_train = tokenized["train"] if "train" in tokenized else None
-        extra = []
-        if training_args.do_train and transfer_args.transfer_file is not None:
-            extra.append(transfer.tokenize_unlabelled(transfer_texts, tokenize))
-        if training_args.do_train and transfer_args.augment_copies > 0:
-            extra.append(
-                _augmented(raw["train"], spec, models, transfer_args, data_args, training_args, tokenize)
-            )
+        extra = {}
+        if training_args.do_train:
+            extra = {
+                source: transfer.tokenize_unlabelled(texts, tokenize)
+                for source, texts in kd_only_texts.items()
+            }
+            if transfer_args.augment_copies > 0:
+                extra["augmentation"] = _augmented(
+                    raw["train"], spec, models.tokenizer, embeddings, transfer_args, data_args, training_args,
+                    model_args, tokenize,
+                )  # fmt: skip
         if extra:
-            tokenized["train"] = transfer.mixed_training_set(labelled_train, extra, training_args.seed)
+            tokenized["train"] = transfer.mixed_training_set(
+                labelled_train, list(extra.values()), training_args.seed
+            )
+    row_counts = (
+        transfer.describe_training_rows(
+            len(labelled_train), {source: len(rows) for source, rows in extra.items()}
+        )
+        if training_args.do_train
+        else None
+    )
     collator = classification.data_collator(models.tokenizer, data_args, fp16=training_args.fp16)
     compute_metrics = classification.make_compute_metrics(spec)
+    if model_args.mutual_learning:
+        return mutual_recipe.train_peers(
+            models,
+            tokenized,
+            spec,
+            training_args,
+            collator,
+            compute_metrics,
+            resume_from_checkpoint=common.resume_checkpoint(training_args),
+            train_metrics=row_counts,
+        )
 
     set_seed(training_args.seed)
-    student = models.make_student()
+    student = quantization_aware.prepare(models.make_student(), qat_args)
     # Built now, before the trainer prepares the teacher (which may change its dtype), so that both students
     # start from exactly the same weights.
     compare_no_kd = report_args.compare_no_kd and training_args.do_train
     baseline = models.make_student() if compare_no_kd else None
+    cache = training_args.teacher_logits_cache if training_args.do_train else None
+    if cache:
+        # Train from the cache (one teacher's classes, or several teachers' mixture): no teacher in the loss. The
+        # teachers stay loaded for the report; the student was built from the first.
+        if extra:
+            raise ValueError(
+                f"--teacher_logits_cache holds the teachers' outputs on the labelled training rows only, not on the "
+                f"{', '.join(extra)} rows; drop those flags, or train from the live teachers."
+            )
+        tokenized["train"], collator, _ = load_sequence_cache(
+            cache,
+            tokenized["train"],
+            collator,
+            tokenizer=models.tokenizer,
+            label_names=label_names_of(student.config),
+            temperature=training_args.temperature,
+            teacher_names=list(models.teachers),
+        )
     trainer = DistillationTrainer(
         model=student,
-        teacher_model=models.teacher_argument,
+        teacher_model=None if cache else models.teacher_argument,
         args=training_args,
         train_dataset=tokenized["train"] if training_args.do_train else None,
         eval_dataset=tokenized[spec.eval_splits[0]] if spec.eval_splits else None,
@@ -154,8 +228,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         spec,
         training_args,
         resume_from_checkpoint=common.resume_checkpoint(training_args),
+        train_metrics=row_counts,
     )
     if training_args.do_train:
+        quantization_aware.finish(trainer, qat_args)
         # The card arguments run_glue.py passes; the trainer keeps them for later save_model calls.
         card = {"tasks": "text-classification", "finetuned_from": model_args.teacher_model_name_or_path[0]}
         if data_args.task_name is not None:

@@ -13,7 +13,9 @@ Data: raw text packed into --block_size blocks (.txt, or a `text` column), or pr
 
 Variants:
     --teacher_logits_cache DIR    train from the teacher's cached top-k log-probabilities
-                                  (scripts/cache_teacher_logits.py); no teacher in memory while training
+                                  (scripts/cache_teacher_logits.py); no teacher in memory while training. The
+                                  cache may hold several teachers' mixture (--teacher_weights, if given, must
+                                  be its weights), or, with --cross_tokenizer, a teacher with another tokenizer
     --seq_kd                      train on the teacher's own completions (generated once, cached)
     --lmbda 0.5                   on-policy (GKD): half of the steps learn on completions the student samples
     --use_peft [--merge_lora]     train LoRA adapters on the student: adapters in <output_dir> (a student built
@@ -46,10 +48,12 @@ from transformers.utils import logging
 from hf_distill import DistillationTrainer, DistillationTrainingArguments
 from hf_distill.cross_tokenizer import CrossTokenizerCollator, check_alignable
 from hf_distill.logit_cache import load_logit_cache
+from hf_distill.logit_cache_cross import CachedCrossTokenizerCollator, load_cross_tokenizer_cache
 from hf_distill.report import write_report
 from hf_distill.tasks import common
 from hf_distill.tasks import language_modeling as lm
 from hf_distill.tasks.generation_limits import shared_vocab_size
+from hf_distill.tasks.lm_cross_tokenizer import cross_tokenizer_rows
 
 logger = logging.get_logger("distill_lm")
 
@@ -76,12 +80,10 @@ def check_flags(data_args, seq_kd_args, training_args) -> None:
             "--streaming cannot be combined with --teacher_logits_cache or --seq_kd, which need the whole "
             "training set; drop --streaming."
         )
-    if training_args.cross_tokenizer and (cache or seq_kd_args.seq_kd or data_args.streaming):
+    if training_args.cross_tokenizer and (seq_kd_args.seq_kd or data_args.streaming):
         raise ValueError(
-            f"--cross_tokenizer {training_args.cross_tokenizer} cannot be combined with --teacher_logits_cache, "
-            "--seq_kd or --streaming: a logit cache holds the teacher's distributions at the student's own token "
-            "positions (a cross-tokenizer cache would also need the teacher's ids and offsets, which it does not "
-            "store), and sequence-level KD and streaming are not implemented for two tokenizers. Drop them."
+            f"--cross_tokenizer {training_args.cross_tokenizer} cannot be combined with --seq_kd or --streaming: "
+            "sequence-level KD and streaming are not implemented for two tokenizers. Drop them."
         )
     if cache and training_args.do_train and not Path(cache).is_dir():
         raise FileNotFoundError(
@@ -122,25 +124,23 @@ def cross_tokenizer_data(
     teacher_tokenizer: Any,
     block_size: int,
     max_positions: int | None,
-) -> tuple[dict[str, Any], CrossTokenizerCollator]:
+    cached: bool = False,
+) -> tuple[dict[str, Any], Any]:
     """--cross_tokenizer: each split as rows of raw text of at most `block_size` student tokens (documents cut at
-    token ends, never joined), and the collator that tokenizes them for both models; the alignment is checked on
-    the first row before any training."""
+    token ends, never joined), and the collator that tokenizes them for both models (`cached`: for the student
+    only, the teacher's side coming from the cache); the alignment is checked on the first row before any
+    training."""
     if teacher_tokenizer is None:
         raise ValueError(
             "--cross_tokenizer needs the teacher's tokenizer: the teacher folder holds none; pass "
             "--teacher_tokenizer_name."
         )
     (column,) = data_format.columns
-    limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples}
-    tokenized = {}
-    for split, dataset in raw.items():
-        blocks = lm.text_blocks(dataset[column], tokenizer, block_size)[: limits.get(split)]
-        if not blocks:
-            raise ValueError(f"The {split} data yields no text; give more data.")
-        tokenized[split] = Dataset.from_dict({"text": blocks})
+    tokenized = cross_tokenizer_rows(raw, column, data_args, tokenizer, block_size)
     sample = next(iter(tokenized.values()))[0]["text"]
     check_alignable(tokenizer, teacher_tokenizer, sample_text=sample)
+    if cached:
+        return tokenized, CachedCrossTokenizerCollator(tokenizer, max_length=block_size)
     collator = CrossTokenizerCollator(
         tokenizer, teacher_tokenizer, max_length=block_size, teacher_max_length=max_positions
     )
@@ -256,7 +256,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if cross:
         # Rows of raw text; both tokenizers read them in the collator (hf_distill/cross_tokenizer.py).
         tokenized, collator = cross_tokenizer_data(
-            raw, data_format, data_args, tokenizer, teacher_tokenizer, block_size, max_positions
+            raw,
+            data_format,
+            data_args,
+            tokenizer,
+            teacher_tokenizer,
+            block_size,
+            max_positions,
+            cached=bool(training_args.teacher_logits_cache),
         )
     else:
         with training_args.main_process_first(desc="tokenizing"):
@@ -270,7 +277,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     cache = training_args.teacher_logits_cache
     cache_manifest = None
-    if cache and train_dataset is not None:
+    if cache and train_dataset is not None and cross:
+        # the cache holds the teacher's top k at the positions aligned with its own tokenization
+        train_dataset, cache_manifest = load_cross_tokenizer_cache(
+            cache,
+            train_dataset,
+            tokenizer=tokenizer,
+            teacher_tokenizer=teacher_tokenizer,
+            block_size=block_size,
+            temperature=training_args.temperature,
+        )
+    elif cache and train_dataset is not None:
         train_dataset, cache_manifest = load_logit_cache(
             cache,
             train_dataset,
@@ -307,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     student = lm.make_student(model_args, teacher, tokenizer)
     if cache_manifest is not None:
         vocab = student.config.get_text_config().vocab_size
-        if cache_manifest["top_k"] > vocab:
+        if not cross and cache_manifest["top_k"] > vocab:
             raise ValueError(
                 f"the cache holds the top {cache_manifest['top_k']} tokens, more than the student's vocabulary ({vocab})."
             )

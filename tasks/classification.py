@@ -3,7 +3,7 @@
 
 - classification_models.py    labels matched to a model's outputs; teacher (checked against the data before
                               anything trains), student and fine-tuning model loading
-- classification_metrics.py   accuracy, F1, correlations, and `compute_metrics`
+- classification_metrics.py   accuracy, F1, correlations, `compute_metrics`, and the prediction files
 
 The data and metric functions are pure (datasets and arrays in, datasets and numbers out) so they can be
 tested without a model.
@@ -11,13 +11,10 @@ tested without a model.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Value
 from transformers import (
     DataCollatorWithPadding,
@@ -27,15 +24,24 @@ from transformers import (
 from transformers.utils import logging
 
 from . import raw_data
-from .classification_metrics import compute_task_metrics, make_compute_metrics, predictions_from_logits
+from .classification_metrics import (
+    compute_task_metrics,
+    make_compute_metrics,
+    predict_and_write,
+    predictions_from_logits,
+    split_suffix,
+    write_predictions,
+)
 from .classification_models import (
     ClassificationModelArguments,
     DistillationModels,
     LabelAlignment,
+    Peers,
     align_labels,
     has_named_labels,
     load_distillation_models,
     load_model_for_finetuning,
+    load_peers,
     load_tokenizer,
     teacher_paths,
 )
@@ -57,6 +63,7 @@ __all__ = [
     "DistillationModels",
     "GlueTask",
     "LabelAlignment",
+    "Peers",
     "TaskSpec",
     "align_labels",
     "check_splits",
@@ -65,9 +72,11 @@ __all__ = [
     "has_named_labels",
     "load_distillation_models",
     "load_model_for_finetuning",
+    "load_peers",
     "load_raw_datasets",
     "load_tokenizer",
     "make_compute_metrics",
+    "predict_and_write",
     "predictions_from_logits",
     "resolve_task",
     "split_suffix",
@@ -115,8 +124,6 @@ FILE_CLASSIFICATION_METRICS = ("accuracy", "f1_macro")
 FILE_REGRESSION_METRICS = ("pearson", "spearmanr", "combined_score")
 
 FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
-# Short names for the metric keys of the extra evaluation splits (MNLI mismatched -> eval_accuracy_mm).
-_SPLIT_SUFFIXES = {"validation_mismatched": "mm", "test_mismatched": "mm"}
 
 
 @dataclass
@@ -365,11 +372,6 @@ def resolve_task(raw: DatasetDict, data_args: DataArguments) -> TaskSpec:
     )
 
 
-def split_suffix(split: str) -> str:
-    """Short name of a split used in metric keys (validation_mismatched -> mm)."""
-    return _SPLIT_SUFFIXES.get(split, split)
-
-
 def tokenize_datasets(
     raw: DatasetDict,
     spec: TaskSpec,
@@ -429,17 +431,6 @@ def data_collator(
 
 
 # --------------------------------------------------------------------------------------------- running
-def write_predictions(
-    path: str | os.PathLike, predictions: np.ndarray, spec: TaskSpec, id2label: Mapping
-) -> None:
-    """`index<TAB>prediction` per example: a label name, or a value for regression."""
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write("index\tprediction\n")
-        for index, prediction in enumerate(predictions):
-            value = f"{float(prediction):.3f}" if spec.is_regression else id2label[int(prediction)]
-            handle.write(f"{index}\t{value}\n")
-
-
 def check_splits(spec: TaskSpec, raw: DatasetDict, do_train: bool, do_eval: bool, do_predict: bool) -> None:
     """Fail before any model is loaded when a requested stage has no data."""
     needs = raw_data.stage_needs(do_train, do_eval, do_predict, spec.eval_splits, spec.predict_splits)
@@ -447,11 +438,17 @@ def check_splits(spec: TaskSpec, raw: DatasetDict, do_train: bool, do_eval: bool
 
 
 def train_evaluate_predict(
-    trainer: Any, tokenized: DatasetDict, spec: TaskSpec, args: Any, resume_from_checkpoint: Any = None
+    trainer: Any,
+    tokenized: DatasetDict,
+    spec: TaskSpec,
+    args: Any,
+    resume_from_checkpoint: Any = None,
+    train_metrics: Mapping[str, float] | None = None,
 ) -> dict[str, dict[str, float]]:
     """The HF-examples flow for one trainer: train (then save the model, metrics and state), evaluate every
     evaluation split, predict every test split (writing predictions, and metrics where labels exist).
 
+    `train_metrics` (e.g. the labelled / KD-only row counts) are added to train_results.json.
     Returns {"train": ..., "eval": ..., "predict": ...} for the stages that ran.
     """
     from .common import evaluate_datasets, save_metrics, train_and_save
@@ -459,25 +456,17 @@ def train_evaluate_predict(
     results: dict[str, dict[str, float]] = {}
     if args.do_train:
         results["train"] = train_and_save(trainer, tokenized["train"], resume_from_checkpoint)
+        if train_metrics:  # train_results.json written again, with them
+            results["train"].update(train_metrics)
+            trainer.save_metrics("train", results["train"])
     if args.do_eval:
         metrics = evaluate_datasets(trainer, {split_suffix(s): tokenized[s] for s in spec.eval_splits})
         save_metrics(trainer, "eval", metrics)
         results["eval"] = metrics
     if args.do_predict:
-        predict_metrics: dict[str, float] = {}
-        id2label = trainer.model.config.id2label
-        for index, split in enumerate(spec.predict_splits):
-            dataset = tokenized[split]
-            prefix = "test" if index == 0 else f"test_{split_suffix(split)}"
-            output = trainer.predict(dataset, metric_key_prefix=prefix)
-            if "labels" in dataset.column_names:
-                predict_metrics.update(output.metrics, **{f"{prefix}_samples": len(dataset)})
-            if trainer.is_world_process_zero():
-                name = spec.name if index == 0 else f"{spec.name}-{split_suffix(split)}"  # run_glue's mnli-mm
-                path = Path(args.output_dir) / f"predict_results_{name}.txt"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                predictions = predictions_from_logits(output.predictions, spec.is_regression)
-                write_predictions(path, predictions, spec, id2label)
+        predict_metrics = predict_and_write(
+            trainer, tokenized, spec, args.output_dir, trainer.model.config.id2label
+        )
         if predict_metrics:
             save_metrics(trainer, "predict", predict_metrics)
             results["predict"] = predict_metrics

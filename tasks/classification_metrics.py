@@ -1,16 +1,22 @@
 """Classification metrics: accuracy, F1, Matthews and correlations of predicted classes (or regression values)
-against the references, and `compute_metrics` for the Trainer."""
+against the references, `compute_metrics` for the Trainer, and the prediction files of the test splits."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from datasets import DatasetDict
 from transformers import EvalPrediction
 
 if TYPE_CHECKING:  # classification.py imports this module; the spec is only read here
     from .classification import TaskSpec
+
+# Short names for the metric keys of the extra evaluation splits (MNLI mismatched -> eval_accuracy_mm).
+_SPLIT_SUFFIXES = {"validation_mismatched": "mm", "test_mismatched": "mm"}
 
 
 def compute_task_metrics(
@@ -58,3 +64,46 @@ def make_compute_metrics(spec: TaskSpec) -> Callable[[EvalPrediction], dict[str,
         return compute_task_metrics(predictions, eval_prediction.label_ids, spec.metrics)
 
     return compute_metrics
+
+
+def split_suffix(split: str) -> str:
+    """Short name of a split used in metric keys (validation_mismatched -> mm)."""
+    return _SPLIT_SUFFIXES.get(split, split)
+
+
+def write_predictions(
+    path: str | os.PathLike, predictions: np.ndarray, spec: TaskSpec, id2label: Mapping
+) -> None:
+    """`index<TAB>prediction` per example: a label name, or a value for regression."""
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("index\tprediction\n")
+        for index, prediction in enumerate(predictions):
+            value = f"{float(prediction):.3f}" if spec.is_regression else id2label[int(prediction)]
+            handle.write(f"{index}\t{value}\n")
+
+
+def predict_and_write(
+    trainer: Any,
+    tokenized: DatasetDict,
+    spec: TaskSpec,
+    output_dir: str,
+    id2label: Mapping,
+    prefix: str = "test",
+    file_suffix: str = "",
+) -> dict[str, float]:
+    """Predict every test split, writing predict_results_<task><file_suffix>.txt (run_glue's -mm for MNLI's
+    second split); returns the metrics (keys `<prefix>_...`, `<prefix>_mm_...`) of the splits with labels."""
+    metrics: dict[str, float] = {}
+    for index, split in enumerate(spec.predict_splits):
+        dataset = tokenized[split]
+        key = prefix if index == 0 else f"{prefix}_{split_suffix(split)}"
+        output = trainer.predict(dataset, metric_key_prefix=key)
+        if "labels" in dataset.column_names:
+            metrics.update(output.metrics, **{f"{key}_samples": len(dataset)})
+        if trainer.is_world_process_zero():
+            name = spec.name if index == 0 else f"{spec.name}-{split_suffix(split)}"  # run_glue's mnli-mm
+            path = Path(output_dir) / f"predict_results_{name}{file_suffix}.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            predictions = predictions_from_logits(output.predictions, spec.is_regression)
+            write_predictions(path, predictions, spec, id2label)
+    return metrics

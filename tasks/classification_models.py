@@ -1,5 +1,5 @@
 """Classification models: matching the data's labels to a model's outputs, and loading the teacher (checked
-against the data before anything trains), the student and a model to fine-tune."""
+against the data before anything trains), the student, a model to fine-tune, and the peers of mutual learning."""
 
 from __future__ import annotations
 
@@ -16,8 +16,11 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging
 
-from .common import LoadingArguments, ModelArguments, build_student, load_pretrained
+from .common import LoadingArguments, ModelArguments, build_student, freeze_input_embeddings, load_pretrained
+
+logger = logging.get_logger(__name__)
 
 if TYPE_CHECKING:  # classification.py imports this module; the spec is only read here
     from .classification import TaskSpec
@@ -115,23 +118,117 @@ def load_tokenizer(name_or_path: str, loading_args: LoadingArguments) -> PreTrai
 
 @dataclass
 class ClassificationModelArguments(ModelArguments):
-    """The model flags, with one teacher or several (their weights are --teacher_weights)."""
+    """The model flags: one teacher or several (their weights are --teacher_weights) and a student, or, with
+    --mutual_learning, two or more peers trained together without a teacher (tasks/mutual_recipe.py)."""
 
     teacher_model_name_or_path: list[str] = field(
+        default_factory=list,
         metadata={
             "help": "The teacher, or several teachers (`a b c`): Hub names or local directories, each already "
             "fine-tuned on the task with the same labels and tokenizer. Several teachers are distilled as the "
             "weighted mixture of their softened distributions (--teacher_weights); the student is built from, and "
-            "its hidden states matched with, the first."
-        }
+            "its hidden states matched with, the first. Required unless --mutual_learning."
+        },
+    )
+    mutual_learning: bool = field(
+        default=False,
+        metadata={
+            "help": "Deep Mutual Learning: no teacher; two or more peers (--peer_model_name_or_path and/or "
+            "--peer_num_layers) train together, each on the task loss plus KD towards the others' predictions. "
+            "Every peer is saved in <output_dir>/peer_<k> and evaluated."
+        },
+    )
+    peer_model_name_or_path: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Peers loaded as they are (`a b`): Hub names or local directories, with one tokenizer; a "
+            "model without a classification head gets a new one for the data's labels. They come first (peer 0 "
+            "is the first of them)."
+        },
+    )
+    peer_num_layers: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "Peers built with create_student from --peer_base_model_name_or_path, one per value: `3 2` "
+            "builds a 3-layer and a 2-layer peer (uniformly chosen layers). They follow the loaded peers."
+        },
+    )
+    peer_base_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "The pretrained model the --peer_num_layers peers are cut from."},
     )
 
     def __post_init__(self):
         if isinstance(self.teacher_model_name_or_path, str):  # one path from a YAML/JSON file or Python
             self.teacher_model_name_or_path = [self.teacher_model_name_or_path]
+        if isinstance(self.peer_model_name_or_path, str):
+            self.peer_model_name_or_path = [self.peer_model_name_or_path]
+        if isinstance(self.peer_num_layers, int):
+            self.peer_num_layers = [self.peer_num_layers]
+        if self.mutual_learning:
+            self._check_peers()
+            return  # no teacher and no student: the student flags' checks do not apply
+        peer_flags = [
+            flag
+            for flag, value in (
+                ("--peer_model_name_or_path", self.peer_model_name_or_path),
+                ("--peer_num_layers", self.peer_num_layers),
+                ("--peer_base_model_name_or_path", self.peer_base_model_name_or_path),
+            )
+            if value
+        ]
+        if peer_flags:
+            raise ValueError(f"{', '.join(peer_flags)} set without --mutual_learning: add it to train peers.")
         if not self.teacher_model_name_or_path:
-            raise ValueError("--teacher_model_name_or_path needs at least one teacher.")
+            raise ValueError(
+                "--teacher_model_name_or_path needs at least one teacher (or pass --mutual_learning with peers to "
+                "train without one)."
+            )
         super().__post_init__()
+
+    @property
+    def peer_count(self) -> int:
+        return len(self.peer_model_name_or_path) + len(self.peer_num_layers)
+
+    def _check_peers(self) -> None:
+        if self.teacher_model_name_or_path:
+            raise ValueError(
+                f"--mutual_learning trains peers without a teacher, but --teacher_model_name_or_path "
+                f"{self.teacher_model_name_or_path} is set: drop --teacher_model_name_or_path to train peers (pass "
+                "a model as --peer_model_name_or_path to make it a peer), or drop --mutual_learning to distil."
+            )
+        student_flags = [
+            flag
+            for flag, value in (
+                ("--student_model_name_or_path", self.student_model_name_or_path),
+                ("--student_num_layers", self.student_num_layers),
+                ("--student_layers", self.student_layers),
+            )
+            if value is not None
+        ]
+        if student_flags:
+            raise ValueError(
+                f"--mutual_learning has peers, not a student: drop {', '.join(student_flags)} and use "
+                "--peer_model_name_or_path / --peer_num_layers."
+            )
+        if self.peer_num_layers and self.peer_base_model_name_or_path is None:
+            raise ValueError(
+                f"--peer_num_layers {self.peer_num_layers} builds peers from a pretrained model: pass it as "
+                "--peer_base_model_name_or_path."
+            )
+        if self.peer_base_model_name_or_path is not None and not self.peer_num_layers:
+            raise ValueError(
+                "--peer_base_model_name_or_path is set without --peer_num_layers: give one layer count per peer "
+                "to build from it (e.g. `--peer_num_layers 3 2`)."
+            )
+        if any(layers < 1 for layers in self.peer_num_layers):
+            raise ValueError(f"peer_num_layers must all be >= 1, got {self.peer_num_layers}.")
+        if self.peer_count < 2:
+            raise ValueError(
+                f"mutual learning needs at least two peers, got {self.peer_count} "
+                f"(--peer_model_name_or_path {self.peer_model_name_or_path}, --peer_num_layers "
+                f"{self.peer_num_layers}); add peers to either flag."
+            )
 
 
 def teacher_paths(model_args: ModelArguments) -> list[str]:
@@ -265,3 +362,104 @@ def load_model_for_finetuning(
         model_name_or_path, config, "model", loading_args, ignore_mismatched_sizes=mismatched
     )
     return model, tokenizer, alignment.label_to_id
+
+
+# --------------------------------------------------------------------------------------------- peers
+@dataclass
+class Peers:
+    """The peers of mutual learning, checked against the data and each other, with their one tokenizer."""
+
+    models: list[PreTrainedModel]
+    descriptions: list[str]  # where each peer came from, in peer order
+    tokenizer: PreTrainedTokenizerBase
+    label_to_id: dict[Any, int]
+
+
+def _peer_alignment(spec: TaskSpec, configs: Mapping[str, PretrainedConfig]) -> LabelAlignment:
+    """The one label order of all peers: that of the peers with named labels, which must agree, else the data's."""
+    alignment, reference = None, None
+    for path, config in configs.items():
+        if not has_named_labels(config):
+            continue
+        try:
+            own = align_labels(spec, config, role=f"peer {path!r}")
+        except ValueError as error:
+            raise ValueError(f"Peers with different label spaces: {error}") from error
+        if alignment is None:
+            alignment, reference = own, path
+        elif own.label_to_id != alignment.label_to_id:
+            raise ValueError(
+                f"Peers with different label spaces: peer {path!r} orders its labels {own.id2label} and peer "
+                f"{reference!r} {alignment.id2label}; peers compare their outputs class by class, so give them one "
+                "label order (fine-tune them with the same label2id)."
+            )
+    if alignment is None:
+        alignment = align_labels(spec, PretrainedConfig(num_labels=spec.num_labels), role="peer")
+    return alignment
+
+
+def load_peers(model_args: ClassificationModelArguments, spec: TaskSpec) -> Peers:
+    """The --peer_model_name_or_path peers, then one peer per --peer_num_layers value cut from
+    --peer_base_model_name_or_path with create_student.
+
+    A model without a classification head gets a new one for the data's labels (a path given twice loads twice:
+    two peers with two new heads). Errors (before training): a classification head for other labels (count, names
+    or order), another vocabulary than the first peer's.
+    """
+    from hf_distill import create_student
+
+    base = model_args.peer_base_model_name_or_path
+    sources = list(dict.fromkeys(model_args.peer_model_name_or_path + ([base] if base else [])))
+    configs = {
+        path: load_pretrained(AutoConfig, path, role=f"peer {path!r}", loading_args=model_args)
+        for path in sources
+    }
+    alignment = _peer_alignment(spec, configs)
+    tokenizer = load_tokenizer(sources[0], model_args)
+    for path in sources[1:]:
+        other = load_tokenizer(path, model_args) if model_args.tokenizer_name is None else tokenizer
+        if other.get_vocab() != tokenizer.get_vocab():
+            raise ValueError(
+                f"peer {path!r} has another vocabulary than peer {sources[0]!r} ({len(other)} vs {len(tokenizer)} "
+                "tokens, or other ids); every peer reads the same input ids, so pass peers with one tokenizer."
+            )
+
+    def load(path: str) -> PreTrainedModel:
+        config = copy.deepcopy(configs[path])
+        if not has_named_labels(config):
+            _set_labels(config, spec, alignment.id2label)
+        config.problem_type = "single_label_classification"
+        model, info = _load_classifier(
+            path, config, f"peer {path!r}", model_args, ignore_mismatched_sizes=True
+        )
+        if info.get("mismatched_keys"):
+            shapes = sorted(f"{key} {tuple(saved)}" for key, saved, _ in info["mismatched_keys"])
+            raise ValueError(
+                f"Peers with different label spaces: peer {path!r} has a classification head for another number "
+                f"of labels ({', '.join(shapes)}) and the data has {spec.describe_labels()}; pass a peer fine-tuned "
+                "on these labels, or a model without a classification head (it gets a new one)."
+            )
+        if info.get("missing_keys"):
+            logger.info(f"peer {path!r}: newly initialised {sorted(info['missing_keys'])} (a new head)")
+        if getattr(model.config, "vocab_size", len(tokenizer)) < len(tokenizer):
+            raise ValueError(
+                f"peer {path!r} has {model.config.vocab_size} embeddings for a tokenizer of {len(tokenizer)} tokens."
+            )
+        return model
+
+    models = [load(path) for path in model_args.peer_model_name_or_path]
+    descriptions = list(model_args.peer_model_name_or_path)
+    if base is not None:
+        base_model = load(base)
+        for layers in model_args.peer_num_layers:
+            models.append(create_student(base_model, num_hidden_layers=layers))
+            descriptions.append(f"{layers} layers of {base}")
+    if len(set(model_args.peer_num_layers)) < len(model_args.peer_num_layers):
+        logger.warning(
+            f"--peer_num_layers {model_args.peer_num_layers} builds peers that start identical; only dropout tells "
+            "them apart. Different layer counts (or peers from different models) give mutual learning more to share."
+        )
+    if model_args.freeze_embeddings:
+        for model in models:
+            freeze_input_embeddings(model)
+    return Peers(models, descriptions, tokenizer, alignment.label_to_id)

@@ -449,25 +449,25 @@ def write_distillation_report(
     models: name -> {"model": module, "metrics": {metric: value}, ...}; other keys (e.g. "name_or_path") are
     kept in the report. Only the main process measures and writes; the others return None.
     """
-    from hf_distill.report import build_report, profile_model, write_report
+    from hf_distill.report import build_report, profile_models, write_report
 
     if not trainer.is_world_process_zero():
         return None
     device = trainer.args.device
+    logger.info(f"Measuring size and latency of {', '.join(models)} on {device}, timed alternately")
+    # One round times every model once, so load from other jobs falls on all of them alike.
+    profiles = profile_models(
+        {name: entry["model"].to(device) for name, entry in models.items()},
+        make_inputs,
+        report_args.batch_sizes,
+        warmup=report_args.latency_warmup,
+        repeats=report_args.latency_repeats,
+        device=device,
+    )
     measured = {}
     for name, entry in models.items():
-        logger.info(f"Measuring size and latency of the {name} on {device}")
         measured[name] = {key: value for key, value in entry.items() if key != "model"}
-        measured[name].update(
-            profile_model(
-                entry["model"].to(device),
-                make_inputs,
-                report_args.batch_sizes,
-                warmup=report_args.latency_warmup,
-                repeats=report_args.latency_repeats,
-                device=device,
-            )
-        )
+        measured[name].update(profiles[name])
     report = build_report(
         measured,
         primary_metric=primary_metric,

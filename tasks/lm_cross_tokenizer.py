@@ -1,11 +1,11 @@
 """Causal-LM data for a teacher and a student with different tokenizers (`--cross_tokenizer`): rows of raw text,
 each short enough for the student's `block_size`, tokenized by both sides in the collator
 (`hf_distill.cross_tokenizer.CrossTokenizerCollator`); and small tokenizers trained offline with the `tokenizers`
-library, for tests and benchmarks."""
+library, for tests and benchmarks. `cross_tokenizer_rows` makes the rows for training runs and their caches."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -32,6 +32,25 @@ def text_blocks(texts: Iterable[str], tokenizer: Any, block_size: int) -> list[s
                 blocks.append(text[start:end])
             start = end
     return blocks
+
+
+def cross_tokenizer_rows(
+    raw: Mapping[str, Any], text_column: str, data_args: Any, tokenizer: Any, block_size: int
+) -> dict[str, Any]:
+    """--cross_tokenizer data: each split as a `datasets.Dataset` of rows of raw text (a `text` column), each at
+    most `block_size` of the student's tokens (`text_blocks`), cut to --max_train_samples / --max_eval_samples rows.
+    The training run and the cache of its teacher (scripts/cache_teacher_logits.py --student_tokenizer_name) build
+    their rows here, so that both hold the same rows."""
+    from datasets import Dataset
+
+    limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples}
+    rows = {}
+    for split, dataset in raw.items():
+        blocks = text_blocks(dataset[text_column], tokenizer, block_size)[: limits.get(split)]
+        if not blocks:
+            raise ValueError(f"The {split} data yields no text; give more data.")
+        rows[split] = Dataset.from_dict({"text": blocks})
+    return rows
 
 
 def train_tokenizer(

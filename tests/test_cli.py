@@ -31,6 +31,7 @@ KEY_FLAGS = {
     "translation": ["--teacher_model_name_or_path", "--source_lang", "--predict_with_generate"],
     "teacher": ["--model_name_or_path", "--task_name", "--train_file", "--output_dir"],
     "cache-logits": ["--teacher_model_name_or_path", "--cache_output_dir", "--top_k"],
+    "compress": ["--config", "--output_dir", "--stage"],
     "demo-bbc": ["--output_dir", "--student_num_layers", "--temperature", "--alpha"],
 }
 

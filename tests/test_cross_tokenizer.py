@@ -1,8 +1,10 @@
 """Cross-tokenizer distillation: alignment of two tokenizations, the vocabulary map, the losses against float64
-references written here, and the trainer with two genuinely different tokenizers trained offline."""
+references written here, the trainer with two genuinely different tokenizers trained offline, and a cache of the
+teacher at the aligned positions against the live teacher (scripts/cache_teacher_logits.py -> distill_lm.py)."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -21,7 +23,17 @@ from hf_distill.cross_tokenizer import (
     prediction_pairs,
     vocabulary_map,
 )
+from hf_distill.cross_tokenizer_kd import CachedCrossTokenizerKD
+from hf_distill.logit_cache_cross import (
+    CachedCrossTokenizerCollator,
+    build_cross_tokenizer_cache,
+    load_cross_tokenizer_cache,
+    teacher_topk_split_tail,
+    tokenizer_fingerprint,
+    verify_cross_tokenizer_manifest,
+)
 from hf_distill.losses import cross_tokenizer_distillation_loss
+from hf_distill.losses.cross_tokenizer import cached_cross_tokenizer_distillation_loss
 from hf_distill.tasks.lm_cross_tokenizer import text_blocks, train_tokenizer
 
 CORPUS = [
@@ -148,8 +160,12 @@ def test_vocabulary_map_matches_conventions_one_to_one(bpe, unigram, wordpiece):
     assert ("▁the", "Ġthe") in unigram_bpe and ("e", "e") in unigram_bpe
     wordpiece_bpe = pairs_of(wordpiece, bpe)
     assert ("the", "Ġthe") in wordpiece_bpe  # a WordPiece word start is a word after a space
+    # an ASCII remainder: a byte-level vocabulary shows a non-ASCII character as its bytes' alphabet letters, so
+    # "##é" has no counterpart spelled "é" there (that letter is the single byte 0xE9)
     continuation = next(
-        tok for tok in wordpiece.get_vocab() if tok.startswith("##") and tok[2:] in bpe.get_vocab()
+        tok
+        for tok in sorted(wordpiece.get_vocab())
+        if tok.startswith("##") and tok[2:].isascii() and tok[2:] in bpe.get_vocab()
     )
     assert (continuation, continuation[2:]) in wordpiece_bpe
     accented = [(s, t) for s, t in wordpiece_bpe if "é" in s]  # byte-level pieces of é decode to é
@@ -366,10 +382,7 @@ def test_trainer_kd_term_is_the_loss_at_the_collated_pairs(tmp_path, bpe, unigra
     assert loss.item() == pytest.approx(total / label_tokens, rel=1e-4)
 
 
-@pytest.mark.parametrize(
-    "option",
-    [{"teacher_logits_cache": "cache"}, {"fused_kd_loss": True}, {"hidden_weight": 1.0}, {"lmbda": 0.5}],
-)
+@pytest.mark.parametrize("option", [{"fused_kd_loss": True}, {"hidden_weight": 1.0}, {"lmbda": 0.5}])
 def test_options_cross_tokenizer_cannot_honour_are_refused(tmp_path, option):
     from hf_distill.cross_tokenizer_kd import check_cross_tokenizer_options
     from hf_distill.task_loss import infer_task
@@ -381,13 +394,16 @@ def test_options_cross_tokenizer_cannot_honour_are_refused(tmp_path, option):
         check_cross_tokenizer_options(args, infer_task(_llama(16, 0), None))
 
 
-def test_distill_lm_refuses_a_cache_with_cross_tokenizer(tmp_path):
+def test_distill_lm_takes_a_cache_with_cross_tokenizer_but_not_seq_kd(tmp_path):
     from hf_distill.tasks import language_modeling as lm
 
     args = _args(tmp_path, cross_tokenizer="exact", teacher_logits_cache=str(tmp_path))
     data = lm.DataArguments(train_file=str(tmp_path / "train.txt"))
-    with pytest.raises(ValueError, match="teacher's ids and offsets"):
-        _distill_lm().check_flags(data, lm.SequenceKDArguments(), args)
+    _distill_lm().check_flags(data, lm.SequenceKDArguments(), args)
+    with pytest.raises(ValueError, match="--cross_tokenizer exact cannot be combined with --seq_kd"):
+        _distill_lm().check_flags(
+            data, lm.SequenceKDArguments(seq_kd=True), _args(tmp_path, cross_tokenizer="exact")
+        )
 
 
 # --------------------------------------------------------------------------------------------- the LM recipe
@@ -428,3 +444,278 @@ def test_distill_lm_recipe_distils_across_tokenizers(tmp_path, bpe, unigram):
     assert any(entry.get("kd_loss", 0) > 0 for entry in log_history)
     with pytest.raises(ValueError, match="cross_tokenizer"):  # without the flag: refused before training
         distill_lm.main([arg for arg in argv if arg not in ("--cross_tokenizer", "hybrid")])
+
+
+# --------------------------------------------------------------------------------------------- a cached teacher
+def _cached_rows(teacher_rows, k, teacher_ids, temperature):
+    """What a cross-tokenizer cache stores for (P, V_t) teacher logits: the top k and the two tempered tails."""
+    mapped = torch.zeros(teacher_rows.shape[-1], dtype=torch.bool)
+    mapped[teacher_ids] = True
+    return teacher_topk_split_tail(teacher_rows, k, teacher_rows.shape[-1], mapped, temperature=temperature)
+
+
+@pytest.mark.parametrize("mode", ["exact", "uld", "hybrid"])
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_cached_losses_with_every_teacher_token_equal_the_live_losses(mode, kind, chunk_size):
+    """k = the teacher's vocabulary: the cached loss is the live loss (itself checked against float64 above), in
+    value and gradient."""
+    student, teacher, s_rows, t_rows, s_ids, t_ids = _setup()
+    temperature, options = 2.0, dict(mode=mode, kind=kind, temperature=2.0, uld_weight=0.7, beta=0.3)
+    live_leaf = student.clone().requires_grad_(True)
+    live = cross_tokenizer_distillation_loss(
+        live_leaf, teacher, s_rows, t_rows, student_ids=s_ids, teacher_ids=t_ids, **options
+    )
+    live.backward()
+    cached_leaf = student.clone().requires_grad_(True)
+    cached = cached_cross_tokenizer_distillation_loss(
+        cached_leaf, s_rows, *_cached_rows(teacher.reshape(-1, 17)[t_rows], 17, t_ids, temperature),
+        teacher_vocab_size=17, student_ids=s_ids, teacher_ids=t_ids, chunk_size=chunk_size, **options,
+    )  # fmt: skip
+    cached.backward()
+    assert cached.item() == pytest.approx(live.item(), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(cached_leaf.grad, live_leaf.grad, rtol=1e-4, atol=1e-6)
+
+
+def _bucketed_reference(student, teacher, s_ids, t_ids, k, temperature, weight):
+    """float64, written out from the full teacher logits: per pair (exact, uld, unmapped ULD) with the teacher's
+    tokens outside its top k merged into one bucket on each side, as cached_cross_tokenizer_distillation_loss
+    defines them."""
+    p_s = torch.softmax(student.double() / temperature, -1)
+    q_t = torch.softmax(teacher.double() / temperature, -1)
+    top = torch.topk(teacher, k, dim=-1).indices
+    s_list, t_list = s_ids.tolist(), t_ids.tolist()
+    rows = []
+    for row in range(student.shape[0]):
+        in_top = set(top[row].tolist())
+        # exact: the mapped tokens, renormalised on each side; buckets: mapped top-k tokens, the other mapped ones
+        q_m = q_t[row, t_list] / q_t[row, t_list].sum()
+        p_m = p_s[row, s_list] / p_s[row, s_list].sum()
+        listed = [j for j, t in enumerate(t_list) if t in in_top]
+        rest = [j for j, t in enumerate(t_list) if t not in in_top]
+        q_b = torch.cat([q_m[listed], q_m[rest].sum().reshape(1)])
+        p_b = torch.cat([p_m[listed], p_m[rest].sum().reshape(1)])
+        keep = q_b > 0
+        exact = (q_b[keep] * (q_b[keep] / p_b[keep]).log()).sum() * temperature**2
+
+        def sorted_distance(p, known, q_rest):  # first len(known) ranks one by one, the rest as one bucket
+            s = torch.sort(p, descending=True).values
+            s = torch.cat([s, torch.zeros(max(len(known) - len(s), 0), dtype=s.dtype)])
+            head = sum(abs(s[i] - known[i]) for i in range(len(known)))
+            return head + abs(s[len(known) :].sum() - q_rest)
+
+        ranked = sorted(in_top, key=lambda t: -q_t[row, t].item())
+        uld = sorted_distance(
+            p_s[row], [q_t[row, t] for t in ranked], q_t[row].sum() - q_t[row, ranked].sum()
+        )
+        unmapped_t = [t for t in range(teacher.shape[-1]) if t not in t_list]
+        unmapped_s = [s for s in range(student.shape[-1]) if s not in s_list]
+        known = [q_t[row, t] for t in ranked if t in unmapped_t]
+        rest_mass = q_t[row, unmapped_t].sum() - sum(known) if known else q_t[row, unmapped_t].sum()
+        unmapped = sorted_distance(p_s[row, unmapped_s], known, rest_mass)
+        rows.append((exact.item(), weight * uld.item(), exact.item() + weight * unmapped.item()))
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def test_cached_losses_with_a_short_top_k_are_the_bucketed_losses_and_never_exceed_the_live_ones():
+    """k < V_t: the mapped tokens outside the top k form one bucket (exact), and the teacher's ranks past k one
+    bucket against the student's (ULD): float64 references of those definitions, and the live losses as upper
+    bounds (a coarsened divergence, and the triangle inequality)."""
+    student, teacher, s_rows, t_rows, s_ids, t_ids = _setup(seed=3)
+    flat_student, flat_teacher = student.reshape(-1, 11)[s_rows], teacher.reshape(-1, 17)[t_rows]
+    reference = _bucketed_reference(flat_student, flat_teacher, s_ids, t_ids, 4, 2.0, 0.7)
+    rows = torch.arange(len(s_rows))
+    for column, mode in enumerate(("exact", "uld", "hybrid")):
+        options = dict(mode=mode, temperature=2.0, uld_weight=0.7, reduction="sum")
+        cached = cached_cross_tokenizer_distillation_loss(
+            flat_student, rows, *_cached_rows(flat_teacher, 4, t_ids, 2.0), teacher_vocab_size=17,
+            student_ids=s_ids, teacher_ids=t_ids, **options,
+        )  # fmt: skip
+        assert cached.item() == pytest.approx(reference[:, column].sum().item(), rel=1e-5)
+        live = cross_tokenizer_distillation_loss(
+            flat_student, flat_teacher, rows, rows, student_ids=s_ids, teacher_ids=t_ids, **options
+        )
+        if mode != "hybrid":
+            assert cached.item() < live.item()
+
+
+def test_a_student_equal_to_the_teacher_on_the_mapped_tokens_gets_zero_cached_exact_loss():
+    student, teacher, s_rows, t_rows, s_ids, t_ids = _setup()
+    student = student.reshape(-1, 11).clone()
+    flat_teacher = teacher.reshape(-1, 17)
+    student[s_rows[:, None], s_ids[None, :]] = flat_teacher[t_rows[:, None], t_ids[None, :]] - 1.0
+    for kind in ("forward_kl", "reverse_kl", "jsd"):
+        leaf = student.clone().requires_grad_(True)
+        loss = cached_cross_tokenizer_distillation_loss(
+            leaf, s_rows, *_cached_rows(flat_teacher[t_rows], 3, t_ids, 1.5), teacher_vocab_size=17,
+            student_ids=s_ids, teacher_ids=t_ids, mode="exact", kind=kind, temperature=1.5,
+        )  # fmt: skip
+        loss.backward()
+        assert abs(loss.item()) < 1e-6 and leaf.grad.abs().max().item() < 1e-6
+
+
+def _build_cross_cache(path, texts, student_tokenizer, teacher_tokenizer, teacher, top_k, block_size=24):
+    return build_cross_tokenizer_cache(
+        teacher, Dataset.from_dict({"text": texts}), path, tokenizer=student_tokenizer,
+        teacher_tokenizer=teacher_tokenizer, teacher_name="tiny-teacher", block_size=block_size, temperature=2.0,
+        top_k=top_k, batch_size=3,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["exact", "uld", "hybrid"])
+def test_training_from_a_full_cross_tokenizer_cache_equals_the_live_teacher(tmp_path, bpe, wordpiece, mode):
+    """A byte-level BPE teacher, a WordPiece student, a cache of every teacher token at the aligned positions:
+    the trainer's loss and gradient from the cache are those from the live teacher."""
+    teacher, student = _llama(len(bpe), 0, layers=2), _llama(len(wordpiece), 1)
+    texts = text_blocks(CORPUS, wordpiece, 24)[:6]
+    manifest = _build_cross_cache(tmp_path / "cache", texts, wordpiece, bpe, teacher, len(bpe))
+    assert manifest["cross_tokenizer"]["teacher_tokenizer"]["fingerprint"] == tokenizer_fingerprint(bpe)
+    assert manifest["num_tokens"] > 0 and manifest["format_version"] == 4
+    rows, _ = load_cross_tokenizer_cache(
+        tmp_path / "cache", Dataset.from_dict({"text": texts}), tokenizer=wordpiece, teacher_tokenizer=bpe,
+        block_size=24, temperature=2.0,
+    )  # fmt: skip
+    options = dict(
+        cross_tokenizer=mode, alpha=0.5, uld_weight=0.5, kd_loss="jsd" if mode == "hybrid" else "forward_kl"
+    )
+    live_collator = CrossTokenizerCollator(wordpiece, bpe, max_length=24)
+    live = DistillationTrainer(
+        model=copy.deepcopy(student), teacher_model=teacher, args=_args(tmp_path / "live", **options),
+        train_dataset=Dataset.from_dict({"text": texts}), processing_class=wordpiece, teacher_processing_class=bpe,
+        data_collator=live_collator,
+    )  # fmt: skip
+    cached_collator = CachedCrossTokenizerCollator(wordpiece, max_length=24)
+    cached = DistillationTrainer(
+        model=copy.deepcopy(student), teacher_model=None,
+        args=_args(tmp_path / "cached", teacher_logits_cache=str(tmp_path / "cache"), **options),
+        train_dataset=rows, processing_class=wordpiece, teacher_processing_class=bpe, data_collator=cached_collator,
+    )  # fmt: skip
+    assert isinstance(cached.kd_source, CachedCrossTokenizerKD)
+    live_batch = live_collator([{"text": text} for text in texts])
+    cached_batch = cached_collator([rows[i] for i in range(len(texts))])
+    assert torch.equal(live_batch["input_ids"], cached_batch["input_ids"])
+    assert torch.equal(live_batch[ALIGNED_COLUMN], cached_batch[ALIGNED_COLUMN])
+    items = live_batch["labels"][:, 1:].ne(-100).sum()
+    results = []
+    for trainer, batch in ((live, live_batch), (cached, cached_batch)):
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=items)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()}))
+    (live_loss, live_grads), (cached_loss, cached_grads) = results
+    assert cached_loss == pytest.approx(live_loss, rel=1e-5)
+    for name, grad in live_grads.items():
+        torch.testing.assert_close(cached_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_cross_tokenizer_cache_is_refused_with_other_tokenizers(tmp_path, bpe, wordpiece, unigram):
+    from hf_distill.logit_cache import load_logit_cache
+
+    # the fingerprint is the tokenizer's definition: a saved copy keeps it, a truncating call leaves it alone
+    bpe.save_pretrained(tmp_path / "bpe")
+    from transformers import AutoTokenizer
+
+    assert tokenizer_fingerprint(AutoTokenizer.from_pretrained(tmp_path / "bpe")) == tokenizer_fingerprint(
+        bpe
+    )
+    bpe("a long text", truncation=True, max_length=2)
+    assert tokenizer_fingerprint(bpe) != tokenizer_fingerprint(unigram)
+
+    texts = text_blocks(CORPUS, wordpiece, 24)[:3]
+    data = Dataset.from_dict({"text": texts})
+    _build_cross_cache(tmp_path / "cache", texts, wordpiece, bpe, _llama(len(bpe), 0), 8)
+    load_cross_tokenizer_cache(
+        tmp_path / "cache", data, tokenizer=wordpiece, teacher_tokenizer=bpe, block_size=24
+    )
+    with pytest.raises(ValueError, match=r"another teacher tokenizer .*as --teacher_tokenizer_name"):
+        load_cross_tokenizer_cache(
+            tmp_path / "cache", data, tokenizer=wordpiece, teacher_tokenizer=unigram, block_size=24
+        )
+    with pytest.raises(ValueError, match=r"another student tokenizer .*--student_tokenizer_name"):
+        load_cross_tokenizer_cache(
+            tmp_path / "cache", data, tokenizer=unigram, teacher_tokenizer=bpe, block_size=24
+        )
+    with pytest.raises(ValueError, match="block_size 24, this run uses 16.*other rows of text"):
+        load_cross_tokenizer_cache(
+            tmp_path / "cache", Dataset.from_dict({"text": texts[:2]}), tokenizer=wordpiece, teacher_tokenizer=bpe,
+            block_size=16,
+        )  # fmt: skip
+    # the trainer checks too, before training
+    args = _args(tmp_path, cross_tokenizer="exact", teacher_logits_cache=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="--teacher_tokenizer_name"):
+        DistillationTrainer(
+            model=_llama(len(wordpiece), 1), teacher_model=None, args=args, train_dataset=data,
+            processing_class=wordpiece, teacher_processing_class=unigram,
+            data_collator=CachedCrossTokenizerCollator(wordpiece),
+        )  # fmt: skip
+    # and a cache of either kind is refused where the other is expected
+    with pytest.raises(ValueError, match="cross-tokenizer cache.*--cross_tokenizer"):
+        load_logit_cache(tmp_path / "cache", data, tokenizer=wordpiece, block_size=24)
+    with pytest.raises(ValueError, match="cross_tokenizer='exact', 'uld' or 'hybrid'"):
+        DistillationTrainer(
+            model=_llama(len(wordpiece), 1), teacher_model=None, train_dataset=data, processing_class=wordpiece,
+            args=_args(tmp_path, teacher_logits_cache=str(tmp_path / "cache")),
+        )  # fmt: skip
+    plain = dict(json.loads((tmp_path / "cache" / "manifest.json").read_text()), cross_tokenizer=None)
+    with pytest.raises(ValueError, match="over the student's own tokens.*--student_tokenizer_name"):
+        verify_cross_tokenizer_manifest(plain, tokenizer=wordpiece, teacher_tokenizer=bpe)
+
+
+def test_cache_script_then_distill_lm_across_tokenizers_from_the_cache(tmp_path, bpe, wordpiece, monkeypatch):
+    """scripts/cache_teacher_logits.py --student_tokenizer_name (a WordPiece student, a byte-level BPE teacher),
+    then scripts/distill_lm.py --cross_tokenizer hybrid --teacher_logits_cache without loading the teacher; a
+    run given another teacher tokenizer is refused before training, naming the flag."""
+    teacher_dir, student_dir, other_dir = tmp_path / "teacher", tmp_path / "student", tmp_path / "other"
+    _llama(len(bpe), 0).save_pretrained(teacher_dir)
+    bpe.save_pretrained(teacher_dir)
+    _llama(len(wordpiece), 1).save_pretrained(student_dir)
+    wordpiece.save_pretrained(student_dir)
+    train_tokenizer("byte_bpe", TRAINING_TEXT, 380).save_pretrained(other_dir)
+    train = tmp_path / "train.txt"
+    train.write_text("\n".join(CORPUS * 2) + "\n")
+    data = ["--train_file", str(train), "--block_size", "24", "--validation_split_percentage", "20"]
+    cache = tmp_path / "cache"
+    cache_script = _load("cache_teacher_logits")
+    manifest = cache_script.main(
+        ["--teacher_model_name_or_path", str(teacher_dir), "--student_tokenizer_name", str(student_dir),
+         "--top_k", "16", "--cache_output_dir", str(cache)] + data
+    )  # fmt: skip
+    assert manifest["cross_tokenizer"]["student_tokenizer"]["fingerprint"] == tokenizer_fingerprint(wordpiece)
+    assert manifest["top_k"] == 16 and manifest["num_tokens"] > 0
+
+    distill_lm = _distill_lm()
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher must not be loaded when training from the cache")
+
+    monkeypatch.setattr(distill_lm.lm, "load_teacher", no_teacher)
+    argv = [
+        "--teacher_model_name_or_path", str(teacher_dir), "--student_model_name_or_path", str(student_dir),
+        "--cross_tokenizer", "hybrid", "--teacher_logits_cache", str(cache), "--do_train", "--do_eval",
+        "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--per_device_train_batch_size", "4",
+        "--save_strategy", "no", "--logging_steps", "1", "--report_to", "none", "--use_cpu", "true",
+        "--disable_tqdm", "true",
+    ] + data  # fmt: skip
+    results = distill_lm.main(argv)
+    assert torch.isfinite(torch.tensor(results["eval"]["perplexity"]))
+    log_history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    kd = [entry["kd_loss"] for entry in log_history if "kd_loss" in entry]
+    assert len(kd) == 2 and all(value > 0 for value in kd)
+    with pytest.raises(ValueError, match="another teacher tokenizer.*--teacher_tokenizer_name"):
+        distill_lm.main(
+            argv + ["--teacher_tokenizer_name", str(other_dir), "--output_dir", str(tmp_path / "o2")]
+        )
+    assert not (tmp_path / "o2" / "trainer_state.json").exists()
+
+
+def _load(name):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_script_{name}_cross", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

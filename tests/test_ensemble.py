@@ -1,18 +1,25 @@
-"""Several teachers: the mixture loss against float64 formulas, and the trainer against invariants (two identical
-teachers equal one, a mixture of one teacher equals that teacher) and its checks."""
+"""Several teachers: the mixture loss against float64 formulas, the trainer against invariants (two identical
+teachers equal one, a mixture of one teacher equals that teacher) and its checks, and a cache of their mixture
+against the live teachers (scripts/cache_teacher_logits.py -> distill_glue.py --teacher_logits_cache too)."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TEXTS_FOR_TESTS
+from datasets import Dataset
 from test_trainer import bert, classification_data, llama, lm_data, make_args, snapshot
 from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding
 
 from hf_distill import DistillationTrainer
 from hf_distill.ensemble import EnsembleLogitsKD, normalised_weights, teacher_set
+from hf_distill.kd_sources import CachedTopKKD
+from hf_distill.logit_cache import load_logit_cache
+from hf_distill.logit_cache_mixture import build_mixture_cache, label_names_of, load_sequence_cache
 from hf_distill.losses import logit_distillation_loss, logprob_distillation_loss, teacher_mixture_logprobs
 
 # ---- the losses --------------------------------------------------------------------------------------------
@@ -322,3 +329,244 @@ def test_language_model_teachers_mix_over_the_vocabulary(tmp_path, lm_tokenizer)
     log_q = reference_mixture(logits, [0.4, 0.6], 2.0)
     expected = reference_divergence(student_logits, log_q, 2.0, "forward_kl")[mask].mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+# ---- several teachers in one cache -------------------------------------------------------------------------
+# The independent reference is the live ensemble (EnsembleLogitsKD, checked against float64 formulas above): with
+# every class (or the whole vocabulary) cached, training from the cache must give its loss and gradient.
+
+
+def _loss_and_gradients(trainer, batch, num_items=None):
+    model = trainer.model
+    model.zero_grad()
+    loss = trainer.compute_loss(model, batch, num_items_in_batch=num_items)
+    loss.backward()
+    return loss.item(), {
+        name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None
+    }
+
+
+def _assert_same_loss_and_gradients(live, cached):
+    assert cached[0] == pytest.approx(live[0], rel=1e-5, abs=1e-7)
+    assert live[1].keys() == cached[1].keys() and live[1]
+    for name, grad in live[1].items():
+        torch.testing.assert_close(cached[1][name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def _labelled(tokenizer, labels):
+    rows = tokenizer(["the movie was good", "bad movie", "i love this film", "it was not fun", "a sad story"])
+    return Dataset.from_dict({**dict(rows), "labels": labels})
+
+
+def _cache_classifiers(tmp_path, tokenizer, teachers, data, weighting, weights=(1.0, 3.0), temperature=2.0):
+    return build_mixture_cache(
+        [(f"teacher_{i}", teacher) for i, teacher in enumerate(teachers)], data, tmp_path / "cache",
+        tokenizer=tokenizer, temperature=temperature, teacher_weights=list(weights), teacher_weighting=weighting,
+        task="sequence", collator=DataCollatorWithPadding(tokenizer), batch_size=2,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("weighting", ["fixed", "confidence"])
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
+def test_a_cached_mixture_of_classifiers_trains_as_the_live_teachers(
+    tmp_path, bert_tokenizer, weighting, kind
+):
+    teachers = [sharp(bert(bert_tokenizer, seed=2)), sharp(bert(bert_tokenizer, layers=3, seed=3))]
+    data = _labelled(bert_tokenizer, [0, 1, -100, 0, 1])  # -100: a row that keeps the fixed weights
+    manifest = _cache_classifiers(tmp_path, bert_tokenizer, teachers, data, weighting)
+    assert manifest["target"] == "mixture" and manifest["target_temperature"] == 2.0
+    assert manifest["teacher_weights"] == [0.25, 0.75] and manifest["teacher_weighting"] == weighting
+    assert [entry["name"] for entry in manifest["teachers"]] == ["teacher_0", "teacher_1"]
+    assert manifest["top_k"] == 2 and manifest["task"] == "sequence"  # every class: exact
+
+    student = bert(bert_tokenizer, layers=1, seed=1)
+    options = dict(alpha=0.5, kd_loss=kind, teacher_weighting=weighting)
+    collator = DataCollatorWithPadding(bert_tokenizer)
+    live = DistillationTrainer(
+        model=copy.deepcopy(student), teacher_model=teachers,
+        args=make_args(tmp_path / "live", teacher_weights=[1, 3], **options),
+        train_dataset=data, processing_class=bert_tokenizer, data_collator=collator,
+    )  # fmt: skip
+    rows, cached_collator, _ = load_sequence_cache(
+        tmp_path / "cache", data, collator, tokenizer=bert_tokenizer, label_names=label_names_of(student.config),
+        temperature=2.0,
+    )  # fmt: skip
+    cached = DistillationTrainer(
+        model=copy.deepcopy(student), teacher_model=None,
+        args=make_args(tmp_path / "cached", teacher_logits_cache=str(tmp_path / "cache"), **options),
+        train_dataset=rows, processing_class=bert_tokenizer, data_collator=cached_collator,
+    )  # fmt: skip
+    assert isinstance(live.kd_source, EnsembleLogitsKD) and isinstance(cached.kd_source, CachedTopKKD)
+    _assert_same_loss_and_gradients(
+        _loss_and_gradients(live, collator([data[i] for i in range(5)])),
+        _loss_and_gradients(cached, cached_collator([rows[i] for i in range(5)])),
+    )
+
+
+def test_a_cached_mixture_follows_the_student_label_order(tmp_path, bert_tokenizer):
+    """The cache holds the classes in its first teacher's order (and the gold labels in it for confidence); a
+    student with the labels the other way round gets them mapped by name, as the live path reorders logits."""
+    names = {0: "neg", 1: "pos"}
+    teachers = [
+        sharp(bert(bert_tokenizer, seed=2, id2label=names)),
+        sharp(bert(bert_tokenizer, seed=3, id2label={0: "pos", 1: "neg"})),
+    ]
+    teacher_labels = [0, 1, 1, 0, 1]
+    _cache_classifiers(
+        tmp_path, bert_tokenizer, teachers, _labelled(bert_tokenizer, teacher_labels), "confidence"
+    )
+    student = bert(bert_tokenizer, layers=1, seed=1, id2label={0: "pos", 1: "neg"})
+    data = _labelled(bert_tokenizer, [1 - label for label in teacher_labels])  # the student's label ids
+    collator = DataCollatorWithPadding(bert_tokenizer)
+    options = dict(alpha=0.5, teacher_weighting="confidence")
+    live = DistillationTrainer(
+        model=copy.deepcopy(student), teacher_model=teachers,
+        args=make_args(tmp_path / "live", teacher_weights=[1, 3], **options),
+        train_dataset=data, processing_class=bert_tokenizer, data_collator=collator,
+    )  # fmt: skip
+    rows, cached_collator, _ = load_sequence_cache(
+        tmp_path / "cache",
+        data,
+        collator,
+        tokenizer=bert_tokenizer,
+        label_names=label_names_of(student.config),
+    )
+    cached = DistillationTrainer(
+        model=copy.deepcopy(student), teacher_model=None,
+        args=make_args(tmp_path / "cached", teacher_logits_cache=str(tmp_path / "cache"), **options),
+        train_dataset=rows, processing_class=bert_tokenizer, data_collator=cached_collator,
+    )  # fmt: skip
+    _assert_same_loss_and_gradients(
+        _loss_and_gradients(live, collator([data[i] for i in range(5)])),
+        _loss_and_gradients(cached, cached_collator([rows[i] for i in range(5)])),
+    )
+    with pytest.raises(ValueError, match="not the same labels"):
+        load_sequence_cache(
+            tmp_path / "cache", data, collator, tokenizer=bert_tokenizer, label_names=["a", "b"]
+        )
+
+
+@pytest.mark.parametrize("weighting", ["fixed", "confidence"])
+def test_a_cached_mixture_of_language_models_trains_as_the_live_teachers(tmp_path, lm_tokenizer, weighting):
+    from hf_distill.tasks.language_modeling import CausalLMCollator
+
+    vocab = len(lm_tokenizer)
+    teachers = [llama(vocab, seed=2), llama(vocab, layers=1, seed=3)]
+    for teacher in teachers:
+        with torch.no_grad():
+            teacher.lm_head.weight.mul_(6.0)  # distributions far from uniform
+    ids = lm_tokenizer(
+        ["the movie was good", "bad movie", "i love this film and the music", "it was not fun"]
+    )
+    data = Dataset.from_dict({"input_ids": ids["input_ids"], "labels": ids["input_ids"]})
+    manifest = build_mixture_cache(
+        [("a", teachers[0]), ("b", teachers[1])], data, tmp_path / "cache", tokenizer=lm_tokenizer, temperature=2.0,
+        teacher_weights=[0.4, 0.6], teacher_weighting=weighting, top_k=vocab, batch_size=3,
+    )  # fmt: skip
+    assert manifest["target"] == "mixture" and manifest["top_k"] == vocab
+    rows, _ = load_logit_cache(
+        tmp_path / "cache", data, tokenizer=lm_tokenizer, block_size=None, temperature=2.0
+    )
+    student = llama(vocab, layers=1, seed=1)
+    collator = CausalLMCollator(lm_tokenizer.pad_token_id)
+    options = dict(alpha=0.5, teacher_weighting=weighting)
+    live = DistillationTrainer(
+        model=copy.deepcopy(student), teacher_model=teachers,
+        args=make_args(tmp_path / "live", teacher_weights=[0.4, 0.6], **options), train_dataset=data,
+        processing_class=lm_tokenizer, teacher_processing_class=lm_tokenizer, data_collator=collator,
+    )  # fmt: skip
+    cached = DistillationTrainer(
+        model=copy.deepcopy(student), teacher_model=None,
+        args=make_args(tmp_path / "cached", teacher_logits_cache=str(tmp_path / "cache"), **options),
+        train_dataset=rows, processing_class=lm_tokenizer, data_collator=collator,
+    )  # fmt: skip
+    live_batch, cached_batch = collator([data[i] for i in range(4)]), collator([rows[i] for i in range(4)])
+    items = live_batch["labels"][:, 1:].ne(-100).sum()
+    _assert_same_loss_and_gradients(
+        _loss_and_gradients(live, live_batch, items), _loss_and_gradients(cached, cached_batch, items)
+    )
+
+
+def test_a_mixture_cache_refuses_other_weights_weighting_and_temperature(tmp_path, bert_tokenizer):
+    teachers = [bert(bert_tokenizer, seed=2), bert(bert_tokenizer, seed=3)]
+    data = _labelled(bert_tokenizer, [0, 1, 1, 0, 1])
+    _cache_classifiers(tmp_path, bert_tokenizer, teachers, data, "fixed")
+
+    def trainer(**overrides):
+        args = make_args(tmp_path / "out", teacher_logits_cache=str(tmp_path / "cache"), **overrides)
+        return DistillationTrainer(
+            model=bert(bert_tokenizer, layers=1, seed=1), teacher_model=None, args=args, train_dataset=data,
+            processing_class=bert_tokenizer,
+        )  # fmt: skip
+
+    assert trainer().kd_source.target_at_temperature  # the cache's weights apply
+    trainer(teacher_weights=[2, 6])  # the same weights before normalising
+    with pytest.raises(
+        ValueError,
+        match=r"--teacher_weights \[1, 1\] \(normalised \[0.5, 0.5\]\).*\[0.25, 0.75\].*Drop --teacher_weights",
+    ):
+        trainer(teacher_weights=[1, 1])
+    with pytest.raises(ValueError, match=r"--teacher_weights \[1, 1, 2\]"):
+        trainer(teacher_weights=[1, 1, 2])
+    with pytest.raises(ValueError, match="--teacher_weighting confidence differs"):
+        trainer(teacher_weighting="confidence")
+    # a mixture of softened distributions holds at its own temperature only, even with every class cached
+    with pytest.raises(ValueError, match=r"temperature 2 \(its target_temperature\).*--temperature 3"):
+        trainer(temperature=3.0)
+    with pytest.raises(ValueError, match="teacher_model=None"):  # live teachers and the cache: which one?
+        DistillationTrainer(
+            model=bert(bert_tokenizer, layers=1, seed=1), teacher_model=teachers,
+            args=make_args(tmp_path / "out", teacher_logits_cache=str(tmp_path / "cache")), train_dataset=data,
+            processing_class=bert_tokenizer,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="needs when it is built, but the data has no labels"):
+        _cache_classifiers(
+            tmp_path / "unlabelled", bert_tokenizer, teachers, data.remove_columns("labels"), "confidence"
+        )
+
+
+def test_cache_script_then_distill_glue_from_a_mixture_of_classifiers(tmp_path, bert_tokenizer):
+    """scripts/cache_teacher_logits.py --task classification with two teachers (labels in other orders), then
+    scripts/distill_glue.py --teacher_logits_cache: trains from the cache, and refuses other weights before
+    training."""
+    import csv
+    import json
+
+    from test_logit_cache import _load_script
+
+    rows = [{"text": text, "label": "pos" if i % 3 else "neg"} for i, text in enumerate(TEXTS_FOR_TESTS)]
+    train = tmp_path / "train.csv"
+    with open(train, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    paths = []
+    for seed, id2label in ((2, {0: "neg", 1: "pos"}), (3, {0: "pos", 1: "neg"})):
+        path = tmp_path / f"teacher_{seed}"
+        label2id = {name: index for index, name in id2label.items()}
+        sharp(bert(bert_tokenizer, seed=seed, id2label=id2label, label2id=label2id)).save_pretrained(path)
+        bert_tokenizer.save_pretrained(path)
+        paths.append(str(path))
+    cache = tmp_path / "cache"
+    manifest = _load_script("cache_teacher_logits").main(
+        ["--task", "classification", "--teacher_model_name_or_path", *paths, "--teacher_weights", "1", "3",
+         "--teacher_weighting", "confidence", "--train_file", str(train), "--cache_output_dir", str(cache)]
+    )  # fmt: skip
+    assert manifest["teachers"][1]["name"] == paths[1] and manifest["teacher_weights"] == [0.25, 0.75]
+    assert manifest["label_names"] == ["neg", "pos"] and manifest["num_rows"] == len(rows)
+
+    distill_glue = _load_script("distill_glue")
+    flags = [
+        "--teacher_model_name_or_path", *paths, "--student_num_layers", "1", "--train_file", str(train),
+        "--teacher_logits_cache", str(cache), "--teacher_weighting", "confidence", "--do_train",
+        "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--per_device_train_batch_size", "4",
+        "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true",
+        "--disable_tqdm", "true",
+    ]  # fmt: skip
+    distill_glue.main(flags)
+    log_history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    kd = [entry["kd_loss"] for entry in log_history if "kd_loss" in entry]
+    assert len(kd) == 2 and all(math.isfinite(value) and value > 0 for value in kd)
+    with pytest.raises(ValueError, match="--teacher_weights"):
+        distill_glue.main(flags + ["--teacher_weights", "1", "1", "--output_dir", str(tmp_path / "out2")])
+    assert not (tmp_path / "out2" / "trainer_state.json").exists()

@@ -116,7 +116,7 @@ def test_cached_topk_equals_the_teachers_topk(tmp_path, lm_tokenizer, dtype, tol
     )
     assert manifest["num_rows"] == 7 and manifest["num_tokens"] == 16 + 9 + 16 + 4 + 12 + 16 + 7
     assert manifest["logprobs_dtype"] == dtype and manifest["top_k"] == 5
-    assert manifest["format_version"] == 3 and manifest["tail_temperature"] == temperature
+    assert manifest["format_version"] == 4 and manifest["tail_temperature"] == temperature
 
     cached, _ = load_logit_cache(tmp_path / "cache", dataset, tokenizer=lm_tokenizer, block_size=16)
     assert cached.column_names == ["input_ids", "labels", LOGPROBS_COLUMN, INDICES_COLUMN, TAIL_COLUMN]
@@ -532,3 +532,92 @@ def test_cache_script_then_a_student_equal_to_the_teacher_and_a_refused_temperat
     ):
         distill_lm.main(training(tmp_path / "cache_t1", "out_t1"))
     assert not (tmp_path / "out_t1" / "trainer_state.json").exists()
+
+
+# --------------------------------------------------------------------------------------------- format 4
+def test_a_cache_of_format_3_still_loads_as_one_teachers(built_cache, lm_tokenizer):
+    cache, dataset = built_cache
+    manifest = read_manifest(cache)
+    assert manifest["target"] == "teacher" and manifest["teachers"][0]["name"] == "tiny-teacher"
+    assert manifest["teacher_weights"] == [1.0] and manifest["task"] == "causal_lm"
+    format_3 = {
+        key: value
+        for key, value in manifest.items()
+        if key
+        not in ("target", "target_temperature", "task", "teachers", "teacher_weights", "teacher_weighting")
+    }
+    logit_cache.write_manifest(cache, dict(format_3, format_version=3, cross_tokenizer=None))
+    cached, loaded = load_logit_cache(cache, dataset, tokenizer=lm_tokenizer, block_size=16, temperature=2.0)
+    assert loaded["format_version"] == 3 and not logit_cache.is_mixture(loaded)
+    assert LOGPROBS_COLUMN in cached.column_names and TAIL_COLUMN in cached.column_names
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_a_target_stored_at_the_temperature_is_the_teachers_buckets(kind):
+    """teacher_at_temperature: the top k and the tail are log q at T already (a mixture); the loss is the
+    divergence between q's k + 1 buckets and the student's softmax(s / T) summed into them, in float64 here."""
+    from hf_distill.losses import sparse_distillation_loss
+
+    generator = torch.Generator().manual_seed(0)
+    temperature, k = 2.0, 4
+    log_q = torch.log_softmax(torch.randn(5, 12, generator=generator, dtype=torch.float64) * 2, -1)
+    student = torch.randn(5, 12, generator=generator, dtype=torch.float64)
+    values, indices = log_q.topk(k, -1)
+    tail = log_q.scatter(-1, indices, -float("inf")).logsumexp(-1)
+    got = sparse_distillation_loss(
+        student.float(), values.float(), indices, teacher_tail_logmass=tail.float(), tail_temperature=temperature,
+        temperature=temperature, kind=kind, teacher_at_temperature=True,
+    )  # fmt: skip
+    p = torch.softmax(student / temperature, -1)
+    q_b = torch.cat([values.exp(), tail.exp()[:, None]], -1)
+    p_top = p.gather(-1, indices)
+    p_b = torch.cat([p_top, 1 - p_top.sum(-1, keepdim=True)], -1)
+    m = 0.5 * q_b + 0.5 * p_b
+    rows = {
+        "forward_kl": (q_b * (q_b / p_b).log()).sum(-1),
+        "reverse_kl": (p_b * (p_b / q_b).log()).sum(-1),
+        "jsd": 0.5 * (q_b * (q_b / m).log()).sum(-1) + 0.5 * (p_b * (p_b / m).log()).sum(-1),
+    }[kind]
+    assert got.item() == pytest.approx((rows * temperature**2).mean().item(), rel=1e-5)
+
+
+def test_cache_script_with_two_teachers_then_training_from_their_mixture(tmp_path, lm_tokenizer):
+    """scripts/cache_teacher_logits.py --teacher_model_name_or_path a b --teacher_weights 1 3 records the
+    teachers and weights; scripts/distill_lm.py trains from the mixture and refuses other weights or another
+    temperature before training."""
+    cache_script, distill_lm = _load_script("cache_teacher_logits"), _load_script("distill_lm")
+    vocab = len(lm_tokenizer)
+    teachers = []
+    for seed in (0, 5):
+        path = tmp_path / f"teacher_{seed}"
+        tiny_llama(vocab, seed=seed).save_pretrained(path)
+        lm_tokenizer.save_pretrained(path)
+        teachers.append(str(path))
+    rng = random.Random(0)
+    train = tmp_path / "train.txt"
+    train.write_text("".join(" ".join(rng.choice(WORDS) for _ in range(12)) + "\n" for _ in range(30)))
+    data = ["--train_file", str(train), "--block_size", "16", "--validation_split_percentage", "10"]
+    cache = tmp_path / "cache"
+    manifest = cache_script.main(
+        ["--teacher_model_name_or_path", *teachers, "--teacher_weights", "1", "3", "--teacher_weighting",
+         "confidence", "--top_k", "8", "--cache_output_dir", str(cache)] + data
+    )  # fmt: skip
+    assert manifest["target"] == "mixture" and manifest["target_temperature"] == 2.0
+    assert [entry["name"] for entry in manifest["teachers"]] == teachers
+    assert manifest["teachers"][1]["fingerprint"] == model_fingerprint(tiny_llama(vocab, seed=5))
+    assert manifest["teacher_weights"] == [0.25, 0.75] and manifest["teacher_weighting"] == "confidence"
+
+    training = [
+        "--teacher_model_name_or_path", teachers[0], "--student_model_name_or_path", teachers[0],
+        "--teacher_logits_cache", str(cache), "--do_train", "--output_dir", str(tmp_path / "out"),
+        "--max_steps", "2", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--save_strategy", "no",
+        "--report_to", "none", "--use_cpu", "true", "--disable_tqdm", "true",
+    ] + data  # fmt: skip
+    distill_lm.main(training + ["--teacher_weights", "0.5", "1.5"])  # the cache's weights, not normalised
+    kd = _kd_losses(json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"])
+    assert len(kd) == 2 and all(np.isfinite(kd)) and all(value > 0 for value in kd)
+    with pytest.raises(ValueError, match=r"--teacher_weights \[1.0, 1.0\].*rebuild the cache"):
+        distill_lm.main(training + ["--teacher_weights", "1", "1", "--output_dir", str(tmp_path / "o2")])
+    with pytest.raises(ValueError, match=r"mixture of 2 teachers.*--temperature 1"):
+        distill_lm.main(training + ["--temperature", "1", "--output_dir", str(tmp_path / "o3")])
+    assert not (tmp_path / "o2").exists() or not (tmp_path / "o2" / "trainer_state.json").exists()

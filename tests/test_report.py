@@ -14,7 +14,10 @@ from hf_distill import report as report_module
 from hf_distill.report import (
     build_report,
     count_parameters,
+    latency_fields,
+    measure_latencies,
     measure_latency,
+    profile_models,
     report_to_markdown,
     size_on_disk_mb,
     write_report,
@@ -88,6 +91,97 @@ def test_measure_latency_times_each_batch_size():
     assert latencies[32] > latencies[1]
     assert len(model.inference_mode) == 2 * (1 + 3) and all(model.inference_mode)
     assert model.training  # mode restored
+
+
+class _Clocked(nn.Module):
+    """Logs its name into a shared list on every forward."""
+
+    def __init__(self, name, calls, seconds):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.name, self.calls, self.seconds = name, calls, seconds
+
+    def forward(self, x):
+        self.calls.append(self.name)
+        time.sleep(self.seconds)
+        return x
+
+
+def test_teacher_and_student_are_timed_alternately():
+    calls = []
+    models = {
+        "teacher": _Clocked("teacher", calls, 0.004).train(),
+        "student": _Clocked("student", calls, 0.001),
+    }
+    timings = measure_latencies(
+        models, lambda bs: {"x": torch.zeros(bs, 3)}, batch_sizes=(1, 2), warmup=1, repeats=3
+    )
+    rounds = [calls[i : i + 2] for i in range(0, len(calls), 2)]
+    assert len(rounds) == 2 * (1 + 3) and all(sorted(r) == ["student", "teacher"] for r in rounds)
+    assert rounds[0] == ["teacher", "student"] and rounds[1] == ["student", "teacher"]  # the start rotates
+    assert models["teacher"].training  # mode restored
+    for bs in (1, 2):
+        assert timings["teacher"][bs].median_ms > timings["student"][bs].median_ms >= 1.0
+
+    fields = latency_fields(timings["teacher"])
+    assert fields["latency_repeats"] == 3
+    for bs in (1, 2):
+        timing = timings["teacher"][bs]
+        assert fields["latency_ms"][bs] == timing.median_ms
+        assert fields["latency_low_ms"][bs] <= timing.median_ms <= fields["latency_high_ms"][bs]
+        spread = (fields["latency_high_ms"][bs] - fields["latency_low_ms"][bs]) / timing.median_ms
+        assert fields["latency_spread"][bs] == pytest.approx(spread)
+        assert fields["latency_wide"][bs] == (spread > 0.25)
+
+
+def test_profile_models_gives_report_entries():
+    teacher, student = _tiny_bert(layers=2), _tiny_bert(layers=1)
+    profiles = profile_models(
+        {"teacher": teacher, "student": student},
+        lambda bs: {"input_ids": torch.ones(bs, 8, dtype=torch.long)},
+        batch_sizes=(1, 2),
+        warmup=1,
+        repeats=2,
+    )
+    assert profiles["teacher"]["params"] == count_parameters(teacher)
+    assert profiles["student"]["size_mb"] == pytest.approx(size_on_disk_mb(student))
+    assert (
+        set(profiles["student"]["latency_spread"]) == {1, 2} and profiles["student"]["latency_repeats"] == 2
+    )
+    report = build_report(
+        {name: {**entry, "metrics": {"accuracy": 0.5}} for name, entry in profiles.items()},
+        primary_metric="accuracy",
+    )
+    assert set(report["models"]["student"]["latency_low_ms"]) == {"1", "2"}
+
+
+def test_report_keeps_the_spread_and_warns_when_it_is_wide():
+    measured = _measured()
+    for entry in measured.values():
+        entry.update(
+            latency_low_ms={1: 0.9 * entry["latency_ms"][1], 32: 0.95 * entry["latency_ms"][32]},
+            latency_high_ms={1: 1.1 * entry["latency_ms"][1], 32: 1.05 * entry["latency_ms"][32]},
+            latency_spread={1: 0.2, 32: 0.1},
+            latency_wide={1: False, 32: False},
+            latency_repeats=10,
+        )
+    measured["student"]["latency_spread"][1] = 0.6
+    measured["student"]["latency_wide"][1] = True
+    report = build_report(measured, primary_metric="accuracy")
+    assert json.loads(json.dumps(report)) == report
+    student = report["models"]["student"]
+    assert student["latency_spread"] == {"1": 0.6, "32": 0.1} and student["latency_wide"]["1"] is True
+    assert student["latency_low_ms"]["32"] == pytest.approx(0.95 * 50.0)
+    markdown = report_to_markdown(report)
+    assert "median of 10 rounds, the models timed alternately" in markdown
+    assert "teacher b1 20%, b32 10%; student b1 60%, b32 10%" in markdown
+    assert "**Spread wide** for student b1 (60%)" in markdown
+    calm = build_report(
+        {name: {**entry, "latency_wide": {1: False, 32: False}} for name, entry in measured.items()},
+        primary_metric="accuracy",
+    )
+    assert "Spread wide" not in report_to_markdown(calm)
+    assert "Latency: median" not in report_to_markdown(build_report(_measured(), primary_metric="accuracy"))
 
 
 def _measured():

@@ -28,7 +28,11 @@ Layout, one idea per module:
 from __future__ import annotations
 
 from ._common import DIVERGENCE_KINDS, LOGIT_KINDS
-from .cross_tokenizer import CROSS_TOKENIZER_MODES, cross_tokenizer_distillation_loss
+from .cross_tokenizer import (
+    CROSS_TOKENIZER_MODES,
+    cached_cross_tokenizer_distillation_loss,
+    cross_tokenizer_distillation_loss,
+)
 from .dense import bernoulli_distillation_loss, logit_distillation_loss
 from .features import attention_distillation_loss, hidden_state_loss
 from .fused import fused_linear_distillation_loss
@@ -41,6 +45,7 @@ __all__ = [
     "LOGIT_KINDS",
     "attention_distillation_loss",
     "bernoulli_distillation_loss",
+    "cached_cross_tokenizer_distillation_loss",
     "cross_tokenizer_distillation_loss",
     "fused_linear_distillation_loss",
     "hidden_state_loss",

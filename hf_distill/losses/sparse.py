@@ -126,6 +126,7 @@ def sparse_distillation_loss(
     reduction: str = "mean",
     teacher_tail_logmass: torch.Tensor | None = None,
     tail_temperature: float = 1.0,
+    teacher_at_temperature: bool = False,
 ) -> torch.Tensor:
     """Distillation from a cached teacher known only through its top-k tokens, over k + 1 buckets.
 
@@ -153,6 +154,11 @@ def sparse_distillation_loss(
                tokens: q = softmax(l / T) over them, the student's p_s restricted to them and renormalised. This
                ignores how much mass each side puts outside the top k (the student gets no gradient on the other
                tokens) and keeps only the shape of the distribution within them.
+    teacher_at_temperature=True: teacher_topk_logprobs and teacher_tail_logmass are already the teacher's
+    log-probabilities at the loss's temperature (log q_i, and log of q's mass outside the top k), as a cache of
+    several teachers' mixture stores them (`logit_cache.is_mixture`): the teacher's buckets are
+    softmax([l_1, ..., l_k, tail]) with no division by T (tail_temperature must still equal temperature; without
+    a tail it is derived as log(1 - sum_i exp(l_i)) at any temperature).
     The divergence (forward_kl, reverse_kl or jsd as in `logit_distillation_loss`, times T**2) is taken between
     the two bucket distributions; with k = V it equals the full-vocabulary loss. Zero-probability buckets
     contribute 0, and inside log q the teacher's probabilities are floored at the smallest normal float32 (~1e-38)
@@ -171,6 +177,7 @@ def sparse_distillation_loss(
         beta,
         mask,
         reduction,
+        teacher_at_temperature,
     )
     return kd
 
@@ -188,11 +195,12 @@ def sparse_distillation_and_cross_entropy(
     reduction: str = "mean",
     teacher_tail_logmass: torch.Tensor | None = None,
     tail_temperature: float = 1.0,
+    teacher_at_temperature: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(`sparse_distillation_loss(...)`, the student's cross-entropy against `labels`), from one pass over the logits.
 
-    The KD term, its buckets, `teacher_tail_logmass`/`tail_temperature` and the fallback without a tail are
-    exactly those of `sparse_distillation_loss`.
+    The KD term, its buckets, `teacher_tail_logmass`/`tail_temperature`/`teacher_at_temperature` and the fallback
+    without a tail are exactly those of `sparse_distillation_loss`.
     labels: (...) long, the student's target token per position, -100 = no target. The cross-entropy is at
     temperature 1 over the full vocabulary, as `F.cross_entropy(..., ignore_index=-100)`: the mean over positions
     with a target, or their sum (0.0 with a zero gradient when no position has one, where F.cross_entropy gives
@@ -220,6 +228,7 @@ def sparse_distillation_and_cross_entropy(
         beta,
         mask,
         reduction,
+        teacher_at_temperature,
     )
 
 
@@ -254,6 +263,7 @@ def _sparse_losses(
     beta: float,
     mask: torch.Tensor | None,
     reduction: str,
+    teacher_at_temperature: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     _check_options(kind, DIVERGENCE_KINDS, temperature, beta, reduction)
     kind = _jsd_endpoint(kind, beta)
@@ -287,7 +297,9 @@ def _sparse_losses(
         _check_tail_temperature(tail_temperature, temperature)
     # The tail bucket: the given tempered tail, or at T = 1 one derived from the top k; without a tail at T != 1,
     # no tail bucket on either side (see sparse_distillation_loss). With k = V there are no other tokens.
-    has_tail = k < vocab and (teacher_tail_logmass is not None or temperature == 1.0)
+    has_tail = k < vocab and (
+        teacher_tail_logmass is not None or temperature == 1.0 or teacher_at_temperature
+    )
     flat_mask = _flat_mask(mask, positions, "student_logits")
 
     teacher_logprobs = teacher_topk_logprobs.detach().reshape(-1, k)  # (N, k)
@@ -316,10 +328,11 @@ def _sparse_losses(
         ce = _mean_or_sum(nll.sum(), int(targets.ne(-100).sum()) if reduction == "mean" else 0, reduction)
 
     # Teacher bucket log-masses at temperature T, unnormalised: log p_i**(1/T) = l_i / T for the listed tokens, and
-    # the tail already tempered (log sum_j p_j**(1/T)); renormalised over the buckets.
-    log_q = teacher_logprobs.float() / temperature
+    # the tail already tempered (log sum_j p_j**(1/T)); renormalised over the buckets. A target stored at T (a
+    # mixture of teachers) is used as it is.
+    log_q = teacher_logprobs.float() / (1.0 if teacher_at_temperature else temperature)
     if has_tail:
-        if tail_logmass is None:  # T = 1 here
+        if tail_logmass is None:  # T = 1, or log-probabilities already at T
             tail_mass = (1.0 - teacher_logprobs.double().exp().sum(-1, keepdim=True)).clamp_min(0.0)
             tail_logmass = tail_mass.log()
         log_q = torch.cat([log_q, tail_logmass.float()], dim=-1)

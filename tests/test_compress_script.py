@@ -1,0 +1,154 @@
+"""scripts/compress.py end to end on a tiny BERT teacher and CSV files in tmp_path: every stage type, the report,
+resuming after a stage folder is lost, and the checks that fail before any work."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import WORDS
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+)
+
+from hf_distill.scripts import compress
+
+LABELS = ["pos", "neg", "other"]
+
+
+def _write(path: Path, n: int, seed: int) -> str:
+    rng = random.Random(seed)
+    # The label is readable from the words, so that a few steps teach something.
+    cue = {"pos": "good", "neg": "bad", "other": "car"}
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        for _ in range(n):
+            label = rng.choice(LABELS)
+            words = [rng.choice(WORDS[:40]) for _ in range(rng.randint(3, 9))] + [cue[label]]
+            rng.shuffle(words)
+            writer.writerow([" ".join(words), label])
+    return str(path)
+
+
+@pytest.fixture
+def setup(tmp_path, bert_tokenizer):
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(bert_tokenizer), hidden_size=32, num_attention_heads=4, intermediate_size=64,
+        num_hidden_layers=4, max_position_embeddings=64, num_labels=3,
+        id2label=dict(enumerate(LABELS)), label2id={label: i for i, label in enumerate(LABELS)},
+    )  # fmt: skip
+    teacher = tmp_path / "teacher"
+    BertForSequenceClassification(config).save_pretrained(teacher)
+    bert_tokenizer.save_pretrained(teacher)
+    files = {
+        "train": _write(tmp_path / "train.csv", 48, 1),
+        "validation": _write(tmp_path / "validation.csv", 12, 2),
+        "test": _write(tmp_path / "test.csv", 24, 3),
+    }
+    return tmp_path, str(teacher), files
+
+
+def _flags(teacher, files, output_dir, stages):
+    return [
+        "--teacher_model_name_or_path", teacher, "--train_file", files["train"],
+        "--validation_file", files["validation"], "--test_file", files["test"],
+        "--max_seq_length", "16", "--output_dir", str(output_dir), "--num_threads", "1", "--stage", *stages,
+    ]  # fmt: skip
+
+
+STAGES = [
+    "prune:name=pruned,heads=0.5,ffn=0.5,hidden=16,layers=2,vocab=data",
+    "distill:name=distilled,epochs=1,hidden_weight=1.0",
+    "quantize:name=ptq,method=ptq",
+    "quantize:name=qat,from=distilled,method=qat,epochs=1",
+]
+
+
+def test_compress_runs_every_stage_writes_the_report_and_resumes(setup):
+    tmp_path, teacher, files = setup
+    output = tmp_path / "out"
+    report = compress.main(_flags(teacher, files, output, STAGES))
+
+    saved = json.loads((output / "compression_report.json").read_text())
+    names = [stage["name"] for stage in saved["stages"]]
+    assert names == ["teacher", "pruned", "distilled", "ptq", "qat"]  # teacher first, the final stage last
+    for stage in saved["stages"]:
+        for key in ("name", "path", "metric", "value", "retained", "params", "size_bytes", "latency_ms_b1",
+                    "latency_ms_b32", "speedup_b32"):  # fmt: skip
+            assert stage[key] is not None, (stage["name"], key)
+        path = Path(stage["path"]) if Path(stage["path"]).is_absolute() else output / stage["path"]
+        assert path.is_dir()
+    assert saved["reference"]["name"] == "teacher_int8_ptq"
+    assert (output / "compression_report.md").is_file() and (output / "compression_report.png").is_file()
+    assert report["stages"][-1]["name"] == "qat"
+
+    # The pruned stage is an ordinary model folder: standard loaders, the edited config, no masks.
+    pruned = AutoModelForSequenceClassification.from_pretrained(output / "stages" / "pruned")
+    assert (pruned.config.hidden_size, pruned.config.num_attention_heads) == (16, 2)
+    assert (pruned.config.intermediate_size, pruned.config.num_hidden_layers) == (32, 2)
+    tokenizer = AutoTokenizer.from_pretrained(output / "stages" / "pruned")
+    assert pruned.config.vocab_size == len(tokenizer) < len(AutoTokenizer.from_pretrained(teacher))
+    params = sum(p.numel() for p in pruned.parameters())
+    assert saved["stages"][1]["params"] == params
+
+    # Accuracy in the report is recomputed here from the distilled folder with plain transformers.
+    distilled_dir = output / "stages" / "distilled"
+    model = AutoModelForSequenceClassification.from_pretrained(distilled_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(distilled_dir)
+    with open(files["test"]) as handle:
+        rows = list(csv.DictReader(handle))
+    with torch.no_grad():
+        logits = model(**tokenizer([r["text"] for r in rows], padding=True, truncation=True, max_length=16,
+                                   return_tensors="pt")).logits  # fmt: skip
+    expected = np.mean([model.config.id2label[int(i)] == r["label"] for i, r in zip(logits.argmax(-1), rows)])
+    assert saved["stages"][2]["value"] == pytest.approx(expected)
+
+    # A second run finds every stage done; a lost stage folder is rebuilt, and only that one.
+    markers = {name: (output / "stages" / name / "stage.json").stat().st_mtime_ns for name in names[1:]}
+    import shutil
+
+    shutil.rmtree(output / "stages" / "ptq")
+    compress.main(_flags(teacher, files, output, STAGES))
+    for name in ("pruned", "distilled", "qat"):
+        assert (output / "stages" / name / "stage.json").stat().st_mtime_ns == markers[name]
+    assert (output / "stages" / "ptq" / "stage.json").is_file()
+
+    # The same folder with another recipe for a finished stage is refused, naming the folder.
+    changed = [STAGES[0].replace("ffn=0.5", "ffn=0.25"), *STAGES[1:]]
+    with pytest.raises(ValueError, match="was built by a different recipe"):
+        compress.main(_flags(teacher, files, output, changed))
+
+
+@pytest.mark.parametrize(
+    "stages, message",
+    [
+        (["prune:heads=0.5"], "heads"),  # BERT: heads alone would leave hidden / heads inconsistent
+        (["prune:hidden=20"], "20"),  # 20 is not a multiple of the head size 8
+        (["prune:layers=9"], "layers"),
+        (["prune:hidden=64"], "64"),  # wider than the teacher
+    ],
+)
+def test_impossible_pruning_fails_before_any_work(setup, stages, message):
+    tmp_path, teacher, files = setup
+    output = tmp_path / "refused"
+    with pytest.raises(ValueError, match=message):
+        compress.main(_flags(teacher, files, output, stages))
+    assert not output.exists()
+
+
+def test_check_only_validates_without_work(setup, capsys):
+    tmp_path, teacher, files = setup
+    output = tmp_path / "checked"
+    compress.main(_flags(teacher, files, output, STAGES) + ["--check_only"])
+    assert "pass every check" in capsys.readouterr().out
+    assert not output.exists()
