@@ -6,7 +6,7 @@ A cache directory holds::
     manifest.json    what the cache was built from (see `build_manifest`); written last
     data/            a `datasets.Dataset` (save_to_disk), row i <-> row i of the tokenized training set:
         teacher_topk_logprobs  float32 (or float16 with logprobs_dtype="float16"), T_i * k values
-        teacher_topk_indices   int32, T_i * k values
+        teacher_topk_indices   uint16 (int32 for vocabularies over 65,536 tokens), T_i * k values
         teacher_tail_logmass   float32, T_i values: the teacher's remaining mass tempered at the training
                                temperature T, log sum_{j not in top k} p_j**(1/T) (at T = 1 the log of the mass
                                outside the top k)
@@ -39,8 +39,8 @@ Older formats still load: format 3 is format 4's single-teacher cache; format 2 
 temperature is 1), and format 1 had no tail column (the loss derives the mass from the top k, which is valid at
 temperature 1 only); both are refused at any other temperature.
 
-float32 keeps the log-probabilities exact; float16 saves a quarter of the disk (indices stay int32) and rounds
-a log-probability of -10 by about 0.004.
+float32 keeps the log-probabilities exact; float16 takes a third less disk again (ids in uint16 and log-probabilities
+in float16: 4 bytes per cached entry against 6) and rounds a log-probability of -10 by about 0.004.
 
 Caches are built in a temporary directory beside the target and renamed into place only when complete
 (`hf_distill.atomic.atomic_directory`), and a directory without manifest.json is never loaded, so a killed build is
@@ -114,12 +114,26 @@ def teacher_topk(
     return values, indices, tail_logmass
 
 
-def cache_features(logprobs_dtype: str, extra: Mapping[str, str] | None = None, *, tail: bool = True):
-    """The cache's `datasets.Features`: the top-k columns (log-probabilities in `logprobs_dtype`; the remaining
-    mass unless `tail` is False), plus `extra` name -> value type lists (e.g. the cross-tokenizer columns)."""
+def index_dtype(vocab_size: int) -> Any:
+    """How token ids are stored: uint16 (2 bytes) when every id fits, as for vocabularies up to 65,536 tokens,
+    else int32. The readers widen them to int64."""
+    return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+
+
+def cache_features(
+    logprobs_dtype: str,
+    extra: Mapping[str, str] | None = None,
+    *,
+    tail: bool = True,
+    vocab_size: int | None = None,
+):
+    """The cache's `datasets.Features`: the top-k columns (log-probabilities in `logprobs_dtype`, token ids in
+    `index_dtype(vocab_size)`, int32 when it is not given; the remaining mass unless `tail` is False), plus `extra`
+    name -> value type lists (e.g. the cross-tokenizer columns)."""
     from datasets import Features, List, Value
 
-    columns = {LOGPROBS_COLUMN: List(Value(logprobs_dtype)), INDICES_COLUMN: List(Value("int32"))}
+    ids = "int32" if vocab_size is None else np.dtype(index_dtype(vocab_size)).name
+    columns = {LOGPROBS_COLUMN: List(Value(logprobs_dtype)), INDICES_COLUMN: List(Value(ids))}
     if tail:
         columns[TAIL_COLUMN] = List(Value("float32"))
     for name, value_type in (extra or {}).items():
@@ -315,7 +329,7 @@ def build_logit_cache(
                     logits[i, :length], top_k, vocab_size, temperature=temperature
                 )  # (T_i, k), (T_i,)
                 logprobs.append(values.cpu().numpy().astype(store).reshape(-1))
-                indices.append(ids.cpu().numpy().astype(np.int32).reshape(-1))
+                indices.append(ids.cpu().numpy().astype(index_dtype(vocab_size)).reshape(-1))
                 tails.append(tail.cpu().numpy().astype(np.float32))
             counted["tokens"] += sum(lengths)
             yield {LOGPROBS_COLUMN: logprobs, INDICES_COLUMN: indices, TAIL_COLUMN: tails}
@@ -338,7 +352,11 @@ def build_logit_cache(
     start_time = time.perf_counter()
     try:
         result = write_cache(
-            cache_dir, cache_features(logprobs_dtype), batches(), manifest, overwrite=overwrite
+            cache_dir,
+            cache_features(logprobs_dtype, vocab_size=vocab_size),
+            batches(),
+            manifest,
+            overwrite=overwrite,
         )
     finally:
         teacher.train(was_training)

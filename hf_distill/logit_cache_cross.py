@@ -56,6 +56,7 @@ from .logit_cache import (
     cached_vocab_size,
     check_build_options,
     check_tail_temperature,
+    index_dtype,
     numpy_dtype,
     read_manifest,
     write_cache,
@@ -177,7 +178,7 @@ def build_cross_tokenizer_cache(
                 columns[STUDENT_POSITIONS_COLUMN].append(student_positions.numpy().astype(np.int32))
                 columns[TEACHER_POSITIONS_COLUMN].append(teacher_positions.numpy().astype(np.int32))
                 columns[LOGPROBS_COLUMN].append(values.cpu().numpy().astype(store).reshape(-1))
-                columns[INDICES_COLUMN].append(ids.cpu().numpy().astype(np.int32).reshape(-1))
+                columns[INDICES_COLUMN].append(ids.cpu().numpy().astype(index_dtype(vocab_size)).reshape(-1))
                 columns[MAPPED_TAIL_COLUMN].append(mapped_tail.cpu().numpy().astype(np.float32))
                 columns[UNMAPPED_TAIL_COLUMN].append(unmapped_tail.cpu().numpy().astype(np.float32))
                 counted["pairs"] += student_positions.numel()
@@ -209,7 +210,9 @@ def build_cross_tokenizer_cache(
         )
 
     start_time = time.perf_counter()
-    features = cache_features(logprobs_dtype, _EXTRA_FEATURES, tail=False)  # the tail is split in two
+    features = cache_features(
+        logprobs_dtype, _EXTRA_FEATURES, tail=False, vocab_size=vocab_size
+    )  # the tail is split in two
     try:
         result = write_cache(cache_dir, features, batches(), manifest, overwrite=overwrite)
     finally:

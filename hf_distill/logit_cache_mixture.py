@@ -48,6 +48,7 @@ from .logit_cache import (
     cache_features,
     cached_vocab_size,
     check_build_options,
+    index_dtype,
     numpy_dtype,
     padded_rows,
     token_ids_checksum,
@@ -194,7 +195,7 @@ def build_mixture_cache(
             counted["tokens"] += len(rows)
             yield {
                 LOGPROBS_COLUMN: list(values.cpu().numpy().astype(store)),
-                INDICES_COLUMN: list(indices.cpu().numpy().astype(np.int32)),
+                INDICES_COLUMN: list(indices.cpu().numpy().astype(index_dtype(vocab_size))),
                 TAIL_COLUMN: list(tail.cpu().numpy().astype(np.float32)[:, None]),
             }
 
@@ -221,7 +222,9 @@ def build_mixture_cache(
             values, indices, tail = values.cpu().numpy(), indices.cpu().numpy(), tail.cpu().numpy()
             yield {
                 LOGPROBS_COLUMN: [values[i, :n].astype(store).reshape(-1) for i, n in enumerate(lengths)],
-                INDICES_COLUMN: [indices[i, :n].astype(np.int32).reshape(-1) for i, n in enumerate(lengths)],
+                INDICES_COLUMN: [
+                    indices[i, :n].astype(index_dtype(vocab_size)).reshape(-1) for i, n in enumerate(lengths)
+                ],
                 TAIL_COLUMN: [tail[i, :n].astype(np.float32) for i, n in enumerate(lengths)],
             }
 
@@ -251,7 +254,11 @@ def build_mixture_cache(
     batches = sequence_batches() if task == TASK_SEQUENCE else causal_batches()
     try:
         result = write_cache(
-            cache_dir, cache_features(logprobs_dtype), batches, manifest, overwrite=overwrite
+            cache_dir,
+            cache_features(logprobs_dtype, vocab_size=vocab_size),
+            batches,
+            manifest,
+            overwrite=overwrite,
         )
     finally:
         for model, training in zip(models, was_training):

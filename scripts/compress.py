@@ -162,7 +162,7 @@ def run_stages(
     if recipe.teacher.finetune_epochs > 0:
         paths[TEACHER] = output_dir / "stages" / TEACHER
         print(f"[teacher] fine-tuning {teacher_path} -> {paths[TEACHER]}")
-        stages.finetune_teacher(recipe, data, teacher_path, paths[TEACHER], work)
+        stages.finetune_teacher(recipe, data, teacher_path, paths[TEACHER], work, state)
     for index, stage in enumerate(recipe.stages, start=1):
         folder = output_dir / "stages" / stage.name
         source = paths[stage.source]
@@ -174,7 +174,7 @@ def run_stages(
                 stages.prune(stage, data, source, folder)
             state.wait_for_everyone()
         elif isinstance(stage, DistillStage):
-            stages.distill(recipe, stage, data, source, paths[stage.teacher], folder, work)
+            stages.distill(recipe, stage, data, source, paths[stage.teacher], folder, work, state)
         elif isinstance(stage, QuantizeStage):
             stages.quantize(recipe, stage, data, source, paths[stage.teacher], folder, work, state)
         paths[stage.name] = folder

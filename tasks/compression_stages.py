@@ -110,9 +110,9 @@ def _keep_model_files(run_dir: Path, folder: Path) -> None:
 
 
 def finetune_teacher(
-    recipe: Recipe, data: StageData, model_name_or_path: str, folder: Path, work_dir: Path
+    recipe: Recipe, data: StageData, model_name_or_path: str, folder: Path, work_dir: Path, state: Any
 ) -> None:
-    """Fine-tune the teacher (scripts/train_teacher.py) into `folder`."""
+    """Fine-tune the teacher (scripts/train_teacher.py, on every process) into `folder` (written by the main one)."""
     from hf_distill.scripts import train_teacher
 
     settings = {"type": "finetune", "model": model_name_or_path, "epochs": recipe.teacher.finetune_epochs}
@@ -126,10 +126,12 @@ def finetune_teacher(
             recipe, data, run_dir, recipe.teacher.finetune_epochs, recipe.teacher.finetune_learning_rate
         )
     )
-    with atomic_directory(folder, overwrite=True) as building:
-        _keep_model_files(run_dir, building)
-        AutoTokenizer.from_pretrained(run_dir).save_pretrained(building)
-        _finish(building, settings, started)
+    if state.is_main_process:
+        with atomic_directory(folder, overwrite=True) as building:
+            _keep_model_files(run_dir, building)
+            AutoTokenizer.from_pretrained(run_dir).save_pretrained(building)
+            _finish(building, settings, started)
+    state.wait_for_everyone()
 
 
 def _calibration_batches(model_dir: Path, texts: Sequence[str], max_length: int, batch_size: int = 16):
@@ -234,10 +236,13 @@ def distill(
     teacher_dir: Path,
     folder: Path,
     work_dir: Path,
+    state: Any,
     *,
     quantization_aware: bool = False,
 ) -> None:
-    """Distil the model in `source_dir` from `teacher_dir` (scripts/distill_glue.py) into `folder`."""
+    """Distil the model in `source_dir` from `teacher_dir` (scripts/distill_glue.py) into `folder`.
+
+    Training runs on every process; the teacher's view and the stage folder are written by the main one."""
     from hf_distill.scripts import distill_glue
 
     settings = stage_settings(stage)
@@ -247,7 +252,8 @@ def distill(
         return
     started = time.perf_counter()
     stage_work = work_dir / stage.name
-    teacher = teacher_for(source_dir, teacher_dir, stage_work)
+    with state.main_process_first():  # the main process writes the teacher's view, the others then read it
+        teacher = teacher_for(source_dir, teacher_dir, stage_work)
     training = recipe.training
     flags = [
         "--teacher_model_name_or_path", str(teacher), "--student_model_name_or_path", str(source_dir),
@@ -260,10 +266,12 @@ def distill(
     if quantization_aware:
         flags += ["--quantization_aware_training", "--qat_per_channel", str(stage.per_channel).lower()]
     results = distill_glue.main(flags)
-    with atomic_directory(folder, overwrite=True) as building:
-        _keep_model_files(stage_work / "run", building)
-        AutoTokenizer.from_pretrained(stage_work / "run").save_pretrained(building)
-        _finish(building, settings, started, train=results.get("train", {}), teacher=str(teacher_dir))
+    if state.is_main_process:
+        with atomic_directory(folder, overwrite=True) as building:
+            _keep_model_files(stage_work / "run", building)
+            AutoTokenizer.from_pretrained(stage_work / "run").save_pretrained(building)
+            _finish(building, settings, started, train=results.get("train", {}), teacher=str(teacher_dir))
+    state.wait_for_everyone()
 
 
 def quantize(
@@ -286,7 +294,9 @@ def quantize(
     model_dir = source_dir
     if stage.method == "qat":
         model_dir = work_dir / stage.name / "qat_model"
-        distill(recipe, stage, data, source_dir, teacher_dir, model_dir, work_dir, quantization_aware=True)
+        distill(
+            recipe, stage, data, source_dir, teacher_dir, model_dir, work_dir, state, quantization_aware=True
+        )
     if state.is_main_process:
         _export_int8(model_dir, work_dir / stage.name / "onnx_fp32", folder, data, stage.per_channel)
         _finish(folder, settings, started, quantized_from=str(model_dir))

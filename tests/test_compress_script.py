@@ -41,6 +41,11 @@ def _write(path: Path, n: int, seed: int) -> str:
 
 @pytest.fixture
 def setup(tmp_path, bert_tokenizer):
+    return make_setup(tmp_path, bert_tokenizer)
+
+
+def make_setup(tmp_path, bert_tokenizer):
+    """A tiny BERT teacher (4 layers, width 32, 4 heads) with the data's labels, and train/validation/test CSVs."""
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=len(bert_tokenizer), hidden_size=32, num_attention_heads=4, intermediate_size=64,

@@ -16,10 +16,19 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _free_port() -> int:
+    """A port nothing listens on now: a fixed one can still be held by the previous launch's sockets."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def launch_two_ranks(script: str, argv: list[str]) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    command += ["--main_process_port", "29571", str(REPO / "scripts" / script), *argv]
+    command += ["--main_process_port", str(_free_port()), str(REPO / "scripts" / script), *argv]
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
@@ -106,3 +115,20 @@ def test_classification_recipe_on_two_ranks(tmp_path, bert_tokenizer):
     assert len(rows) == 1 + 15
     assert json.loads((output_dir / "eval_results.json").read_text())["eval_samples"] == 15
     assert (output_dir / "distill_report.json").is_file() and (output_dir / "README.md").is_file()
+
+
+def test_compress_pipeline_on_two_ranks(tmp_path, bert_tokenizer):
+    """Training stages run on both ranks, pruning, quantization and the report on the main one; every stage
+    folder is written once and the report names them all."""
+    import test_compress_script as helpers
+
+    _, teacher, files = helpers.make_setup(tmp_path, bert_tokenizer)
+    output_dir = tmp_path / "out"
+    stages = [helpers.STAGES[0], helpers.STAGES[1], helpers.STAGES[3]]  # prune, distill, qat
+    launch_two_ranks("compress.py", helpers._flags(teacher, files, output_dir, stages))
+    report = json.loads((output_dir / "compression_report.json").read_text())
+    assert [stage["name"] for stage in report["stages"]] == ["teacher", "pruned", "distilled", "qat"]
+    for name in ("pruned", "distilled", "qat"):
+        assert (output_dir / "stages" / name / "stage.json").is_file()
+    # No half-built folder (the atomic writes' temporaries) is left beside the stages.
+    assert sorted(path.name for path in (output_dir / "stages").iterdir()) == ["distilled", "pruned", "qat"]

@@ -120,7 +120,9 @@ def test_cached_topk_equals_the_teachers_topk(tmp_path, lm_tokenizer, dtype, tol
 
     cached, _ = load_logit_cache(tmp_path / "cache", dataset, tokenizer=lm_tokenizer, block_size=16)
     assert cached.column_names == ["input_ids", "labels", LOGPROBS_COLUMN, INDICES_COLUMN, TAIL_COLUMN]
-    assert cached.features[INDICES_COLUMN].feature.dtype == "int32"
+    assert (
+        cached.features[INDICES_COLUMN].feature.dtype == "uint16"
+    )  # a vocabulary of < 65,536 ids: 2 bytes each
     assert cached.features[LOGPROBS_COLUMN].feature.dtype == dtype
     assert cached.features[TAIL_COLUMN].feature.dtype == "float32"  # stored exactly whatever the top-k dtype
     for i in range(len(dataset)):
@@ -621,3 +623,14 @@ def test_cache_script_with_two_teachers_then_training_from_their_mixture(tmp_pat
     with pytest.raises(ValueError, match=r"mixture of 2 teachers.*--temperature 1"):
         distill_lm.main(training + ["--temperature", "1", "--output_dir", str(tmp_path / "o3")])
     assert not (tmp_path / "o2").exists() or not (tmp_path / "o2" / "trainer_state.json").exists()
+
+
+def test_token_ids_are_stored_in_the_smallest_type_that_holds_every_id():
+    from hf_distill.logit_cache import index_dtype
+
+    for vocab_size in (1, 32_000, 65_536):
+        assert np.iinfo(index_dtype(vocab_size)).max >= vocab_size - 1
+        assert index_dtype(vocab_size) == np.uint16
+    # 65,537 ids: the last one, 65,536, would wrap to 0 in uint16
+    assert np.asarray([65_536]).astype(np.uint16)[0] == 0
+    assert index_dtype(65_537) == np.int32 and index_dtype(128_256) == np.int32
