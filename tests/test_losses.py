@@ -152,15 +152,53 @@ def test_all_masked_gives_zero_and_zero_gradient(kind, chunk_size, reduction):
     assert torch.equal(grad, torch.zeros_like(student))
 
 
-def test_masked_positions_do_not_matter_even_when_non_finite():
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("garbage", [float("nan"), float("inf"), -float("inf")])
+def test_masked_positions_do_not_matter_even_when_non_finite(kind, garbage):
+    """Value and gradient: rows the mask drops may hold anything (fully masked padding can give NaN logits)."""
     student, teacher = random_logits(2, 4, 6), random_logits(2, 4, 6)
     mask = torch.tensor([[1, 1, 1, 0], [1, 0, 1, 1]], dtype=torch.bool)
-    clean = logit_distillation_loss(student, teacher, mask=mask)
-    poisoned = student.clone()
-    poisoned[~mask] = float("nan")
+    # Reference: the kept rows alone, no mask at all.
+    kept = student[mask].clone().requires_grad_(True)
+    clean = logit_distillation_loss(kept, teacher[mask], kind=kind)
+    clean.backward()
     for chunk_size in (None, 3):
-        poisoned_loss = logit_distillation_loss(poisoned, teacher, mask=mask, chunk_size=chunk_size)
-        torch.testing.assert_close(poisoned_loss, clean)
+        for poison_teacher in (False, True):
+            poisoned = student.detach().clone()
+            poisoned[~mask] = garbage
+            poisoned_teacher = teacher.clone()
+            if poison_teacher:
+                poisoned_teacher[~mask] = garbage
+            poisoned.requires_grad_(True)
+            loss = logit_distillation_loss(
+                poisoned, poisoned_teacher, kind=kind, mask=mask, chunk_size=chunk_size
+            )
+            torch.testing.assert_close(loss, clean.detach())
+            loss.backward()
+            assert torch.isfinite(poisoned.grad).all()
+            torch.testing.assert_close(poisoned.grad[mask], kept.grad)
+            assert torch.equal(poisoned.grad[~mask], torch.zeros_like(poisoned.grad[~mask]))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_forward_kl_with_tokens_the_teacher_never_predicts(temperature):
+    """Teacher logits of -inf (probability 0) add nothing, as q log q -> 0: against a float64 reference that sums
+    over the teacher's support only."""
+    student, teacher = random_logits(3, 5, 7), random_logits(3, 5, 7)
+    teacher[..., 2] = -float("inf")
+    teacher[0, 1, 4] = -float("inf")
+    student.requires_grad_(True)
+    loss = logit_distillation_loss(student, teacher, temperature=temperature)
+    log_q = torch.log_softmax(student.double() / temperature, -1)
+    p = torch.softmax(teacher.double() / temperature, -1)
+    support = p > 0
+    per_position = torch.where(support, p * (torch.log(p.clamp_min(1e-300)) - log_q), 0.0).sum(-1)
+    reference = per_position.mean() * temperature**2
+    torch.testing.assert_close(loss.double(), reference, rtol=1e-5, atol=1e-6)
+    (grad,) = torch.autograd.grad(loss, student)
+    (reference_grad,) = torch.autograd.grad(reference, student)
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad.double(), reference_grad.double(), rtol=1e-4, atol=1e-7)
 
 
 def test_teacher_gets_no_gradient_even_if_it_requires_grad():
