@@ -11,6 +11,8 @@ Reported: the student's held-out perplexity on the test articles, its own tokeni
 cross-entropy), the share of student positions that have an aligned teacher position, and wall time.
 
     python benchmarks/bench_cross_tokenizer.py [--smoke] [--output results.json]
+
+The JSON (--output) gets a PNG beside it: the held-out perplexity per student loss.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import sys
 import tempfile
@@ -39,6 +42,10 @@ except ImportError:  # a source checkout
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments
 from hf_distill.cross_tokenizer import ALIGNED_COLUMN, CrossTokenizerCollator
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _evidence  # noqa: E402
+import _plot  # noqa: E402
 
 MODES = ("ce", "exact", "uld", "hybrid")
 
@@ -115,13 +122,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--test_blocks", type=int, default=256, help="held-out student blocks evaluated")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default="cross_tokenizer_results.json")
+    parser.add_argument(
+        "--output", default="cross_tokenizer_results.json", help="JSON results file; the PNG goes beside it"
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.teacher_vocab, args.student_vocab, args.block_size, args.batch_size = 600, 400, 32, 4
         args.teacher_steps, args.student_steps, args.teacher_hidden, args.student_hidden = 4, 3, 32, 32
         args.test_blocks = 8
     logging.set_verbosity_error()
+    machine = _evidence.machine()  # with the load average before the run
     started = time.perf_counter()
     train_texts, test_texts = articles(args.seed, 60 if args.smoke else None)
     teacher_tokenizer = train_tokenizer("byte_bpe", train_texts, args.teacher_vocab)
@@ -209,7 +219,18 @@ def main(argv: list[str] | None = None) -> dict:
         change = f"{run['perplexity'] / baseline - 1:+.1%}" if baseline else "-"
         print(f"| {mode} | {run['perplexity']:.2f} | {change} | {run['train_seconds']:.0f} |")
     print(f"\nteacher training {results['teacher_seconds']:.0f} s, total {results['total_seconds']:.0f} s")
+    results["command"] = _evidence.command()
+    results["machine"] = machine | {"load_average_at_end": list(os.getloadavg())}
     Path(args.output).write_text(json.dumps(results, indent=2))
+    png = _plot.bar_chart(
+        Path(args.output).with_suffix(".png"),
+        f"BBC News, student Unigram {args.student_layers}x{args.student_hidden}, teacher byte-level BPE: "
+        f"held-out perplexity per loss (lower is better){' [smoke]' if args.smoke else ''}",
+        list(results["runs"]),
+        [run["perplexity"] for run in results["runs"].values()],
+        "held-out perplexity (student tokens)",
+    )
+    print(f"JSON: {args.output}\nPNG: {png}")
     return results
 
 

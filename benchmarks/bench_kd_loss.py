@@ -33,7 +33,7 @@ hf_distill pulls in transformers (~15 s per process).
     python benchmarks/bench_kd_loss.py [--quick | --smoke] [--repeats 2] [--chunk-size 128] [--fused-chunk-size N]
 
 --smoke runs every method once on a tiny shape, in seconds: a check that the script and the losses run, not a
-measurement.
+measurement. The JSON (--json) gets a PNG beside it: peak memory and time per method, a bar per shape.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 LOSSES_DIR = Path(__file__).resolve().parents[1] / "hf_distill" / "losses"
 LOSSES_MODULE = "hf_distill_losses_bench"
 TARGET_SHAPE = (2, 1024, 32000, 512)  # (B, T, V, H)
@@ -317,6 +318,30 @@ def report(shape, results: dict[str, list[dict]], args, device: str) -> list[str
     return lines
 
 
+def plot(path: Path, measured: list[dict], methods: list[str], title: str) -> Path:
+    """Two panels, peak memory above the inputs and forward + backward time, a group per method and a bar per
+    shape (medians over repeats; a failed case shows n/a)."""
+    import _plot
+
+    figure, axes = _plot.new_figure(2, width=max(6.0, 1.2 * len(methods) + 1))
+    panels = (
+        (axes[0], "peak_mib", "peak MiB above the inputs", "peak memory"),
+        (axes[1], "time_s", "seconds", "forward + backward time"),
+    )
+    for axis, key, ylabel, name in panels:
+        series = {
+            "B={} T={} V={} H={}".format(*entry["shape_b_t_v_h"]): [
+                _median(entry["results"].get(method, []), key) for method in methods
+            ]
+            for entry in measured
+        }
+        if len(series) == 1:
+            name += f", {next(iter(series))}"
+        _plot.draw_bars(axis, methods, series, ylabel, title=f"{name} (median of repeats)")
+    figure.suptitle(title, fontsize=11)
+    return _plot.save_png(figure, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="only the target shape B=2 T=1024 V=32000 H=512")
@@ -340,9 +365,13 @@ def main() -> None:
     parser.add_argument(
         "--json",
         default=None,
-        help="where the figures go (default benchmarks/results/bench_kd_loss.json, _smoke.json with --smoke)",
+        help="where the figures go (default benchmarks/results/bench_kd_loss.json, _smoke.json with --smoke); "
+        "the PNG goes beside it",
     )
     args = parser.parse_args()
+    import _evidence
+
+    machine = _evidence.machine()  # with the load average before the run
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     methods = list(METHODS)
@@ -376,10 +405,14 @@ def main() -> None:
         "threads": args.threads,
         "device": device,
         "wall_s": round(wall, 1),
+        "machine": machine,
         "shapes": measured,
     }
+    record["machine"]["load_average_at_end"] = list(os.getloadavg())
     output.write_text(json.dumps(record, indent=2, default=str))
     print(f"wrote {output}")
+    title = f"Forward-KL distillation loss, float32 on {device}{' [smoke]' if args.smoke else ''}"
+    print(f"wrote {plot(output.with_suffix('.png'), measured, methods, title)}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,11 @@ student itself, its CE and the sparse KD loss, apart and in the one shared pass 
 run uses (`sparse_distillation_and_cross_entropy`), to show where a difference comes from.
 
     python benchmarks/bench_logit_cache.py [--repeats 3] [--blocks 256] [--vocab 4000] [--top_k 64] [--temperature 2]
-        [--student_hidden 128] [--student_layers 2]
+        [--student_hidden 128] [--student_layers 2] [--output results.json]
+    python benchmarks/bench_logit_cache.py --smoke   # seconds: tiny vocabulary, models and data; checks the script
+
+Writes benchmarks/results/bench_logit_cache.json (with --smoke: bench_logit_cache_smoke.json; --output: elsewhere)
+and a PNG beside it: the epoch times of the two variants and the one-step breakdown.
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
 from transformers.utils import logging
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _evidence  # noqa: E402
+import _plot  # noqa: E402
+
 try:
     from hf_distill.tasks import language_modeling as lm
 except ImportError:  # a source checkout
@@ -50,6 +58,10 @@ from hf_distill.logit_cache import (  # noqa: E402
 from hf_distill.losses import sparse_distillation_and_cross_entropy, sparse_distillation_loss  # noqa: E402
 
 TARGET = 1.10
+NAME = "bench_logit_cache"
+TEACHER_HIDDEN, TEACHER_LAYERS = 256, 4
+SMOKE_TEACHER_HIDDEN, SMOKE_TEACHER_LAYERS = 64, 2
+SHORT_BREAKDOWN = ("student fwd+bwd (CE)", "CE alone", "sparse KD alone", "CE + KD, one pass")
 
 
 def make_tokenizer(num_words: int) -> PreTrainedTokenizerFast:
@@ -173,7 +185,31 @@ def epoch_seconds(trainer) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+def plot(path: Path, timings: dict[str, list[float]], breakdown: dict[str, float], title: str) -> Path:
+    """Left: median epoch time of the student alone and of the cache run (error bars: std over repeats); right:
+    one batch's time split between the student and its losses."""
+    figure, (epochs, step) = _plot.new_figure(2, width=5.5)
+    stats = {name: _plot.mean_and_std(values) for name, values in timings.items()}
+    _plot.draw_bars(
+        epochs,
+        ["student alone (Trainer)", "from the cache (KD)"],
+        {"median epoch (s)": [statistics.median(timings[name]) for name in ("plain", "cache")]},
+        "s per epoch (median; bars: std over repeats)",
+        {"median epoch (s)": [stats[name][1] for name in ("plain", "cache")]},
+        title="one epoch",
+    )
+    _plot.draw_bars(
+        step,
+        list(SHORT_BREAKDOWN),
+        {"ms": list(breakdown.values())},
+        "ms per batch (median of 5)",
+        title="one batch, forward + backward",
+    )
+    figure.suptitle(title, fontsize=11)
+    return _plot.save_png(figure, path)
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", type=int, default=4000, help="words in the tokenizer")
     parser.add_argument("--blocks", type=int, default=256, help="training blocks (one epoch)")
@@ -187,10 +223,27 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.5, help="KD weight of the cache run")
     parser.add_argument("--repeats", type=int, default=3, help="epochs of each variant, alternating")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    options = parser.parse_args()
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="seconds: vocabulary 200, 8 blocks of 32, a 1-layer student and a small teacher, one repeat",
+    )
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="JSON results file (default benchmarks/results/bench_logit_cache.json, _smoke.json with --smoke); "
+        "the PNG goes beside it",
+    )
+    options = parser.parse_args(argv)
+    teacher_hidden, teacher_layers = TEACHER_HIDDEN, TEACHER_LAYERS
+    if options.smoke:
+        options.vocab, options.blocks, options.block_size, options.batch_size = 200, 8, 32, 4
+        options.top_k, options.student_hidden, options.student_layers, options.repeats = 8, 32, 1, 1
+        teacher_hidden, teacher_layers = SMOKE_TEACHER_HIDDEN, SMOKE_TEACHER_LAYERS
     logging.set_verbosity_error()
     if options.threads:
         torch.set_num_threads(options.threads)
+    machine = _evidence.machine()  # with the load average before the run
 
     tokenizer = make_tokenizer(options.vocab)
     data_args = lm.DataArguments(train_file="unused.txt", block_size=options.block_size)
@@ -208,7 +261,7 @@ def main() -> None:
     vocab = len(tokenizer)
 
     with tempfile.TemporaryDirectory() as workdir:
-        teacher = llama(vocab, hidden=256, layers=4, seed=1).eval()
+        teacher = llama(vocab, hidden=teacher_hidden, layers=teacher_layers, seed=1).eval()
         start = time.perf_counter()
         build_logit_cache(
             teacher,
@@ -273,7 +326,8 @@ def main() -> None:
         f"torch threads {torch.get_num_threads()}"
     )
     print(
-        f"cache build (teacher hidden 256, 4 layers): {build_seconds:.2f} s ({tokens / build_seconds:,.0f} tokens/s)\n"
+        f"cache build (teacher hidden {teacher_hidden}, {teacher_layers} layers): {build_seconds:.2f} s "
+        f"({tokens / build_seconds:,.0f} tokens/s)\n"
     )
     print("| variant | epochs (s) | median epoch (s) | tokens/s |")
     print("|---|---|---:|---:|")
@@ -289,6 +343,44 @@ def main() -> None:
     ratio = medians["cache"] / medians["plain"]
     verdict = "PASS" if ratio <= TARGET else "FAIL"
     print(f"\ncache / plain epoch time: {ratio:.3f}x (target <= {TARGET:.2f}x): {verdict}")
+
+    results = {
+        "question": __doc__.splitlines()[0],
+        "command": _evidence.command(),
+        "machine": machine,
+        "smoke": options.smoke,
+        "settings": {key: value for key, value in vars(options).items() if key != "output"}
+        | {"teacher_hidden": teacher_hidden, "teacher_layers": teacher_layers, "vocab_size": vocab},
+        "cache": {
+            "top_k": manifest["top_k"],
+            "logprobs_dtype": manifest["logprobs_dtype"],
+            "build_seconds": build_seconds,
+        },
+        "blocks": len(train),
+        "tokens_per_epoch": tokens,
+        "epoch_seconds": timings,
+        "median_epoch_seconds": medians,
+        "tokens_per_second": {name: tokens / value for name, value in medians.items()},
+        "step_breakdown_ms": breakdown,
+        "cache_over_plain": ratio,
+        "target": TARGET,
+        "verdict": verdict,
+        "torch_threads": torch.get_num_threads(),
+    }
+    json_path = (
+        Path(options.output) if options.output else _evidence.results_path(None, NAME, options.smoke, "json")
+    )
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    _evidence.write_json(json_path, results)
+    png = plot(
+        json_path.with_suffix(".png"),
+        timings,
+        breakdown,
+        f"Epoch from a top-{manifest['top_k']} logits cache vs the student alone: {ratio:.2f}x "
+        f"(target <= {TARGET:.2f}x){' [smoke]' if options.smoke else ''}",
+    )
+    print(f"JSON: {json_path}\nPNG: {png}")
+    return results
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ head seed) are fine-tuned on the same labelled subset. The best single teacher i
 Then a 1-layer student (MiniLM's first layer, a fresh head) is distilled, for the same number of steps and from the
 same initialisation per seed, from (a) the best single teacher and (b) the equal-weight mixture of the three
 (hf_distill.ensemble). Printed: each teacher's and the ensemble's test accuracy, the students' mean ± std over
-seeds; JSON in benchmarks/results/bench_multi_teacher.json.
+seeds; JSON in benchmarks/results/bench_multi_teacher.json (or --output) and a PNG beside it (test accuracy per
+model, the students' with std error bars).
 
     python benchmarks/bench_multi_teacher.py [--seeds 3]     # ~10-15 min on 2 CPU cores
     python benchmarks/bench_multi_teacher.py --smoke          # seconds: checks the script only
@@ -13,12 +14,15 @@ seeds; JSON in benchmarks/results/bench_multi_teacher.json.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import _bbc  # noqa: E402
+import _evidence  # noqa: E402
+import _plot  # noqa: E402
 import torch  # noqa: E402
 from transformers import DataCollatorWithPadding, set_seed  # noqa: E402
 
@@ -31,6 +35,7 @@ TEMPERATURE, ALPHA = 2.0, 0.5
 def main() -> dict:
     args = _bbc.parser(__doc__.splitlines()[0]).parse_args()
     torch.set_num_threads(args.threads)
+    machine = _evidence.machine()  # with the load average before the run
     sizes = _bbc.SMOKE if args.smoke else _bbc.REAL
     epochs_steps = 2 if args.smoke else 2 * sizes.train // sizes.batch_size  # two epochs
     clock = _bbc.Clock()
@@ -128,11 +133,25 @@ def main() -> dict:
         "students": students,
         "seconds": clock.seconds(),
         "smoke": args.smoke,
+        "command": _evidence.command(),
+        "machine": machine | {"load_average_at_end": list(os.getloadavg())},
     }
-    print(
-        "JSON:",
-        _bbc.write_results("bench_multi_teacher" + ("_smoke" if args.smoke else ""), args.output, results),
+    json_path = _bbc.write_results(
+        "bench_multi_teacher" + ("_smoke" if args.smoke else ""), args.output, results
     )
+    print("JSON:", json_path)
+    stats = {condition: _plot.mean_and_std(values) for condition, values in students.items()}
+    png = _plot.bar_chart(
+        Path(json_path).with_suffix(".png"),
+        f"BBC News: a 1-layer student from the best teacher or the ensemble ({args.seeds} seed(s), bars: std)"
+        + (" [smoke]" if args.smoke else ""),
+        [row["model"].split(" (")[0] + (" (best)" if row["model"] == best else "") for row in rows]
+        + [f"student {condition}" for condition in students],
+        [row["test"] for row in rows] + [stats[condition][0] for condition in students],
+        "test accuracy",
+        [0.0] * len(rows) + [stats[condition][1] for condition in students],
+    )
+    print("PNG:", png)
     return results
 
 

@@ -4,7 +4,8 @@ Two 1-layer peers cut from the demo's all-MiniLM-L6-v2 (its layer 0 and its laye
 are trained (a) each on its own with the task loss (cross-entropy) and (b) together with `MutualLearningTrainer`
 (each: (1 - alpha) * CE + alpha * KL towards the other's prediction, T = 1 as in the paper, alpha = 0.5), for the
 same number of steps from the same initialisations. No pretrained teacher is used. Printed: each peer's test
-accuracy, mean ± std over seeds; JSON in benchmarks/results/bench_mutual.json.
+accuracy, mean ± std over seeds; JSON in benchmarks/results/bench_mutual.json (or --output) and a PNG beside it
+(accuracy per peer and setting, std error bars).
 
     python benchmarks/bench_mutual.py [--seeds 3]     # ~10 min on 2 CPU cores
     python benchmarks/bench_mutual.py --smoke          # seconds: checks the script only
@@ -12,12 +13,15 @@ accuracy, mean ± std over seeds; JSON in benchmarks/results/bench_mutual.json.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import _bbc  # noqa: E402
+import _evidence  # noqa: E402
+import _plot  # noqa: E402
 import torch  # noqa: E402
 from transformers import DataCollatorWithPadding  # noqa: E402
 
@@ -30,6 +34,7 @@ TEMPERATURE, ALPHA = 1.0, 0.5
 def main() -> dict:
     args = _bbc.parser(__doc__.splitlines()[0]).parse_args()
     torch.set_num_threads(args.threads)
+    machine = _evidence.machine()  # with the load average before the run
     sizes = _bbc.SMOKE if args.smoke else _bbc.REAL
     steps = 2 if args.smoke else 2 * sizes.train // sizes.batch_size  # two epochs
     clock = _bbc.Clock()
@@ -95,10 +100,22 @@ def main() -> dict:
         "accuracy": results,
         "seconds": clock.seconds(),
         "smoke": args.smoke,
+        "command": _evidence.command(),
+        "machine": machine | {"load_average_at_end": list(os.getloadavg())},
     }
-    print(
-        "JSON:", _bbc.write_results("bench_mutual" + ("_smoke" if args.smoke else ""), args.output, summary)
+    json_path = _bbc.write_results("bench_mutual" + ("_smoke" if args.smoke else ""), args.output, summary)
+    print("JSON:", json_path)
+    stats = {name: _plot.mean_and_std(values) for name, values in results.items()}
+    png = _plot.bar_chart(
+        Path(json_path).with_suffix(".png"),
+        f"BBC News: 1-layer peers alone or by mutual learning ({args.seeds} seed(s), bars: std)"
+        + (" [smoke]" if args.smoke else ""),
+        list(results),
+        [mean for mean, _ in stats.values()],
+        "test accuracy",
+        [spread for _, spread in stats.values()],
     )
+    print("PNG:", png)
     return summary
 
 

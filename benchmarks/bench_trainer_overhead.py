@@ -11,15 +11,20 @@ Two figures per side:
   train()'s set-up; the loop: optimizer, schedule and data loader), reported on its own, no target.
 
     python benchmarks/bench_trainer_overhead.py [--steps 30] [--rounds 3] [--json out.json] [--smoke]
+
+With --json, a PNG goes beside the JSON: the steady-state step time of the trainer and of the loop per round.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +37,10 @@ from transformers import (
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments
 from hf_distill.losses import logit_distillation_loss
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _evidence  # noqa: E402
+import _plot  # noqa: E402
 
 WARMUP = 3
 
@@ -132,18 +141,35 @@ def run_loop(student, teacher, rows, steps, batch_size, alpha, temperature) -> t
     return step_times(ends), first_begin - started
 
 
+def plot(path: Path, results: list[dict], title: str) -> Path:
+    """Per round, the median steady-state step time of the trainer and of the loop."""
+    return _plot.grouped_bar_chart(
+        path,
+        title,
+        [f"round {row['round']} ({row['first']} first)" for row in results],
+        {
+            "DistillationTrainer": [row["trainer_step_s"] for row in results],
+            "bare PyTorch loop": [row["loop_step_s"] for row in results],
+        },
+        "seconds per step (median after warm-up)",
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--seq_len", type=int, default=128)
-    parser.add_argument("--json", default=None, help="Write the figures to this JSON file.")
+    parser.add_argument(
+        "--json", default=None, help="Write the figures to this JSON file, and a PNG of them beside it."
+    )
     parser.add_argument("--smoke", action="store_true", help="Seconds-long run that checks the script works.")
     options = parser.parse_args()
     if options.smoke:
         options.steps, options.rounds, options.batch_size, options.seq_len = WARMUP + 3, 1, 2, 16
     torch.set_num_threads(max(torch.get_num_threads(), 1))
+    machine = _evidence.machine()  # with the load average before the run
     rows = make_batches(options.steps, options.batch_size, options.seq_len)
     results = []
     print(
@@ -190,9 +216,19 @@ def main() -> None:
             "verdict": verdict,
             "startup_extra_s": startup,
             "rounds": results,
+            "settings": {key: getattr(options, key) for key in ("steps", "rounds", "batch_size", "seq_len")}
+            | {"warmup_steps": WARMUP},
+            "smoke": options.smoke,
+            "command": _evidence.command(),
+            "machine": machine | {"load_average_at_end": list(os.getloadavg())},
         }
         with open(options.json, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
+        title = (
+            f"DistillationTrainer vs a bare loop: {ratio:.3f}x step time (target <= 1.05, {verdict})"
+            f"{' [smoke]' if options.smoke else ''}"
+        )
+        print(f"JSON: {options.json}\nPNG: {plot(Path(options.json).with_suffix('.png'), results, title)}")
 
 
 if __name__ == "__main__":

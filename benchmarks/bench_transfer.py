@@ -7,7 +7,8 @@ initialisation, (a) on the labels alone, (b) with KD on the labelled part, (c) w
 transfer text and augmented copies of the labelled texts (tasks/augmentation.py: embedding-neighbour word
 replacement with the teacher's input embeddings, written once with a manifest), the hard loss on labelled rows only
 (label -100 elsewhere). Printed: accuracy on the test split per fraction, mean ± std over seeds; JSON in
-benchmarks/results/bench_transfer.json.
+benchmarks/results/bench_transfer.json (or --output) and a PNG beside it (accuracy per setting and fraction, std
+error bars).
 
     python benchmarks/bench_transfer.py [--seeds 3]     # ~10-15 min on 2 CPU cores
     python benchmarks/bench_transfer.py --smoke          # seconds: checks the script only
@@ -16,6 +17,7 @@ benchmarks/results/bench_transfer.json.
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -23,6 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import _bbc  # noqa: E402
+import _evidence  # noqa: E402
+import _plot  # noqa: E402
 import torch  # noqa: E402
 from transformers import DataCollatorWithPadding, set_seed  # noqa: E402
 
@@ -42,6 +46,7 @@ def main() -> dict:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    machine = _evidence.machine()  # with the load average before the run
     sizes = _bbc.SMOKE if args.smoke else _bbc.REAL
     steps = 2 if args.smoke else args.steps or 2 * sizes.train // sizes.batch_size
     clock = _bbc.Clock()
@@ -147,9 +152,24 @@ def main() -> dict:
     print(f"\nTotal {clock.seconds():.0f} s")
     summary = {"sizes": vars(sizes), "steps": steps, "temperature": TEMPERATURE, "alpha": ALPHA,
                "augment_copies": AUGMENT_COPIES, "results": table, "seconds": clock.seconds(), "smoke": args.smoke}  # fmt: skip
-    print(
-        "JSON:", _bbc.write_results("bench_transfer" + ("_smoke" if args.smoke else ""), args.output, summary)
+    summary["command"] = _evidence.command()
+    summary["machine"] = machine | {"load_average_at_end": list(os.getloadavg())}
+    json_path = _bbc.write_results("bench_transfer" + ("_smoke" if args.smoke else ""), args.output, summary)
+    print("JSON:", json_path)
+    stats = {
+        fraction: {condition: _plot.mean_and_std(table[fraction][condition]) for condition in conditions}
+        for fraction in table
+    }
+    png = _plot.grouped_bar_chart(
+        Path(json_path).with_suffix(".png"),
+        f"BBC News, few labels: KD, transfer text and augmentation ({args.seeds} seed(s), bars: std)"
+        + (" [smoke]" if args.smoke else ""),
+        [condition.replace("student, ", "") for condition in conditions],
+        {fraction: [stats[fraction][condition][0] for condition in conditions] for fraction in table},
+        "test accuracy",
+        {fraction: [stats[fraction][condition][1] for condition in conditions] for fraction in table},
     )
+    print("PNG:", png)
     return summary
 
 
