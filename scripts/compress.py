@@ -261,7 +261,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("The recipe and the models pass every check.")
         return {"recipe": recipe.to_dict()}
 
-    state = PartialState()
+    # PartialState() alone would see CPU processes launched by accelerate as one main process each (both would
+    # write the stage folders): it needs cpu=True there, as TrainingArguments passes for --use_cpu.
+    use_cpu = (
+        os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+        or not torch.cuda.is_available()
+    )
+    state = PartialState(cpu=use_cpu)
     started = time.perf_counter()
     output_dir = Path(args.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
