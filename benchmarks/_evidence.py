@@ -1,6 +1,6 @@
 """What bench_lm.py and bench_translation.py share: the BBC News articles split by article, each training or
-evaluation step run in a forked child process (its peak memory measured on its own), the machine description
-and the results files.
+evaluation step run in a forked child process (its peak memory measured on its own), a recipe script's run read
+back from what its Trainer wrote, the machine description and the results files.
 
 Peak memory is the kernel's resident-set high-water mark of the child (`VmHWM` in /proc/self/status), reset
 with `/proc/self/clear_refs` when the child starts, so it counts what that step touched, plus the pages of the
@@ -198,3 +198,66 @@ def write_json(path: Path, results: dict[str, Any]) -> None:
 
 def directory_bytes(path: str | Path) -> int:
     return sum(file.stat().st_size for file in Path(path).rglob("*") if file.is_file())
+
+
+def run_recipe(
+    main: Callable[[list[str]], Any],
+    argv: list[str],
+    output_dir: Path,
+    generation_owner: Any,
+    generation_function: str,
+) -> dict[str, Any]:
+    """Run a recipe script's `main(argv)` in this process and read back what its Trainer wrote: wall and train
+    seconds, the final training loss, input tokens seen, peak RSS right after training, and the seconds spent
+    in `generation_owner.<generation_function>` (where the script makes the teacher's seq-KD outputs; wrapped
+    for the call, then restored)."""
+    generation = {"seconds": 0.0}
+    original = getattr(generation_owner, generation_function)
+
+    def timed(*positional: Any, **keywords: Any) -> Any:
+        began = time.perf_counter()
+        try:
+            return original(*positional, **keywords)
+        finally:
+            generation["seconds"] += time.perf_counter() - began
+
+    setattr(generation_owner, generation_function, timed)
+    try:
+        began = time.perf_counter()
+        main(argv)
+        run_seconds = time.perf_counter() - began
+    finally:
+        setattr(generation_owner, generation_function, original)
+    train_peak = peak_rss_mib()
+    train_results = json.loads((output_dir / "train_results.json").read_text())
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return {
+        "run_seconds": run_seconds,
+        "train_seconds": train_results["train_runtime"],
+        "seq_kd_generation_seconds": generation["seconds"],
+        "train_loss": train_results.get("train_loss"),
+        "train_peak_rss_mib": train_peak,
+        "train_tokens": state.get("num_input_tokens_seen") or 0,
+    }
+
+
+def teacher_training_arguments(args: Any, work: Path, **overrides: Any) -> dict[str, Any]:
+    """TrainingArguments keywords for a benchmark's teacher trained from scratch on CPU: --teacher_steps,
+    --teacher_batch_size and --teacher_lr, 5% warm-up, no weight decay, no checkpoints, ten log lines."""
+    return {
+        "output_dir": str(work / "teacher_run"),
+        "max_steps": args.teacher_steps,
+        "per_device_train_batch_size": args.teacher_batch_size,
+        "learning_rate": args.teacher_lr,
+        "warmup_steps": max(args.teacher_steps // 20, 1),
+        "weight_decay": 0.0,
+        "report_to": [],
+        "save_strategy": "no",
+        "logging_steps": max(args.teacher_steps // 10, 1),
+        "seed": args.seed,
+        "data_seed": args.seed,
+        "use_cpu": True,
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+        **overrides,
+    }

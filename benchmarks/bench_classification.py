@@ -9,8 +9,8 @@ teacher flags), once: a teacher already in --teacher_dir is reused. Students:
                         hidden 192; BERT's head size is fixed, so it keeps 6 of the 12 heads
 
 Each student trains with KD (T = 2, alpha = 0.5; the narrow one also with hidden-state matching through a learned
-192 -> 384 projection, and attention matching when its head count equals the teacher's, which pruning to hidden 192
-does not allow: hf_distill.pairing refuses attention matching across head counts) and without (the labels alone,
+192 -> 384 projection, and attention matching; its 6 heads cannot be paired with the teacher's 12 one by one, so
+the maps averaged over heads are compared: attention_head_mapping="mean") and without (the labels alone,
 transformers.Trainer), from the same weights, with the same steps, batches and seeds. Word embeddings stay frozen
 (as in the demo). Printed: test accuracy mean ± std over seeds, % of the teacher's accuracy retained, parameters,
 latency at batch 1 and 32 (hf_distill.latency.time_alternately: all models in rounds, medians with the p10-p90
@@ -97,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--narrow_attention_weight",
         type=float,
         default=1.0,
-        help="weight of attention matching for the narrow student, used only if its head count equals the teacher's",
+        help="weight of the narrow student's attention matching (head-averaged maps when its head count differs)",
     )
     parser.add_argument(
         "--calibration_batches", type=int, default=8, help="training batches for measure_importance"
@@ -282,14 +282,16 @@ def kd_settings(name: str, student: torch.nn.Module, teacher: torch.nn.Module, a
     if name != "narrow":
         return kd, ""
     kd.update(hidden_weight=args.narrow_hidden_weight, hidden_loss=args.narrow_hidden_loss)
+    kd["attention_weight"] = args.narrow_attention_weight
     student_heads, teacher_heads = attention_heads(student.config), attention_heads(teacher.config)
     if student_heads == teacher_heads:
-        kd["attention_weight"] = args.narrow_attention_weight
-        return kd, f"narrow student: hidden ({args.narrow_hidden_loss}) and attention matching"
+        return kd, f"narrow student: hidden ({args.narrow_hidden_loss}) and attention matching, head by head"
+    kd["attention_head_mapping"] = "mean"
     return kd, (
-        f"narrow student: hidden matching only ({args.narrow_hidden_loss}, weight {args.narrow_hidden_weight}, "
-        f"learned {student.config.hidden_size} -> {teacher.config.hidden_size} projections); attention matching "
-        f"needs equal head counts (hf_distill.pairing) and it has {student_heads} heads, the teacher {teacher_heads}"
+        f"narrow student: hidden matching ({args.narrow_hidden_loss}, weight {args.narrow_hidden_weight}, learned "
+        f"{student.config.hidden_size} -> {teacher.config.hidden_size} projections) and attention matching "
+        f"(weight {args.narrow_attention_weight}) of head-averaged maps: it has {student_heads} heads, the teacher "
+        f"{teacher_heads}"
     )
 
 
@@ -317,9 +319,15 @@ def train_one(student, teacher, kd: dict | None, train, tok, seed: int, sizes, a
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def latencies(models: dict[str, torch.nn.Module], texts: list[str], tok, args) -> dict[int, dict]:
+def latencies(
+    models: dict[str, torch.nn.Module], texts: list[str], tok, args, kernel: str
+) -> dict[int, dict]:
     """batch size -> name -> Timing: every model in the same rounds (time_alternately), batches padded to
-    --max_seq_length so each model sees the same shapes."""
+    --max_seq_length so each model sees the same shapes, all with the attention kernel the teacher was loaded
+    with (attention matching switches the models it trains with to eager attention, which is slower)."""
+    for model in models.values():
+        if model.config._attn_implementation != kernel:
+            model.set_attn_implementation(kernel)
     timings = {}
     for batch_size in (1, 32):
         chosen = (texts * batch_size)[:batch_size]
@@ -386,6 +394,7 @@ def main(argv: list[str] | None = None) -> dict:
     folder = teacher_folder(args, data, scratch)
     teacher_seconds = clock.seconds()
     teacher = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    kernel = teacher.config._attn_implementation  # as loaded; every model is timed with it
     tok = AutoTokenizer.from_pretrained(folder)
     label2id = {str(name): int(index) for name, index in teacher.config.label2id.items()}
     splits = {split: read_split(data[split], label2id) for split in ("train", "test")}
@@ -416,7 +425,7 @@ def main(argv: list[str] | None = None) -> dict:
                 trained.setdefault(name, student)
     training_seconds = clock.seconds()
 
-    timings = latencies({"teacher": teacher, **trained}, splits["test"][0], tok, args)
+    timings = latencies({"teacher": teacher, **trained}, splits["test"][0], tok, args, kernel)
     shapes = {"teacher": describe(teacher), **{name: describe(model) for name, model in students.items()}}
     rows = []
     for name in students:
@@ -505,6 +514,7 @@ def main(argv: list[str] | None = None) -> dict:
         | {"temperature": TEMPERATURE, "alpha": ALPHA, "teacher_dir": str(folder)},  # fmt: skip
         "data": {"train": len(train), "test": len(test), "split_seed": DATA_SEED},
         "notes": notes,
+        "attention_kernel_timed": kernel,
         "teacher": {
             **shapes["teacher"],
             "test_accuracy": teacher_acc,

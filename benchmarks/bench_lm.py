@@ -12,9 +12,10 @@ blocks of the training articles, with:
 - ce           cross-entropy alone (alpha = 0);
 - forward_kl, reverse_kl, jsd
                (1 - alpha) CE + alpha KD from the live teacher (--kd_loss);
-- cache_k8, cache_k64
+- cache_k8, cache_k64, cache_k64_f16
                the same with forward KL from the teacher's cached top-k log-probabilities
-               (scripts/cache_teacher_logits.py, --teacher_logits_cache; no teacher in memory while training);
+               (scripts/cache_teacher_logits.py, --teacher_logits_cache; no teacher in memory while training),
+               stored as float32 or, with the _f16 suffix, float16 (--logprobs_dtype);
 - seq_kd       sequence-level KD: each training block cut into a prompt (its first --prompt_tokens tokens)
                and a completion; the student learns (CE) the teacher's greedy completions (--seq_kd);
 - on_policy    the same prompt/completion rows; a share --lmbda of the steps learn, by KD alone, on
@@ -27,11 +28,11 @@ curves of the plot); training time (the trainer's train_runtime) and one-off tea
 cache, or the teacher's seq-KD completions, timed where they are made); training tokens/s (input positions of
 the training batches, padding included, / train_runtime); peak resident memory of each training process
 (VmHWM, see _evidence.py); forward tokens/s of teacher and students (time_alternately: medians with the
-10th-90th percentile range); and the logit cache's bytes per token on disk at k = 8, 32, 64 (the cache
-folder's size / its cached positions).
+10th-90th percentile range); and the logit cache's bytes per token on disk at k = 8, 32, 64 in float32 and
+float16 (the cache folder's size / its cached positions).
 
     python benchmarks/bench_lm.py --smoke          # seconds: tiny data and models, checks the script
-    python benchmarks/bench_lm.py                  # the full run (about 15 minutes on 2 quiet CPU cores)
+    python benchmarks/bench_lm.py                  # the full run (about 11 minutes on 2 quiet CPU cores)
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shutil
 import sys
 import time
@@ -49,7 +51,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _evidence  # noqa: E402  (sets the offline environment before transformers is imported)
 
 NAME = "bench_lm"
-METHODS = ("ce", "forward_kl", "reverse_kl", "jsd", "cache_k8", "cache_k64", "seq_kd", "on_policy")
+METHODS = (
+    "ce", "forward_kl", "reverse_kl", "jsd", "cache_k8", "cache_k64", "cache_k64_f16", "seq_kd", "on_policy",
+)  # fmt: skip
+CACHE_METHOD = re.compile(r"cache_k(\d+)(_f16)?")
 PROMPT_COMPLETION = ("seq_kd", "on_policy")
 
 
@@ -67,12 +72,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--block_size", type=int, default=128)
     parser.add_argument("--teacher_layers", type=int, default=4)
     parser.add_argument("--teacher_hidden", type=int, default=128)
-    parser.add_argument("--teacher_steps", type=int, default=400)
+    parser.add_argument("--teacher_steps", type=int, default=1600)
     parser.add_argument("--teacher_batch_size", type=int, default=16)
     parser.add_argument("--teacher_lr", type=float, default=3e-3)
     parser.add_argument("--student_layers", default="1,2", help="comma-separated student depths")
     parser.add_argument(
-        "--steps", type=int, default=150, help="student optimizer steps (the same for every method)"
+        "--steps", type=int, default=300, help="student optimizer steps (the same for every method)"
     )
     parser.add_argument("--batch_size", type=int, default=8, help="student batch (rows)")
     parser.add_argument("--lr", type=float, default=1e-3, help="student learning rate (cosine, 5%% warm-up)")
@@ -85,7 +90,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--prompt_tokens", type=int, default=64, help="seq_kd/on_policy: prompt part of a block"
     )
     parser.add_argument("--cache_top_k", default="8,32,64", help="logit caches built (bytes per token)")
-    parser.add_argument("--cache_dtype", default="float32", help="--logprobs_dtype of the caches")
+    parser.add_argument(
+        "--cache_dtypes",
+        default="float32,float16",
+        help="--logprobs_dtype of the caches built, each k in each",
+    )
     parser.add_argument("--eval_blocks", type=int, default=128, help="held-out blocks of the test articles")
     parser.add_argument("--checkpoints", type=int, default=4, help="points per curve (evaluated checkpoints)")
     parser.add_argument("--timing_batch", type=int, default=8, help="blocks per timed forward pass")
@@ -99,14 +108,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if args.work_dir == "outputs/bench_lm":
             args.work_dir = "outputs/bench_lm_smoke"
     args.methods = [method for method in args.methods.split(",") if method]
-    unknown = [m for m in args.methods if m not in METHODS and not m.startswith("cache_k")]
+    unknown = [m for m in args.methods if m not in METHODS and not CACHE_METHOD.fullmatch(m)]
     if unknown:
-        parser.error(f"unknown --methods {unknown}; choose from {METHODS} (cache_k<k> for any k)")
+        parser.error(f"unknown --methods {unknown}; choose from {METHODS} (cache_k<k>[_f16] for any k)")
     args.student_layers = [int(layers) for layers in args.student_layers.split(",")]
-    args.cache_top_k = sorted(
-        {int(k) for k in args.cache_top_k.split(",")}
-        | {int(m[len("cache_k") :]) for m in args.methods if m.startswith("cache_k")}
-    )
+    args.cache_dtypes = [dtype for dtype in args.cache_dtypes.split(",") if dtype]
+    wanted = {(int(k), dtype) for k in args.cache_top_k.split(",") for dtype in args.cache_dtypes}
+    for method in args.methods:
+        match = CACHE_METHOD.fullmatch(method)
+        if match:
+            wanted.add((int(match[1]), "float16" if match[2] else "float32"))
+    args.cache_builds = sorted(wanted, key=lambda build: (build[1] != "float32", build[0]))
     if args.prompt_tokens >= args.block_size:
         parser.error(f"--prompt_tokens {args.prompt_tokens} must be below --block_size {args.block_size}")
     return args
@@ -193,21 +205,7 @@ def train_teacher(args: argparse.Namespace, work: Path, data: dict[str, Any]) ->
     )
     teacher = LlamaForCausalLM(config)
     training_args = TrainingArguments(
-        output_dir=str(work / "teacher_run"),
-        max_steps=args.teacher_steps,
-        per_device_train_batch_size=args.teacher_batch_size,
-        learning_rate=args.teacher_lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(args.teacher_steps // 20, 1),
-        weight_decay=0.0,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=max(args.teacher_steps // 10, 1),
-        seed=args.seed,
-        data_seed=args.seed,
-        use_cpu=True,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
+        **_evidence.teacher_training_arguments(args, work, lr_scheduler_type="cosine")
     )
     trainer = Trainer(
         model=teacher,
@@ -249,20 +247,25 @@ def data_flags(args: argparse.Namespace, work: Path, train_file: str) -> list[st
     ]  # fmt: skip
 
 
-def build_cache(args: argparse.Namespace, work: Path, top_k: int) -> dict[str, Any]:
+def cache_name(top_k: int, dtype: str) -> str:
+    """k64 for a float32 cache, k64_f16 for a float16 one (the method is cache_ + this name)."""
+    return f"k{top_k}" + ("_f16" if dtype == "float16" else "")
+
+
+def build_cache(args: argparse.Namespace, work: Path, top_k: int, dtype: str) -> dict[str, Any]:
     from hf_distill.scripts import cache_teacher_logits
 
-    target = work / f"cache_k{top_k}"
+    target = work / f"cache_{cache_name(top_k, dtype)}"
     argv = [
         "--teacher_model_name_or_path", str(work / "teacher"), *data_flags(args, work, "train.jsonl"),
-        "--top_k", str(top_k), "--temperature", str(args.temperature), "--logprobs_dtype", args.cache_dtype,
+        "--top_k", str(top_k), "--temperature", str(args.temperature), "--logprobs_dtype", dtype,
         "--batch_size", "16", "--device", "cpu", "--cache_output_dir", str(target), "--overwrite",
     ]  # fmt: skip
     manifest = cache_teacher_logits.main(argv)
     size = _evidence.directory_bytes(target)
     return {
         "top_k": top_k,
-        "logprobs_dtype": args.cache_dtype,
+        "logprobs_dtype": dtype,
         "bytes": size,
         "positions": manifest["num_tokens"],
         "rows": manifest["num_rows"],
@@ -294,7 +297,7 @@ def run_argv(args: argparse.Namespace, work: Path, method: str, layers: int, out
         argv += ["--alpha", str(args.alpha), "--kd_loss", method]
     elif method.startswith("cache_k"):
         argv += ["--alpha", str(args.alpha), "--kd_loss", "forward_kl"]
-        argv += ["--teacher_logits_cache", str(work / f"cache_k{method[len('cache_k') :]}")]
+        argv += ["--teacher_logits_cache", str(work / method)]
     elif method == "seq_kd":
         new_tokens = str(args.block_size - args.prompt_tokens)
         argv += ["--alpha", "0", "--seq_kd", "--seq_kd_max_new_tokens", new_tokens]
@@ -311,24 +314,8 @@ def student_run(argv: list[str], output_dir: Path, blocks: list[list[int]], step
 
     from hf_distill.scripts import distill_lm
 
-    # Time the teacher's seq-KD completions where the script makes them (a wrapper; nothing else changes).
-    generation = {"seconds": 0.0}
-    make_completions = distill_lm.lm.sequence_kd_dataset
-
-    def timed_completions(*positional: Any, **keywords: Any) -> Any:
-        began = time.perf_counter()
-        try:
-            return make_completions(*positional, **keywords)
-        finally:
-            generation["seconds"] += time.perf_counter() - began
-
-    distill_lm.lm.sequence_kd_dataset = timed_completions
-    began = time.perf_counter()
-    distill_lm.main(argv)
-    run_seconds = time.perf_counter() - began
-    train_peak = _evidence.peak_rss_mib()
-    train_results = json.loads((output_dir / "train_results.json").read_text())
-    state = json.loads((output_dir / "trainer_state.json").read_text())
+    # The teacher's seq-KD completions are timed where the script makes them.
+    run = _evidence.run_recipe(distill_lm.main, argv, output_dir, distill_lm.lm, "sequence_kd_dataset")
     points = []
     for checkpoint in sorted(output_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1])):
         step = int(checkpoint.name.split("-")[1])
@@ -338,15 +325,9 @@ def student_run(argv: list[str], output_dir: Path, blocks: list[list[int]], step
     points.append((steps, final_loss))
     for checkpoint in output_dir.glob("checkpoint-*"):
         shutil.rmtree(checkpoint)
-    tokens = state.get("num_input_tokens_seen") or 0
     return {
-        "run_seconds": run_seconds,
-        "train_seconds": train_results["train_runtime"],
-        "seq_kd_generation_seconds": generation["seconds"],
-        "train_tokens": tokens,
-        "train_tokens_per_second": tokens / train_results["train_runtime"],
-        "train_loss": train_results.get("train_loss"),
-        "train_peak_rss_mib": train_peak,
+        **run,
+        "train_tokens_per_second": run["train_tokens"] / run["train_seconds"],
         "heldout_loss": final_loss,
         "perplexity": math.exp(final_loss),
         "curve": [
@@ -535,9 +516,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     initial = outcome["result"]
 
     results["caches"] = {}
-    for top_k in args.cache_top_k:
-        outcome = timed("caches", f"cache_k{top_k}", build_cache, args, work, top_k)
-        results["caches"][f"k{top_k}"] = {
+    for top_k, dtype in args.cache_builds:
+        name = cache_name(top_k, dtype)
+        outcome = timed("caches", f"cache_{name}", build_cache, args, work, top_k, dtype)
+        results["caches"][name] = {
             **outcome["result"],
             "seconds": outcome["seconds"],
             "peak_rss_mib": outcome["peak_rss_mib"],

@@ -8,6 +8,7 @@ from typing import Any
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
 from .losses.cross_tokenizer import CROSS_TOKENIZER_MODES
+from .losses.features import ATTENTION_HEAD_MAPPINGS
 from .task_loss import TASK_TYPES
 
 KD_LOSSES = ("forward_kl", "reverse_kl", "jsd", "mse")
@@ -79,7 +80,17 @@ class DistillationTrainingArguments(TrainingArguments):
     attention_weight: float = field(
         default=0.0,
         metadata={
-            "help": "Weight of attention-map matching (0 turns it off). Needs equal head counts and eager attention."
+            "help": "Weight of attention-map matching (0 turns it off). Needs eager attention; see "
+            "attention_head_mapping for students with fewer heads."
+        },
+    )
+    attention_head_mapping: str = field(
+        default="per_head",
+        metadata={
+            "help": "How attention maps are compared: 'per_head' (student head i against teacher head i; the head "
+            "counts must be equal) or 'mean' (the maps averaged over heads, for a student with another head count, "
+            "such as one pruned to fewer heads).",
+            "choices": ["per_head", "mean"],
         },
     )
     teacher_logits_cache: str | None = field(
@@ -179,6 +190,10 @@ class DistillationTrainingArguments(TrainingArguments):
         if self.attention_weight < 0:
             raise ValueError(
                 f"attention_weight must be >= 0 (0 turns attention matching off), got {self.attention_weight}."
+            )
+        if self.attention_head_mapping not in ATTENTION_HEAD_MAPPINGS:
+            raise ValueError(
+                f"attention_head_mapping must be one of {ATTENTION_HEAD_MAPPINGS}, got {self.attention_head_mapping!r}."
             )
         if self.hidden_loss not in HIDDEN_LOSSES:
             raise ValueError(f"hidden_loss must be one of {HIDDEN_LOSSES}, got {self.hidden_loss!r}.")

@@ -29,6 +29,9 @@ from typing import Any
 
 import yaml
 
+from .args import KD_LOSSES
+from .losses.features import ATTENTION_HEAD_MAPPINGS
+
 __all__ = [
     "DataSpec",
     "DistillStage",
@@ -109,6 +112,7 @@ class DistillStage:
     alpha: float | None = None
     hidden_weight: float = 0.0
     attention_weight: float = 0.0
+    attention_head_mapping: str = "per_head"
     kd_loss: str = "forward_kl"
 
 
@@ -256,6 +260,11 @@ def _check_fraction(stage: PruneStage, key: str) -> None:
         )
 
 
+def _check_choice(stage: Any, key: str, choices: tuple[str, ...]) -> None:
+    if getattr(stage, key) not in choices:
+        raise ValueError(f"stage {stage.name}: {key}: {getattr(stage, key)!r}; use one of {list(choices)}.")
+
+
 def check_recipe(recipe: Recipe) -> None:
     """Raise ValueError for a recipe that cannot work, before any stage runs (the model-dependent checks of
     pruning run in scripts/compress.py on the configs, also before any work)."""
@@ -306,6 +315,9 @@ def check_recipe(recipe: Recipe) -> None:
                 f"stage {stage.name}: method: {stage.method!r} is not a quantization method; use one of "
                 f"{list(QUANTIZATION_METHODS)} (post-training, or quantization-aware distillation)."
             )
+        if isinstance(stage, DistillStage):
+            _check_choice(stage, "kd_loss", KD_LOSSES)
+            _check_choice(stage, "attention_head_mapping", ATTENTION_HEAD_MAPPINGS)
         if isinstance(stage, (DistillStage, QuantizeStage)) and (
             isinstance(stage, DistillStage) or stage.method == "qat"
         ):

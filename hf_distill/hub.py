@@ -58,6 +58,7 @@ DISTILLATION_SETTINGS = (
     "layer_map",
     "decoder_layer_map",
     "attention_weight",
+    "attention_head_mapping",
     "teacher_dtype",
 )
 

@@ -132,13 +132,17 @@ def attention_matching_loss(
     layer_map: LayerMap,
     *,
     mask: torch.Tensor | None = None,
+    heads: str = "per_head",
 ) -> torch.Tensor:
-    """Mean over matched layers (embedding pairs skipped) of the attention-map KL; attentions are (b, heads, q, k)."""
+    """Mean over matched layers (embedding pairs skipped) of the attention-map KL; attentions are (b, heads, q, k).
+    heads: "per_head" or "mean" (head-averaged maps), as in attention_distillation_loss."""
     pairs = [(s, t) for s, t in layer_map if s > 0 and t > 0]
     if not pairs:
         raise ValueError("attention matching needs at least one layer pair whose indices are both > 0.")
     losses = [
-        attention_distillation_loss(student_attentions[s - 1], teacher_attentions[t - 1], mask=mask)
+        attention_distillation_loss(
+            student_attentions[s - 1], teacher_attentions[t - 1], mask=mask, heads=heads
+        )
         for s, t in pairs
     ]
     return torch.stack(losses).mean()

@@ -184,18 +184,19 @@ def _layer_maps(
             built_from=built_from.get("decoder_layers" if stack == "decoder" else "layers"),
         )
     if args.attention_weight > 0:
-        _check_attention(student, teacher)
+        _check_attention(student, teacher, args.attention_head_mapping)
     return maps
 
 
-def _check_attention(student: nn.Module, teacher: nn.Module) -> None:
+def _check_attention(student: nn.Module, teacher: nn.Module, head_mapping: str) -> None:
     student_heads = attention_heads(student.config)
     teacher_heads = attention_heads(teacher.config)
-    if student_heads != teacher_heads:
+    if student_heads != teacher_heads and head_mapping == "per_head":
         raise ValueError(
-            f"attention matching compares attention maps head by head, but the student has {student_heads} heads "
-            f"and the teacher {teacher_heads}; use a student with the teacher's head count (create_student keeps "
-            "it) or set attention_weight=0."
+            f"attention matching compares attention maps head by head (attention_head_mapping='per_head'), but "
+            f"the student has {student_heads} heads and the teacher {teacher_heads}; compare head-averaged maps "
+            "with --attention_head_mapping mean, use a student with the teacher's head count (create_student "
+            "keeps it) or set attention_weight=0."
         )
     for role, model in (("student", student), ("teacher", teacher)):
         implementation = getattr(model.config, "_attn_implementation", "eager")

@@ -1,5 +1,5 @@
-"""Post-training INT8 for CPU deployment: export to ONNX, dynamic INT8 quantization with ONNX Runtime, and loading
-and running the deployed folder.
+"""Post-training INT8 for CPU deployment: export to ONNX and dynamic INT8 quantization with ONNX Runtime (loading
+and running the deployed folder is `hf_distill.deployed`, re-exported here).
 
 Runtime: ONNX Runtime, dynamic INT8 with per-channel weights (`onnxruntime.quantization.quantize_dynamic`), chosen
 by measurement (benchmarks/bench_runtime.py and its README section: all-MiniLM-L6-v2 with a 5-label head, 128 tokens,
@@ -46,7 +46,7 @@ import json
 import logging as std_logging
 import os
 import shutil
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,15 @@ from torch import nn
 from transformers.utils import logging
 
 from .atomic import atomic_directory
+from .deployed import (  # noqa: F401 - re-exported: the deployment API is importable from here as before
+    ONNX_FILE,
+    OnnxSequenceClassifier,
+    _external_files,
+    _require_onnx,
+    _session,
+    load_deployed,
+    size_on_disk,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -70,7 +79,6 @@ __all__ = [
     "size_on_disk",
 ]
 
-ONNX_FILE = "model.onnx"
 EXPORT_INFO_FILE = "onnx_export.json"
 QUANTIZATION_INFO_FILE = "quantization.json"
 DEFAULT_KEEP_FLOAT: tuple[str, ...] = ("classifier",)
@@ -80,20 +88,7 @@ _EXTERNAL_DATA_BYTES = 1 << 30
 _INPUT_ORDER = ("input_ids", "attention_mask", "token_type_ids")
 # Node types whose constant weight ORT's dynamic quantization quantizes, and which input holds that weight.
 _WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Gather": 0}
-_TORCH_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _NAME_SCOPES = "pkg.torch.onnx.name_scopes"  # per-node metadata of the dynamo exporter: the module path
-
-
-def _require_onnx():
-    try:
-        import onnx
-        import onnxruntime
-    except ImportError as error:
-        raise ImportError(
-            f"{error.name} is needed for ONNX export and INT8 deployment: pip install 'hf-distill[compress]' "
-            "(onnxruntime, onnx, onnxscript)."
-        ) from error
-    return onnx, onnxruntime
 
 
 def module_name_matches(name: str, patterns: Sequence[str]) -> bool:
@@ -147,20 +142,6 @@ def _dummy_inputs(config, input_names: Sequence[str], batch_size: int, length: i
             token_types[:, length // 3 :] = 1
         inputs["token_type_ids"] = token_types
     return inputs
-
-
-def _session(path: Path, num_threads: int | None = None, allow_spinning: bool = False, providers=None):
-    _, ort = _require_onnx()
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    if num_threads is not None:
-        options.intra_op_num_threads = int(num_threads)
-        options.inter_op_num_threads = 1
-    if not allow_spinning:
-        # Idle worker threads sleep instead of spinning: fairer when timing against another runtime in one process.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
 
 
 def _weight_bytes(model: nn.Module) -> int:
@@ -407,147 +388,3 @@ def quantize_int8(
         f"float: {kept_modules}"
     )
     return Path(output_dir)
-
-
-# --------------------------------------------------------------------------------------------- running
-class OnnxSequenceClassifier:
-    """A deployed ONNX classifier folder (from `export_onnx` or `quantize_int8`) run with ONNX Runtime.
-
-    `predict_logits(batch)` takes the tokenizer's output (dict of numpy arrays, torch tensors or lists; extra keys
-    such as labels are ignored, a missing token_type_ids is zeros) and returns float32 logits (batch, num_labels).
-    `num_threads`: ORT intra-op threads (default: ORT's, one per physical core). `allow_spinning`: whether idle worker
-    threads spin (ORT's own default) or sleep (ours): on this project's shared 2-core machine spinning made the INT8
-    MiniLM 2.9x slower at batch 1 (47 vs 17 ms) and 1.2x at batch 32, and spinning threads would steal the cores
-    from a PyTorch model timed next to it; pass True on dedicated cores.
-    """
-
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        *,
-        num_threads: int | None = None,
-        allow_spinning: bool = False,
-        providers: Sequence[str] | None = None,
-    ):
-        self.path = Path(path)
-        model_file = self.path / ONNX_FILE
-        if not model_file.is_file():
-            raise ValueError(f"No {ONNX_FILE} in {self.path}; export one with export_onnx.")
-        self.session = _session(model_file, num_threads, allow_spinning, providers)
-        self.input_names = [node.name for node in self.session.get_inputs()]
-        self.output_names = [node.name for node in self.session.get_outputs()]
-        self.config = None
-        if (self.path / "config.json").is_file():
-            from transformers import AutoConfig
-
-            self.config = AutoConfig.from_pretrained(self.path)
-        self._tokenizer = None
-
-    @property
-    def tokenizer(self):
-        """The tokenizer saved with the model (loaded on first use)."""
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(self.path)
-        return self._tokenizer
-
-    def prepare_inputs(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """The session's feed: int64 numpy arrays for the inputs the graph takes."""
-        if "input_ids" not in batch:
-            raise ValueError(f"The batch needs input_ids; it has {sorted(batch)}.")
-        feed = {}
-        for name in self.input_names:
-            value = batch.get(name)
-            if value is None:
-                if name != "token_type_ids":
-                    raise ValueError(f"The ONNX model takes {self.input_names}; the batch lacks {name!r}.")
-                value = np.zeros_like(feed.get("input_ids", _to_numpy(batch["input_ids"])))
-            feed[name] = _to_numpy(value)
-        return feed
-
-    def predict_logits(self, batch: Mapping[str, Any]) -> np.ndarray:
-        return self.session.run(self.output_names[:1], self.prepare_inputs(batch))[0]
-
-    def __call__(self, batch: Mapping[str, Any] | None = None, **inputs: Any) -> np.ndarray:
-        return self.predict_logits({**(batch or {}), **inputs})
-
-    def runner(self, batch: Mapping[str, Any]) -> Callable[[], np.ndarray]:
-        """A zero-argument call running `batch` (converted once), for timing."""
-        feed = self.prepare_inputs(batch)
-        names = self.output_names[:1]
-        return lambda: self.session.run(names, feed)[0]
-
-    def __repr__(self) -> str:
-        return f"OnnxSequenceClassifier({str(self.path)!r}, inputs={self.input_names})"
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
-    return np.asarray(value, dtype=np.int64)
-
-
-def load_deployed(path: str | os.PathLike, *, num_threads: int | None = None, allow_spinning: bool = False):
-    """Load a deployed folder: one with model.onnx gives an `OnnxSequenceClassifier` (`num_threads`,
-    `allow_spinning` as there), a Hugging Face model folder gives that model (class from config.json's
-    `architectures`, else AutoModelForSequenceClassification) in eval mode."""
-    path = Path(path)
-    if (path / ONNX_FILE).is_file():
-        return OnnxSequenceClassifier(path, num_threads=num_threads, allow_spinning=allow_spinning)
-    if not (path / "config.json").is_file():
-        found = sorted(p.name for p in path.iterdir()) if path.is_dir() else "no such folder"
-        raise ValueError(
-            f"{path} holds neither {ONNX_FILE} nor a Hugging Face model (config.json); found {found}."
-        )
-    import transformers
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    architectures = AutoConfig.from_pretrained(path).architectures or []
-    model_class = getattr(transformers, architectures[0], None) if architectures else None
-    model = (model_class or AutoModelForSequenceClassification).from_pretrained(path)
-    return model.eval()
-
-
-# --------------------------------------------------------------------------------------------- size
-def _external_files(onnx_path: Path) -> list[Path]:
-    """Files holding an ONNX model's external tensor data."""
-    onnx, _ = _require_onnx()
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    locations = set()
-    for initializer in model.graph.initializer:
-        if initializer.data_location == onnx.TensorProto.EXTERNAL:
-            locations.update(entry.value for entry in initializer.external_data if entry.key == "location")
-    return [onnx_path.parent / location for location in sorted(locations)]
-
-
-def _is_torch_weight_file(name: str) -> bool:
-    """model.safetensors, pytorch_model.bin, or a shard of either (model-00001-of-00002.safetensors)."""
-    if name in _TORCH_WEIGHT_FILES:
-        return True
-    return (name.startswith("model-") and name.endswith(".safetensors")) or (
-        name.startswith("pytorch_model-") and name.endswith(".bin")
-    )
-
-
-def size_on_disk(path: str | os.PathLike) -> int:
-    """Bytes of a model folder's weight files: model.onnx and its external data, or model.safetensors /
-    pytorch_model.bin (and their shards); not the tokenizer, configs or reports."""
-    path = Path(path)
-    if path.is_file():
-        path = path.parent
-    onnx_path = path / ONNX_FILE
-    if onnx_path.is_file():
-        files = [onnx_path, *_external_files(onnx_path)]
-    else:
-        files = (
-            [p for p in path.iterdir() if p.is_file() and _is_torch_weight_file(p.name)]
-            if path.is_dir()
-            else []
-        )
-    if not files:
-        found = sorted(p.name for p in path.iterdir()) if path.is_dir() else "no such folder"
-        raise ValueError(
-            f"No weight files ({ONNX_FILE}, {', '.join(_TORCH_WEIGHT_FILES)} or their shards) in {path}; found {found}."
-        )
-    return sum(p.stat().st_size for p in files)

@@ -354,9 +354,10 @@ class DistillationTrainer(Trainer):
         return torch.stack(terms).mean()
 
     def _attention_term(self, step: StudentStep, num_items: Any) -> torch.Tensor:
-        terms = []
+        terms, heads = [], self.args.attention_head_mapping
         for stack, student_maps, teacher_maps, mask in self._stacks(step, "attentions"):
-            mean = attention_matching_loss(student_maps, teacher_maps, self.layer_maps[stack], mask=mask)
+            layers = self.layer_maps[stack]
+            mean = attention_matching_loss(student_maps, teacher_maps, layers, mask=mask, heads=heads)
             terms.append(self._normalise_positions(mean, mask, self._window_count(stack, num_items)))
         return torch.stack(terms).mean()
 

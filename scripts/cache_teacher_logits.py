@@ -145,7 +145,7 @@ class CacheArguments:
     logprobs_dtype: str = field(
         default="float32",
         metadata={
-            "help": f"Storage of the log-probabilities, one of {LOGPROBS_DTYPES} (float16 saves a quarter of the disk)."
+            "help": f"Storage of the log-probabilities, one of {LOGPROBS_DTYPES} (float16: 2 bytes per log-probability instead of 4)."
         },
     )
     batch_size: int = field(default=8, metadata={"help": "Rows per teacher forward pass."})

@@ -262,7 +262,11 @@ def distill(
         "--hidden_weight", str(stage.hidden_weight),
     ] + _training_flags(recipe, data, stage_work / "run", stage.epochs, stage.learning_rate)  # fmt: skip
     if isinstance(stage, DistillStage):
-        flags += ["--attention_weight", str(stage.attention_weight), "--kd_loss", stage.kd_loss]
+        flags += [
+            "--attention_weight", str(stage.attention_weight),
+            "--attention_head_mapping", stage.attention_head_mapping,
+            "--kd_loss", stage.kd_loss,
+        ]  # fmt: skip
     if quantization_aware:
         flags += ["--quantization_aware_training", "--qat_per_channel", str(stage.per_channel).lower()]
     results = distill_glue.main(flags)

@@ -35,7 +35,8 @@ def test_a_valid_recipe_fills_in_sources_and_the_final_stage():
     assert recipe.final_stage == "q"
     assert recipe.to_dict()["stages"][1] == {
         "name": "d", "type": "distill", "from": "p", "teacher": "teacher", "epochs": 2, "learning_rate": None,
-        "temperature": None, "alpha": None, "hidden_weight": 0.0, "attention_weight": 0.0, "kd_loss": "forward_kl",
+        "temperature": None, "alpha": None, "hidden_weight": 0.0, "attention_weight": 0.0,
+        "attention_head_mapping": "per_head", "kd_loss": "forward_kl",
     }  # fmt: skip
 
 
@@ -58,6 +59,8 @@ def test_a_valid_recipe_fills_in_sources_and_the_final_stage():
         ([{"type": "prune", "name": "x"}, {"type": "prune", "name": "x"}], {}, "used twice"),
         ([{"type": "prune", "name": "teacher"}], {}, "used twice"),
         ([{"type": "prune"}, {"type": "distill", "epochs": 0}], {}, "epochs: 0 must be > 0"),
+        ([{"type": "prune"}, {"type": "distill", "kd_loss": "kl"}], {}, r"kd_loss: 'kl'; use one of \['forward_kl'"),
+        ([{"type": "prune"}, {"type": "distill", "attention_head_mapping": "max"}], {}, r"attention_head_mapping: 'max'; use one of \['per_head', 'mean'\]"),
         ([{"type": "quantize", "name": "q"}, {"type": "distill", "from": "teacher", "teacher": "q"}], {}, "teacher: 'q' is an INT8 ONNX model"),
         ([{"type": "prune"}], {"final": "nope"}, "final: 'nope' is not a stage"),
     ],

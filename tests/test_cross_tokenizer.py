@@ -278,7 +278,7 @@ def test_no_pairs_give_zero_and_bad_maps_raise():
     assert loss.item() == 0.0 and leaf.grad.abs().sum().item() == 0.0
     with pytest.raises(ValueError, match="vocabulary map"):
         cross_tokenizer_distillation_loss(student, teacher, empty, empty, mode="hybrid")
-    with pytest.raises(ValueError, match="past the logits"):
+    with pytest.raises(ValueError, match="past the vocabularies"):
         cross_tokenizer_distillation_loss(
             student, teacher, empty, empty, student_ids=torch.tensor([11]), teacher_ids=torch.tensor([0])
         )

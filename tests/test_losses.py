@@ -471,6 +471,41 @@ def test_attention_loss_without_mask_and_all_masked():
     assert torch.equal(grad_of(empty, student_scores), torch.zeros_like(student_scores))
 
 
+def test_attention_loss_head_mean_across_head_counts_matches_float64():
+    # A student with 2 heads against a teacher with 6: the maps averaged over heads are compared.
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    student_scores = torch.randn(2, 2, 5, 5, requires_grad=True)
+    student = _attention_maps(student_scores, mask)
+    teacher = _attention_maps(torch.randn(2, 6, 5, 5), mask)
+    loss = attention_distillation_loss(student, teacher, mask=mask, heads="mean")
+
+    s64 = student_scores.detach().double().requires_grad_()
+    p_s = torch.softmax(s64.masked_fill(~mask[:, None, None, :], float("-inf")), -1).mean(1)  # (b, q, k)
+    p_t = teacher.double().mean(1)
+    terms = torch.where(p_t > 0, p_t * (p_t.log() - p_s.clamp_min(1e-300).log()), torch.zeros_like(p_t))
+    expected = terms.sum(-1)[mask].mean()
+    torch.testing.assert_close(loss.double(), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        grad_of(loss, student_scores).double(), grad_of(expected, s64), atol=1e-7, rtol=1e-4
+    )
+
+
+def test_attention_loss_head_mean_is_zero_when_the_averages_agree():
+    # Different per-head maps with the same head average: per_head sees a difference, mean does not.
+    teacher_scores = torch.randn(1, 2, 3, 3)
+    teacher = torch.softmax(teacher_scores, -1)
+    swapped_scores = teacher_scores.flip(1).clone().requires_grad_()
+    swapped = torch.softmax(swapped_scores, -1)
+    assert attention_distillation_loss(swapped, teacher).item() > 0
+    loss = attention_distillation_loss(swapped, teacher, heads="mean")
+    assert loss.item() == pytest.approx(0.0, abs=1e-7)
+    assert grad_of(loss, swapped_scores).abs().max().item() < 1e-6
+    with pytest.raises(ValueError, match="heads='mean'"):
+        attention_distillation_loss(torch.zeros(1, 2, 3, 3), torch.zeros(1, 4, 3, 3))
+    with pytest.raises(ValueError, match="unknown heads"):
+        attention_distillation_loss(teacher, teacher, heads="max")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # sparse_distillation_loss
 # ----------------------------------------------------------------------------------------------------------------

@@ -141,6 +141,7 @@ def snapshot(model):
         ({"layer_map": "1:2,1:3"}, "maps a student layer twice"),
         ({"teacher_dtype": "int8"}, "teacher_dtype must be one of"),
         ({"hidden_weight": -1.0}, "hidden_weight must be >= 0"),
+        ({"attention_head_mapping": "max"}, "attention_head_mapping must be one of"),
     ],
 )
 def test_bad_arguments_raise_before_training(tmp_path, overrides, message):
@@ -157,8 +158,37 @@ def test_layer_map_out_of_range_raises_at_construction(tmp_path, bert_tokenizer)
 
 def test_attention_matching_with_different_head_counts_raises(tmp_path, bert_tokenizer):
     student = bert(bert_tokenizer, layers=1, heads=4, seed=1)
-    with pytest.raises(ValueError, match="student has 4 heads and the teacher 2"):
+    with pytest.raises(
+        ValueError, match="student has 4 heads and the teacher 2.*--attention_head_mapping mean"
+    ):
         classification_trainer(tmp_path, bert_tokenizer, student=student, attention_weight=1.0)
+
+
+def test_attention_matching_across_head_counts_compares_head_averaged_maps(tmp_path, bert_tokenizer):
+    student = bert(bert_tokenizer, layers=1, heads=4, seed=1)
+    teacher = bert(bert_tokenizer, layers=2, heads=2, seed=2)
+    trainer = classification_trainer(
+        tmp_path,
+        bert_tokenizer,
+        student=student,
+        teacher=teacher,
+        alpha=0.0,
+        attention_weight=1.0,
+        attention_head_mapping="mean",
+        layer_map="1:2",
+    )
+    batch = trainer.data_collator([classification_data(bert_tokenizer)[i] for i in range(4)])
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    with torch.no_grad():
+        student_out = student(**inputs, labels=batch["labels"], output_attentions=True)
+        p_t = teacher(**inputs, output_attentions=True).attentions[1].double().mean(1)
+    p_s = student_out.attentions[0].double().mean(1)  # (batch, q, k), rows sum to 1
+    mask = batch["attention_mask"].bool()
+    kl = torch.where(p_t > 0, p_t * (p_t.log() - p_s.clamp_min(1e-300).log()), torch.zeros_like(p_t)).sum(-1)
+    expected = student_out.loss.double() + kl[mask].mean()
+    torch.testing.assert_close(loss.detach().double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_hidden_matching_on_a_model_without_config_raises(tmp_path, bert_tokenizer):

@@ -90,6 +90,34 @@ def _rows_loss(
     return exact + uld_weight * rest
 
 
+def _checked_map(
+    mode: str,
+    student_ids: torch.Tensor | None,
+    teacher_ids: torch.Tensor | None,
+    student_vocab: int,
+    teacher_vocab: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vocabulary map on `device`, after checking it fits the two vocabularies."""
+    if student_ids is None or teacher_ids is None or student_ids.shape != teacher_ids.shape:
+        raise ValueError(
+            f"mode={mode!r} needs the vocabulary map: student_ids and teacher_ids of one length "
+            "(hf_distill.cross_tokenizer.vocabulary_map), or use mode='uld'."
+        )
+    if student_ids.numel() == 0:
+        raise ValueError(
+            "the vocabulary map is empty: no token string is shared by the two tokenizers; use mode='uld'."
+        )
+    student_ids, teacher_ids = student_ids.to(device), teacher_ids.to(device)
+    if int(student_ids.max()) >= student_vocab or int(teacher_ids.max()) >= teacher_vocab:
+        raise ValueError(
+            f"the vocabulary map names ids past the vocabularies (student {int(student_ids.max())} >= "
+            f"{student_vocab} or teacher {int(teacher_ids.max())} >= {teacher_vocab}): it was built for other "
+            "tokenizers."
+        )
+    return student_ids, teacher_ids
+
+
 def _unmapped(ids: torch.Tensor, vocab: int) -> torch.Tensor:
     keep = torch.ones(vocab, dtype=torch.bool, device=ids.device)
     keep[ids] = False
@@ -152,21 +180,9 @@ def cross_tokenizer_distillation_loss(
     device = student_logits.device
     student_unmapped = teacher_unmapped = None
     if mode != "uld":
-        if student_ids is None or teacher_ids is None or student_ids.shape != teacher_ids.shape:
-            raise ValueError(
-                f"mode={mode!r} needs the vocabulary map: student_ids and teacher_ids of one length "
-                "(hf_distill.cross_tokenizer.vocabulary_map), or use mode='uld'."
-            )
-        if student_ids.numel() == 0:
-            raise ValueError(
-                "the vocabulary map is empty: no token string is shared by the two tokenizers; use mode='uld'."
-            )
-        student_ids, teacher_ids = student_ids.to(device), teacher_ids.to(device)
-        if int(student_ids.max()) >= student_vocab or int(teacher_ids.max()) >= teacher_vocab:
-            raise ValueError(
-                f"the vocabulary map names ids past the logits (student {int(student_ids.max())} >= {student_vocab} "
-                f"or teacher {int(teacher_ids.max())} >= {teacher_vocab}): it was built for other tokenizers."
-            )
+        student_ids, teacher_ids = _checked_map(
+            mode, student_ids, teacher_ids, student_vocab, teacher_vocab, device
+        )
         if mode == "hybrid":
             student_unmapped = _unmapped(student_ids, student_vocab)
             teacher_unmapped = _unmapped(teacher_ids, teacher_vocab)
@@ -418,22 +434,9 @@ def cached_cross_tokenizer_distillation_loss(
     device, student_vocab = student_logits.device, student_logits.shape[-1]
     teacher_to_map = student_unmapped = None
     if mode != "uld":
-        if student_ids is None or teacher_ids is None or student_ids.shape != teacher_ids.shape:
-            raise ValueError(
-                f"mode={mode!r} needs the vocabulary map: student_ids and teacher_ids of one length "
-                "(hf_distill.cross_tokenizer.vocabulary_map), or use mode='uld'."
-            )
-        if student_ids.numel() == 0:
-            raise ValueError(
-                "the vocabulary map is empty: no token string is shared by the two tokenizers; use 'uld'."
-            )
-        student_ids, teacher_ids = student_ids.to(device), teacher_ids.to(device)
-        if int(student_ids.max()) >= student_vocab or int(teacher_ids.max()) >= teacher_vocab_size:
-            raise ValueError(
-                f"the vocabulary map names ids past the vocabularies (student {int(student_ids.max())} >= "
-                f"{student_vocab} or teacher {int(teacher_ids.max())} >= {teacher_vocab_size}): it was built for "
-                "other tokenizers."
-            )
+        student_ids, teacher_ids = _checked_map(
+            mode, student_ids, teacher_ids, student_vocab, teacher_vocab_size, device
+        )
         teacher_to_map = torch.full((teacher_vocab_size,), -1, dtype=torch.long, device=device)
         teacher_to_map[teacher_ids] = torch.arange(teacher_ids.numel(), device=device)
         if mode == "hybrid":

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from ._common import _flat_mask, _mean_or_sum
 
 _HIDDEN_KINDS = ("mse", "cosine")
+ATTENTION_HEAD_MAPPINGS = ("per_head", "mean")
 
 
 def hidden_state_loss(
@@ -51,23 +52,32 @@ def attention_distillation_loss(
     teacher_attentions: torch.Tensor,
     *,
     mask: torch.Tensor | None = None,
+    heads: str = "per_head",
 ) -> torch.Tensor:
     """KL(teacher row || student row) of attention probabilities, averaged over heads and unmasked queries.
 
-    student_attentions, teacher_attentions: (batch, heads, q, k), rows summing to 1 (head counts must match).
+    student_attentions, teacher_attentions: (batch, heads, q, k), rows summing to 1.
     mask: (batch, q) bool padding mask, True = real token, or None. Returns a float32 scalar; 0.0 (zero gradient)
     when no query is unmasked.
+    heads: "per_head" compares head i with head i (the head counts must match); "mean" compares the maps
+    averaged over heads (each a distribution over keys too), so the head counts may differ, as they do for a
+    student pruned to fewer heads.
 
     Per (batch, head, query) row: sum_k p_t * (log p_t - log p_s), with probabilities clamped to >= 1e-12 inside
     the logs so exact zeros (padded keys, causal masking) contribute 0. When q == k (self-attention) the key
     positions the mask marks as padding are also dropped from the sum explicitly. The mean runs over heads and
     unmasked (batch, query) positions. teacher_attentions is treated as a constant.
     """
+    if heads not in ATTENTION_HEAD_MAPPINGS:
+        raise ValueError(f"unknown heads {heads!r}; valid values are {ATTENTION_HEAD_MAPPINGS}.")
+    if heads == "mean" and student_attentions.dim() == 4 and teacher_attentions.dim() == 4:
+        student_attentions = student_attentions.float().mean(1, keepdim=True)
+        teacher_attentions = teacher_attentions.float().mean(1, keepdim=True)
     if student_attentions.dim() != 4 or student_attentions.shape != teacher_attentions.shape:
         raise ValueError(
             f"student_attentions has shape {tuple(student_attentions.shape)} and teacher_attentions "
             f"{tuple(teacher_attentions.shape)}: both must be (batch, heads, q, k) with the same sizes; map student "
-            "layers to teacher layers with the same number of heads."
+            "layers to teacher layers with the same number of heads, or compare head-averaged maps (heads='mean')."
         )
     batch, _, queries, keys = student_attentions.shape
     student = student_attentions.float()
