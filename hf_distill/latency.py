@@ -123,7 +123,7 @@ def batch_runner(model_or_session: Any, batch: Mapping[str, Any]) -> Callable[[]
 
     - torch `nn.Module`: put in eval mode now (the caller restores the mode if it matters); the batch's tensors are
       moved to the model's device once; each call runs under `torch.inference_mode()` and synchronises the device.
-    - `quantization.OnnxSequenceClassifier` (or anything with `.runner(batch)`): its own runner, inputs converted
+    - `deployed.OnnxSequenceClassifier` (or anything with `.runner(batch)`): its own runner, inputs converted
       once.
     - `onnxruntime.InferenceSession`: `session.run` on int64 numpy versions of the inputs the graph takes.
     """

@@ -75,7 +75,7 @@ def size_on_disk_mb(model_or_dir: torch.nn.Module | str | os.PathLike) -> float:
     A directory is measured as it is (weight files only, not the tokenizer or configs; an ONNX folder's
     model.onnx and its external data); a model object is saved with `save_pretrained` (safetensors, its current
     dtype) into a temporary directory first, so models loaded from anywhere are measured the same way; a deployed
-    ONNX model (`quantization.OnnxSequenceClassifier`) is measured in its folder.
+    ONNX model (`deployed.OnnxSequenceClassifier`) is measured in its folder.
     """
     onnx_folder = getattr(model_or_dir, "path", None) if hasattr(model_or_dir, "session") else None
     if onnx_folder is not None:
@@ -85,7 +85,7 @@ def size_on_disk_mb(model_or_dir: torch.nn.Module | str | os.PathLike) -> float:
         if not directory.is_dir():
             raise ValueError(f"size_on_disk_mb expects a model directory, got {str(directory)!r}.")
         if (directory / _ONNX_FILE).is_file():
-            from .quantization import size_on_disk
+            from .deployed import size_on_disk
 
             return size_on_disk(directory) / _BYTES_PER_MB
         weight_files = [p for p in directory.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES)]
@@ -115,7 +115,7 @@ def measure_latencies(
 ) -> dict[str, dict[int, Timing]]:
     """Wall-clock milliseconds of one forward pass of each model, per batch size, timed alternately.
 
-    models: name -> torch module or deployed ONNX model (`quantization.OnnxSequenceClassifier`). For each batch size,
+    models: name -> torch module or deployed ONNX model (`deployed.OnnxSequenceClassifier`). For each batch size,
     `warmup` untimed and `repeats` timed rounds each run every model once (`latency.time_alternately`), so load on
     the machine hits all models alike. `make_inputs(batch_size)` returns the keyword inputs (moved to `device` if
     given, else to each torch model's own device). Torch models run in eval mode under `torch.inference_mode()` and

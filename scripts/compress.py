@@ -186,8 +186,8 @@ def measure(
 ) -> dict[str, Any]:
     """Evaluate and time every stage (and the teacher in the final stage's runtime), then write the report."""
     from hf_distill.compression_report import build_compression_report, write_compression_report
+    from hf_distill.deployed import size_on_disk
     from hf_distill.latency import time_alternately
-    from hf_distill.quantization import size_on_disk
 
     threads = recipe.training.num_threads or torch.get_num_threads()
     torch.set_num_threads(threads)

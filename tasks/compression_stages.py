@@ -339,7 +339,7 @@ class LoadedStage:
 
 
 def load_stage(name: str, path: Path, max_length: int, num_threads: int | None) -> LoadedStage:
-    from hf_distill.quantization import OnnxSequenceClassifier
+    from hf_distill.deployed import OnnxSequenceClassifier
 
     tokenizer = AutoTokenizer.from_pretrained(path)
 
