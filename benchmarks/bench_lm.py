@@ -433,8 +433,7 @@ def print_tables(results: dict[str, Any]) -> None:
             f"| {name} | {timing['parameters']:,} | {timing['tokens_per_second']:,.0f} | "
             f"{low:,.0f}-{high:,.0f} | {timing['spread']:.2f}{wide} |"
         )
-    parts = ", ".join(f"{part} {seconds:.0f} s" for part, seconds in results["seconds"].items())
-    print(f"\nWall time: {parts}.")
+    print("\n" + _evidence.wall_time_line(results["seconds"]))
 
 
 def plot(results: dict[str, Any], path: Path) -> None:

@@ -363,8 +363,7 @@ def print_tables(results: dict[str, Any]) -> None:
             f"{timing['sentences_per_second'] / teacher_speed:.2f}x | {trained['train_seconds']:.0f} | "
             f"{generation} | {peak:.0f} ({above:+.0f}) |"
         )
-    parts = ", ".join(f"{part} {seconds:.0f} s" for part, seconds in results["seconds"].items())
-    print(f"\nWall time: {parts}.")
+    print("\n" + _evidence.wall_time_line(results["seconds"]))
 
 
 def plot(results: dict[str, Any], path: Path) -> None:

@@ -22,11 +22,13 @@ import torch
 import transformers
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers.modelcard import METRIC_TAGS, TASK_MAPPING, TASK_TAG_TO_NAME_MAPPING
 from transformers.utils import logging
 
 from .atomic import atomic_write_text
+from .card_base_model import base_model as _base_model
+from .card_base_model import is_hub_repo_id
+from .card_base_model import peft_model as _peft_model
 from .report import count_parameters
 from .teacher import unwrap_model
 
@@ -79,20 +81,6 @@ _ARCHITECTURE_ROWS = (
 def model_name_or_path(model: torch.nn.Module) -> str:
     config = getattr(unwrap_model(model), "config", None)
     return getattr(config, "_name_or_path", "") or type(unwrap_model(model)).__name__
-
-
-def is_hub_repo_id(name: Any) -> bool:
-    """Whether `name` can stand for a model on the Hub: `owner/name`, valid for huggingface_hub, and not a path that
-    exists here. A name without an owner (`teacher_glue`) is refused: Hub models live under an owner (the old
-    un-namespaced ids such as `gpt2` are redirects), while a bare name is usually a local folder seen from another
-    working directory, e.g. in a teacher-logits cache's manifest. Nothing is looked up on the Hub."""
-    if not isinstance(name, str) or name.count("/") != 1 or os.path.exists(name):
-        return False
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
 
 
 def card_arguments(
@@ -289,99 +277,6 @@ def _read_metadata(path: str) -> dict[str, Any]:
             "YAML block before saving to keep what it said."
         )
         return {}
-
-
-def _peft_model(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The `peft.PeftModel` under DDP/DeepSpeed wrappers, or None when the student is not one."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    if hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None)):
-        return model
-    return None
-
-
-def _adapter_base(peft_model: torch.nn.Module) -> str | None:
-    """`base_model_name_or_path` of the active adapter's config: the model the adapter must be loaded onto."""
-    configs = peft_model.peft_config
-    config = configs.get(getattr(peft_model, "active_adapter", None)) or next(iter(configs.values()), None)
-    return getattr(config, "base_model_name_or_path", None) or None
-
-
-def _base_model(
-    peft_student: torch.nn.Module | None,
-    student: torch.nn.Module,
-    teacher_name: str,
-    finetuned_from: str | None,
-) -> tuple[str | None, str]:
-    """The Hub repo id for `base_model` (None for none) and a sentence for the card saying what it is."""
-    if peft_student is not None:
-        adapter_base = _adapter_base(peft_student)
-        if finetuned_from is not None and finetuned_from != adapter_base:
-            logger.warning(
-                f"finetuned_from={finetuned_from!r} is not written as the card's base_model: a PEFT adapter's "
-                f"base_model must be the model it is loaded onto, {adapter_base!r} (its adapter_config.json)."
-            )
-        if is_hub_repo_id(adapter_base):
-            return adapter_base, (
-                f"The student is a PEFT adapter on [{adapter_base}](https://huggingface.co/{adapter_base}), "
-                "the card's `base_model`."
-            )
-        on = (
-            f"`{adapter_base}`, which is not a Hub repository id (owner/name)"
-            if adapter_base
-            else "an unnamed model"
-        )
-        return None, (
-            f"The student is a PEFT adapter on {on}, so the card names no `base_model`: load that model, then the "
-            "adapter onto it."
-        )
-    if finetuned_from is not None:
-        if is_hub_repo_id(finetuned_from):
-            return finetuned_from, (
-                f"The card's `base_model` is [{finetuned_from}](https://huggingface.co/{finetuned_from}), given as "
-                "`finetuned_from`."
-            )
-        logger.warning(
-            f"finetuned_from={finetuned_from!r} is a local path or otherwise not a Hub repo id (owner/name), so the "
-            "model card names it in its text and leaves base_model out. Pass the Hub id of the model (e.g. "
-            "'google-bert/bert-base-uncased', not 'bert-base-uncased') to link it."
-        )
-        return None, (
-            f"It was fine-tuned from `{finetuned_from}`, which is not a Hub repository id (owner/name), so the card "
-            "names no `base_model`."
-        )
-    candidates = (
-        (teacher_name, "the teacher"),
-        (getattr(student.config, "_name_or_path", None), "the checkpoint the student was initialised from"),
-        (
-            _recorded_origin(teacher_name),
-            f"the model that the config.json of the local teacher `{teacher_name}` names as its origin "
-            "(`_name_or_path`); the student was distilled from that local teacher, not from it directly",
-        ),
-    )
-    for repo_id, what in candidates:
-        if is_hub_repo_id(repo_id):
-            return (
-                repo_id,
-                f"The card's `base_model` is [{repo_id}](https://huggingface.co/{repo_id}), {what}.",
-            )
-    return None, (
-        f"The teacher, `{teacher_name}`, is a local path or otherwise not a Hub repository id (owner/name), so the "
-        "card names no `base_model`."
-    )
-
-
-def _recorded_origin(path: str) -> str | None:
-    """`_name_or_path` in the config.json of a local model folder: where that model had been loaded from when it was
-    saved. transformers 4 wrote it; 5 leaves it out, so this is None for folders that 5 saved."""
-    if not path or not os.path.isdir(path):
-        return None
-    try:
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            origin = json.load(f).get("_name_or_path")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return origin if isinstance(origin, str) else None
 
 
 def _default_model_name(args: Any) -> str:

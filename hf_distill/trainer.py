@@ -190,10 +190,12 @@ class DistillationTrainer(Trainer):
             terms["kd_loss"] = (kd_weight, self._kd_term(step, num_items_in_batch))
         if has_labels and args.alpha < 1.0:  # at alpha 1 the task term has no weight: not even computed
             terms["ce_loss"] = (1.0 - args.alpha, self._task_term(step, num_items_in_batch))
-        if args.hidden_weight > 0:
-            terms["hidden_loss"] = (args.hidden_weight, self._hidden_term(step, num_items_in_batch))
-        if args.attention_weight > 0:
-            terms["attention_loss"] = (args.attention_weight, self._attention_term(step, num_items_in_batch))
+        for name, weight, what in (
+            ("hidden_loss", args.hidden_weight, "hidden"),
+            ("attention_loss", args.attention_weight, "attentions"),
+        ):
+            if weight > 0:
+                terms[name] = (weight, self._feature_term(step, num_items_in_batch, what))
         loss = sum(weight * value for weight, value in terms.values())
         self._accumulate_for_logging({name: value for name, (_, value) in terms.items()})
         return (loss, step.outputs) if return_outputs else loss
@@ -344,27 +346,21 @@ class DistillationTrainer(Trainer):
 
     # ---- hidden states and attention maps --------------------------------------------------------------------
 
-    def _hidden_term(self, step: StudentStep, num_items: Any) -> torch.Tensor:
-        terms = []
-        for stack, student_states, teacher_states, mask in self._stacks(step, "hidden"):
-            mean = self._projection_runners[stack](
-                student_states, teacher_states, kind=self.args.hidden_loss, mask=mask
-            )
+    def _feature_term(self, step: StudentStep, num_items: Any, what: str) -> torch.Tensor:
+        """Hidden-state (`what="hidden"`) or attention-map (`"attentions"`) matching, averaged over the stacks
+        (encoder and decoder of a seq2seq pair), each normalised over the accumulation window's positions."""
+        args, terms = self.args, []
+        seq2seq = self._task.kind == SEQ2SEQ
+        for stack, student, teacher, mask in matched_stacks(
+            seq2seq, self.layer_maps, step.outputs, step.teacher_outputs, step.inputs, what
+        ):
+            if what == "hidden":
+                mean = self._projection_runners[stack](student, teacher, kind=args.hidden_loss, mask=mask)
+            else:
+                layers, heads = self.layer_maps[stack], args.attention_head_mapping
+                mean = attention_matching_loss(student, teacher, layers, mask=mask, heads=heads)
             terms.append(self._normalise_positions(mean, mask, self._window_count(stack, num_items)))
         return torch.stack(terms).mean()
-
-    def _attention_term(self, step: StudentStep, num_items: Any) -> torch.Tensor:
-        terms, heads = [], self.args.attention_head_mapping
-        for stack, student_maps, teacher_maps, mask in self._stacks(step, "attentions"):
-            layers = self.layer_maps[stack]
-            mean = attention_matching_loss(student_maps, teacher_maps, layers, mask=mask, heads=heads)
-            terms.append(self._normalise_positions(mean, mask, self._window_count(stack, num_items)))
-        return torch.stack(terms).mean()
-
-    def _stacks(self, step: StudentStep, what: str):
-        return matched_stacks(
-            self._task.kind == SEQ2SEQ, self.layer_maps, step.outputs, step.teacher_outputs, step.inputs, what
-        )
 
     # ---- normalisation over the accumulation window -------------------------------------------------------
 
