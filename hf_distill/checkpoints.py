@@ -40,9 +40,20 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     return max(steps)[1] if steps else None
 
 
+def resume_flag(value: str | bool | None) -> str | bool | None:
+    """A `--resume_from_checkpoint` value as `Trainer.train` takes it: the words true/false (any case, unless a
+    folder of that name exists) become the booleans, so `--resume_from_checkpoint true` resumes from the newest
+    complete checkpoint instead of looking for a folder named "true"."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "false") and not os.path.isdir(value):
+        return value.strip().lower() == "true"
+    return value
+
+
 def resolve_resume(resume_from_checkpoint: str | bool | None, output_dir: str) -> str | bool | None:
     """`resume_from_checkpoint` for `Trainer.train`, with `True` meaning the newest *complete* checkpoint in
-    `output_dir` (so a run killed while writing one resumes from the one before); an incomplete folder raises."""
+    `output_dir` (so a run killed while writing one resumes from the one before); an incomplete folder raises.
+    The strings "true"/"false" (from a command line) count as the booleans (`resume_flag`)."""
+    resume_from_checkpoint = resume_flag(resume_from_checkpoint)
     if resume_from_checkpoint is True:
         latest = last_complete_checkpoint(output_dir)
         if latest is None:
@@ -52,6 +63,12 @@ def resolve_resume(resume_from_checkpoint: str | bool | None, output_dir: str) -
             )
         return latest
     if isinstance(resume_from_checkpoint, str) and not is_complete_checkpoint(resume_from_checkpoint):
+        if not os.path.exists(resume_from_checkpoint):
+            raise ValueError(
+                f"--resume_from_checkpoint {resume_from_checkpoint!r}: no such folder. Pass a checkpoint folder, "
+                f"or true to resume from the newest complete checkpoint in {output_dir} (rerunning the same "
+                "command with the same --output_dir also resumes)."
+            )
         latest = last_complete_checkpoint(os.path.dirname(os.path.abspath(resume_from_checkpoint)))
         raise ValueError(
             f"{resume_from_checkpoint} is not a complete checkpoint (no readable trainer_state.json: the run was "

@@ -16,13 +16,17 @@ final: int8
 Each stage reads the model of the stage named by `from` (default: the stage before it; `teacher` is the
 teacher) and writes its own folder. Distillation stages learn from `teacher` (default: the teacher; name an
 earlier stage to distil through an assistant, Mirzadeh et al., 2020). Everything that cannot work is found by
-`check_recipe` before any stage runs: unknown keys, stage types and methods, references to stages that do not
-exist yet, and orders that make no sense (pruning or distilling a quantized model, quantizing twice).
+`check_recipe` before any stage runs: unknown keys, stage types and methods, values of the wrong type or out of
+range (`_RANGES`: a temperature <= 0, alpha outside [0, 1], a negative learning rate or loss weight; 0 is kept where
+it is valid, as for a learning rate), references to stages that do not exist yet, and orders that make no sense
+(pruning or distilling a quantized model, quantizing twice).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,7 +167,7 @@ class Recipe:
 
     @property
     def final_stage(self) -> str:
-        return self.final or self.stages[-1].name
+        return self.stages[-1].name if self.final is None else self.final
 
     def to_dict(self) -> dict[str, Any]:
         def stage_dict(stage: Stage) -> dict[str, Any]:
@@ -196,6 +200,10 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
 
 
 def _stage_from_mapping(values: dict[str, Any], index: int) -> Stage:
+    if not isinstance(values, dict):
+        raise ValueError(
+            f"stage {index + 1}: {values!r} is not a mapping; write e.g. `- {{name: pruned, type: prune, heads: 0.5}}`."
+        )
     values = dict(values)
     kind = values.pop("type", None)
     where = f"stage {index + 1} ({values.get('name', 'unnamed')})"
@@ -217,16 +225,22 @@ def recipe_from_mapping(values: dict[str, Any]) -> Recipe:
         )
     if "teacher" not in values:
         raise ValueError("recipe: no teacher; add `teacher: {model_name_or_path: ...}`.")
-    stages = values.get("stages") or []
+
+    # An empty section (`training:` with nothing under it) is None in YAML: the section's defaults. Any other value
+    # is passed on, so that `stages: 0` or `data: 5` is refused rather than read as empty.
+    def section(name: str, empty: Any) -> Any:
+        return empty if values.get(name) is None else values[name]
+
+    stages = section("stages", [])
     if not isinstance(stages, list):
         raise ValueError(f"recipe: stages must be a list of stages, got {type(stages).__name__}.")
     return Recipe(
-        data=_build(DataSpec, values.get("data") or {}, "data"),
+        data=_build(DataSpec, section("data", {}), "data"),
         teacher=_build(TeacherSpec, values["teacher"], "teacher"),
-        training=_build(TrainingDefaults, values.get("training") or {}, "training"),
+        training=_build(TrainingDefaults, section("training", {}), "training"),
         stages=[_stage_from_mapping(stage, index) for index, stage in enumerate(stages)],
         final=values.get("final"),
-        targets=_build(Targets, values.get("targets") or {}, "targets"),
+        targets=_build(Targets, section("targets", {}), "targets"),
     )
 
 
@@ -251,6 +265,72 @@ def parse_stage_flag(text: str) -> dict[str, Any]:
     return values
 
 
+# The numeric settings' valid ranges, by name (a name means the same in every section and stage): what the value
+# must satisfy, and the message's reason when it does not. Checked before any stage runs: a training stage would
+# otherwise refuse it after the stages before it have run for an hour.
+_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "temperature": (
+        lambda v: v > 0,
+        "must be > 0: the logits are divided by it before the softmax (1 leaves them)",
+    ),
+    "alpha": (
+        lambda v: 0 <= v <= 1,
+        "must be in [0, 1]: the weight of the distillation loss, 1 - alpha the task's",
+    ),
+    "learning_rate": (lambda v: v >= 0, "must be >= 0"),
+    "finetune_learning_rate": (lambda v: v >= 0, "must be >= 0"),
+    "finetune_epochs": (lambda v: v >= 0, "must be >= 0 (0 uses the teacher as it is)"),
+    "hidden_weight": (lambda v: v >= 0, "must be >= 0 (0 turns hidden-state matching off)"),
+    "attention_weight": (lambda v: v >= 0, "must be >= 0 (0 turns attention matching off)"),
+    "batch_size": (lambda v: v >= 1, "must be >= 1"),
+    "latency_repeats": (lambda v: v >= 1, "must be >= 1"),
+    "num_threads": (lambda v: v >= 1, "must be >= 1 (leave it out for torch's default)"),
+    "max_seq_length": (lambda v: v >= 2, "must be >= 2 (room for the special tokens and one more)"),
+    "calibration_examples": (lambda v: v >= 1, "must be >= 1"),
+    "hidden": (lambda v: v >= 1, "must be a positive width, e.g. 192"),
+    "layers": (lambda v: v >= 1, "must be a positive layer count"),
+    "min_retained_pct": (lambda v: v >= 0, "must be >= 0 (a percentage of the teacher's metric)"),
+    "max_size_pct": (lambda v: v > 0, "must be > 0 (a percentage of the teacher's size)"),
+    "min_speedup_b32": (lambda v: v > 0, "must be > 0 (a throughput ratio against the teacher)"),
+}
+_TYPE_NAMES = {"float": "a number", "int": "an integer", "bool": "true or false", "str": "a string"}
+
+
+def _check_values(section: Any, where: str) -> None:
+    """Check every field of a recipe dataclass against its annotation (`float`, `int | None`, ...) and `_RANGES`.
+
+    A number written as text (PyYAML reads `2e-4` as a string) is converted; any other value of the wrong type, a
+    value out of range, and a missing value where the field has no default meaning (None) are errors."""
+    for item in dataclasses.fields(section):
+        value = getattr(section, item.name)
+        allowed = [part.strip() for part in str(item.type).split("|")]
+        if value is None:
+            if "None" in allowed:
+                continue
+            raise ValueError(f"{where}: {item.name}: null must be {_TYPE_NAMES[allowed[0]]}.")
+        kind = next(part for part in allowed if part != "None")
+        if kind in ("float", "int") and isinstance(value, str):
+            try:
+                value = float(value) if kind == "float" else int(value)
+            except ValueError:
+                pass
+            else:
+                setattr(section, item.name, value)
+        expected = {"float": (int, float), "int": int, "bool": bool, "str": str}.get(kind)
+        wrong_bool = isinstance(value, bool) and kind != "bool"
+        if expected is not None and (wrong_bool or not isinstance(value, expected)):
+            example = (
+                f", e.g. {item.name}: {item.default!r}"
+                if item.default not in (None, dataclasses.MISSING)
+                else ""
+            )
+            raise ValueError(f"{where}: {item.name}: {value!r} must be {_TYPE_NAMES[kind]}{example}.")
+        if kind == "float" and not math.isfinite(value):
+            raise ValueError(f"{where}: {item.name}: {value!r} must be a finite number.")
+        if item.name in _RANGES and not _RANGES[item.name][0](value):
+            raise ValueError(f"{where}: {item.name}: {value!r} {_RANGES[item.name][1]}.")
+
+
 def _check_fraction(stage: PruneStage, key: str) -> None:
     value = getattr(stage, key)
     if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
@@ -270,6 +350,13 @@ def check_recipe(recipe: Recipe) -> None:
     pruning run in scripts/compress.py on the configs, also before any work)."""
     if not recipe.stages:
         raise ValueError("recipe: no stages; add e.g. `stages: [{type: prune, ...}, {type: distill}]`.")
+    for section, where in (
+        (recipe.data, "data"),
+        (recipe.teacher, "teacher"),
+        (recipe.training, "training"),
+        (recipe.targets, "targets"),
+    ):
+        _check_values(section, where)
     data = recipe.data
     if not data.bbc_demo and (data.train_file is None or data.test_file is None):
         raise ValueError(
@@ -282,6 +369,7 @@ def check_recipe(recipe: Recipe) -> None:
             raise ValueError(
                 f"stage name {stage.name!r} is used twice (or is 'teacher'); give each stage its own name."
             )
+        _check_values(stage, f"stage {stage.name}")
         if stage.source is None:
             stage.source = previous
         if stage.source not in kinds:
@@ -301,14 +389,6 @@ def check_recipe(recipe: Recipe) -> None:
                 raise ValueError(
                     f"stage {stage.name}: vocab: {stage.vocab!r}; use vocab: data (keep the tokens the training "
                     "split uses) or leave it out."
-                )
-            if stage.hidden is not None and (not isinstance(stage.hidden, int) or stage.hidden < 1):
-                raise ValueError(
-                    f"stage {stage.name}: hidden: {stage.hidden!r} must be a positive width, e.g. 192."
-                )
-            if stage.layers is not None and (not isinstance(stage.layers, int) or stage.layers < 1):
-                raise ValueError(
-                    f"stage {stage.name}: layers: {stage.layers!r} must be a positive layer count."
                 )
         if isinstance(stage, QuantizeStage) and stage.method not in QUANTIZATION_METHODS:
             raise ValueError(
@@ -343,5 +423,3 @@ def check_recipe(recipe: Recipe) -> None:
         raise ValueError(
             f"final: {recipe.final!r} is not a stage; the stages are {[s.name for s in recipe.stages]}."
         )
-    if recipe.training.batch_size < 1 or recipe.training.latency_repeats < 1:
-        raise ValueError("training: batch_size and latency_repeats must be >= 1.")

@@ -2,8 +2,10 @@
 
 `CrossTokenizerKD`, a live teacher: the batch carries the teacher's tokenization of the same text and the aligned
 position pairs (`cross_tokenizer.CrossTokenizerCollator`); the teacher runs on its own ids (`teacher_inputs`), and
-the KD term compares the two next-token distributions at the aligned positions only
-(`losses.cross_tokenizer_distillation_loss`: exact divergence over the shared tokens, ULD, or both).
+the KD term compares the two next-token distributions at the aligned positions only: those where both models have
+read exactly the same characters, whitespace included, and their next tokens cover the same characters
+(`cross_tokenizer.prediction_pairs`), with `losses.cross_tokenizer_distillation_loss` (exact divergence over the
+shared tokens, ULD, or both).
 
 `CachedCrossTokenizerKD`, no teacher in memory: the batch carries the teacher's cached top k at the aligned
 positions (`logit_cache_cross.CachedCrossTokenizerCollator`), and the KD term is

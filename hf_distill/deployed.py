@@ -5,6 +5,7 @@ extra) are imported only when a function here needs them."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -88,19 +89,15 @@ class OnnxSequenceClassifier:
             self._tokenizer = AutoTokenizer.from_pretrained(self.path)
         return self._tokenizer
 
+    @property
+    def quantization(self) -> dict[str, Any] | None:
+        """The folder's quantization.json (the INT8 scheme, its ranges, the CPU it was built on), or None (fp32)."""
+        path = self.path / "quantization.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
     def prepare_inputs(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """The session's feed: int64 numpy arrays for the inputs the graph takes."""
-        if "input_ids" not in batch:
-            raise ValueError(f"The batch needs input_ids; it has {sorted(batch)}.")
-        feed = {}
-        for name in self.input_names:
-            value = batch.get(name)
-            if value is None:
-                if name != "token_type_ids":
-                    raise ValueError(f"The ONNX model takes {self.input_names}; the batch lacks {name!r}.")
-                value = np.zeros_like(feed.get("input_ids", _to_numpy(batch["input_ids"])))
-            feed[name] = _to_numpy(value)
-        return feed
+        return _feed(self.input_names, batch)
 
     def predict_logits(self, batch: Mapping[str, Any]) -> np.ndarray:
         return self.session.run(self.output_names[:1], self.prepare_inputs(batch))[0]
@@ -116,6 +113,21 @@ class OnnxSequenceClassifier:
 
     def __repr__(self) -> str:
         return f"OnnxSequenceClassifier({str(self.path)!r}, inputs={self.input_names})"
+
+
+def _feed(input_names: Sequence[str], batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A session's feed from a tokenizer batch: int64 arrays for `input_names` (token_type_ids defaults to zeros)."""
+    if "input_ids" not in batch:
+        raise ValueError(f"The batch needs input_ids; it has {sorted(batch)}.")
+    feed = {}
+    for name in input_names:
+        value = batch.get(name)
+        if value is None:
+            if name != "token_type_ids":
+                raise ValueError(f"The ONNX model takes {list(input_names)}; the batch lacks {name!r}.")
+            value = np.zeros_like(feed.get("input_ids", _to_numpy(batch["input_ids"])))
+        feed[name] = _to_numpy(value)
+    return feed
 
 
 def _to_numpy(value: Any) -> np.ndarray:

@@ -27,7 +27,7 @@ from transformers.utils import logging
 
 from .atomic import atomic_write_text
 from .card_base_model import base_model as _base_model
-from .card_base_model import is_hub_repo_id
+from .card_base_model import display_name, is_hub_repo_id
 from .card_base_model import peft_model as _peft_model
 from .report import count_parameters
 from .teacher import unwrap_model
@@ -93,9 +93,13 @@ def card_arguments(
     dataset_tags: str | list[str] | None = None,
     dataset: str | list[str] | None = None,
     dataset_args: str | list[str] | None = None,
+    *,
+    teacher_name: str | None = None,
+    teacher_parameters: int | None = None,
 ) -> dict[str, Any]:
-    """The arguments of `Trainer.create_model_card`, in its order, as a dict of those that were given. Lists are
-    copied: `Trainer.push_to_hub` appends to the tags list it passes."""
+    """The arguments of `Trainer.create_model_card`, in its order, as a dict of those that were given, plus this
+    card's own `teacher_name` and `teacher_parameters` (see `build_model_card`). Lists are copied:
+    `Trainer.push_to_hub` appends to the tags list it passes."""
     given = {
         "language": language,
         "license": license,
@@ -106,6 +110,8 @@ def card_arguments(
         "dataset_tags": dataset_tags,
         "dataset": dataset,
         "dataset_args": dataset_args,
+        "teacher_name": teacher_name,
+        "teacher_parameters": teacher_parameters,
     }
     return {
         name: list(value) if isinstance(value, (list, tuple)) else value
@@ -127,21 +133,31 @@ def build_model_card(
     dataset_tags: str | list[str] | None = None,
     dataset: str | list[str] | None = None,
     dataset_args: str | list[str] | None = None,
+    teacher_name: str | None = None,
+    teacher_parameters: int | None = None,
 ) -> ModelCard:
     """The card of `trainer.model`, distilled from `trainer.teacher_model` (or a teacher-logits cache).
 
     The other arguments are `Trainer.create_model_card`'s and mean the same; `existing_metadata` is the metadata of
     a README already in the folder, whose keys this run does not compute are kept (tags are merged).
+    `teacher_name` and `teacher_parameters` describe the teacher when the model trained from stands in for it (e.g.
+    the vocabulary-pruned view of a teacher that scripts/compress.py distils from): its Hub id or folder and its
+    parameter count. Models are named by Hub id or relative path; an absolute path only by its folder's name
+    (`display_name`), anywhere in the card.
     """
     args = trainer.args
     peft_student = _peft_model(trainer.model)
     student = unwrap_model(trainer.model)
     teacher = unwrap_model(trainer.teacher_model) if trainer.teacher_model is not None else None
-    teacher_name = model_name_or_path(teacher) if teacher is not None else _cached_teacher_name(args)
-    model_name = model_name or _default_model_name(args)
+    if teacher_name is None:
+        teacher_name = model_name_or_path(teacher) if teacher is not None else _cached_teacher_name(args)
+    model_name = display_name(model_name or _default_model_name(args))
     student_params = count_parameters(unwrap_model(student))
-    teacher_params = count_parameters(unwrap_model(teacher)) if teacher is not None else None
+    teacher_params = teacher_parameters
+    if teacher_params is None and teacher is not None:
+        teacher_params = count_parameters(unwrap_model(teacher))
     base_model, base_model_note = _base_model(peft_student, student, teacher_name, finetuned_from)
+    teacher_name = display_name(teacher_name)
 
     datasets = _datasets(trainer, dataset_tags, dataset, dataset_args)
     metrics = _last_eval_metrics(trainer)

@@ -18,7 +18,9 @@ how the top k stand in for the full distribution). The manifest's `cross_tokeniz
 tokenizers by `tokenizer_fingerprint` (a hash of their whole definition: vocabulary, merges, normalizer,
 pre-tokenizer, post-processor), so the alignment and the vocabulary map at training time are the ones the cache
 was built with; a run with another teacher or student tokenizer is refused (`verify_cross_tokenizer_manifest`),
-as is one on other rows of text (a checksum of them) or another block size.
+as is one on other rows of text (a checksum of them), another block size, or a cache whose positions were paired by
+another alignment rule (`cross_tokenizer.ALIGNMENT_VERSION`: rule 1 paired positions that had not read the same
+text). A row whose text is missing or not a string is refused, naming the row.
 
 At training time the student's ids come from its own tokenizer again (`CachedCrossTokenizerCollator`), and the
 cached rows are spread over its positions; the teacher is neither loaded nor tokenized for.
@@ -41,7 +43,14 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from .cross_tokenizer import ALIGNED_COLUMN, TEXT_COLUMN, CrossTokenizerCollator, vocabulary_map
+from .cross_tokenizer import (
+    ALIGNED_COLUMN,
+    ALIGNMENT_VERSION,
+    TEXT_COLUMN,
+    CrossTokenizerCollator,
+    row_text,
+    vocabulary_map,
+)
 from .fingerprint import texts_checksum, tokenizer_description
 from .logit_cache import (
     DATA_DIR,
@@ -153,7 +162,10 @@ def build_cross_tokenizer_cache(
     was_training = teacher.training
     teacher.eval().to(device)
     store = numpy_dtype(logprobs_dtype)
-    texts = [str(text) for text in dataset.with_format(None)[TEXT_COLUMN]]
+    texts = [
+        row_text({TEXT_COLUMN: text}, TEXT_COLUMN, i, "the dataset")
+        for i, text in enumerate(dataset.with_format(None)[TEXT_COLUMN])
+    ]
     counted = {"pairs": 0}
 
     def batches() -> Iterator[dict[str, list]]:
@@ -186,6 +198,7 @@ def build_cross_tokenizer_cache(
 
     def manifest() -> dict[str, Any]:
         cross = {
+            "alignment_version": ALIGNMENT_VERSION,
             "student_tokenizer": _describe(tokenizer),
             "teacher_tokenizer": _describe(teacher_tokenizer),
             "vocabulary_map_size": int(teacher_ids.numel()),
@@ -247,6 +260,11 @@ def verify_cross_tokenizer_manifest(
             "runs, or train without --cross_tokenizer."
         )
     problems = []
+    if cross.get("alignment_version") != ALIGNMENT_VERSION:
+        problems.append(
+            f"it pairs positions by alignment rule {cross.get('alignment_version', 1)}, this version of hf_distill by "
+            f"rule {ALIGNMENT_VERSION} (rule 1 paired positions that had not read the same text)"
+        )
     cached_teacher = cross.get("teacher_tokenizer", {})
     if cached_teacher.get("fingerprint") != tokenizer_fingerprint(teacher_tokenizer):
         name = getattr(teacher_tokenizer, "name_or_path", None)
@@ -299,7 +317,10 @@ def load_cross_tokenizer_cache(
     from datasets import concatenate_datasets, load_from_disk
 
     manifest = read_manifest(cache_dir)
-    texts = [str(text) for text in train_dataset.with_format(None)[TEXT_COLUMN]]
+    texts = [
+        row_text({TEXT_COLUMN: text}, TEXT_COLUMN, i, "the training dataset")
+        for i, text in enumerate(train_dataset.with_format(None)[TEXT_COLUMN])
+    ]
     verify_cross_tokenizer_manifest(
         manifest,
         tokenizer=tokenizer,
@@ -344,11 +365,11 @@ class CachedCrossTokenizerCollator:
     def __call__(self, features: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         rows = [
             self.tokenizer(
-                str(feature[self.text_column]),
+                row_text(feature, self.text_column, i),
                 truncation=self.max_length is not None,
                 max_length=self.max_length,
             )["input_ids"]
-            for feature in features
+            for i, feature in enumerate(features)
         ]
         length = max(max(len(row) for row in rows), 1)
         pad = next(

@@ -1,52 +1,60 @@
-"""Post-training INT8 for CPU deployment: export to ONNX and dynamic INT8 quantization with ONNX Runtime (loading
-and running the deployed folder is `hf_distill.deployed`, re-exported here).
+"""Post-training INT8 for CPU deployment: export to ONNX and static INT8 quantization for ONNX Runtime (loading and
+running the deployed folder is `hf_distill.deployed`, re-exported here).
 
-Runtime: ONNX Runtime, dynamic INT8 with per-channel weights (`onnxruntime.quantization.quantize_dynamic`), chosen
-by measurement (benchmarks/bench_runtime.py and its README section: all-MiniLM-L6-v2 with a 5-label head, 128 tokens,
-medians of alternating rounds on this project's shared 2-core CPU machine). Speed-up over PyTorch fp32 eager:
+Runtime: ONNX Runtime, chosen by measurement (benchmarks/bench_runtime.py and its README section: all-MiniLM-L6-v2
+with a 5-label head, 128 tokens, medians of alternating rounds on this project's shared 2-core CPU machine, with the
+dynamic INT8 this module deployed before, which runs at the speed of the scheme below). Speed-up over PyTorch fp32:
 
                               1 thread: batch 1   batch 32   2 threads, one core busy elsewhere: b1   b32   weights
-    torchao int8 eager                  1.26x      1.24x                                   0.17x  0.36x   58.7 MB
     torchao int8 + torch.compile        2.15x      2.52x                                   0.73x  1.20x   58.7 MB
     ONNX Runtime fp32                   1.19x      1.00x                                     22x  1.46x   91.0 MB
     ONNX Runtime INT8 per-channel       2.62x      2.15x                                     58x  2.92x   23.1 MB
-    (PyTorch fp32: 40 ms / 1.2 s with one thread; 90.9 MB)
 
-ORT INT8 is the fastest at batch 1 and 15-20% behind torchao + torch.compile at batch 32, and wins on the rest: a
-single model.onnx 3.9x smaller than fp32 (torchao keeps the embeddings in fp32) that onnxruntime runs without torch
-or a C++ compiler, no compile step (14-92 s for torch.compile here, again for new shapes), dynamic batch and sequence
-axes, and a busy machine barely slows it while PyTorch's two OpenMP threads stall (the 2-thread columns). On a
-fine-tuned 3-layer BBC classifier, per-channel INT8 kept 94.0% accuracy against 94.5% in fp32 (per-tensor: 93.5%, at
-the same speed), and `qat.py` simulates exactly this model, so a QAT student can win the difference back.
+ORT INT8 is the fastest at batch 1 and 15-20% behind torchao + torch.compile at batch 32, and wins on the rest: one
+model.onnx 3.9x smaller than fp32 that onnxruntime runs without torch or a compiler, no compile step, dynamic batch
+and sequence axes, and a busy machine barely slows it while PyTorch's OpenMP threads stall.
 
 Pipeline (each stage writes its own self-contained folder, atomically)::
 
-    folder = export_onnx(model, tokenizer, "out/onnx")       # model.onnx (float32) + tokenizer + config.json
-    folder = quantize_int8(folder, "out/int8")                # model.onnx (INT8 weights) + the same files
-    classifier = load_deployed(folder)                        # OnnxSequenceClassifier
+    folder = export_onnx(model, tokenizer, "out/onnx")               # model.onnx (float32) + tokenizer + config.json
+    folder = quantize_int8(folder, "out/int8", calibration=batches)   # batches: a few hundred tokenized training texts
+    classifier = load_deployed(folder)                                # OnnxSequenceClassifier
     logits = classifier.predict_logits(tokenizer(texts, padding=True, return_tensors="np"))
 
-The INT8 scheme (what ORT's dynamic quantization does to a BERT-like graph; `qat.py` fake-quantizes the same):
-int8 symmetric weights (per output channel by default) and uint8 activations quantized per tensor at run time for
-every Linear (MatMul/Gemm with a constant weight), uint8 per-tensor tables for the embeddings (Gather); attention
-matmuls, LayerNorm, softmax, GELU and biases stay float32. The modules in `keep_float` (default: the classifier)
-stay float32 too. CPUs without VNNI (before Cascade Lake / Zen 4) may saturate the u8 x s8 products; measure
-accuracy there.
+The INT8 scheme (its arithmetic is `int8_scheme`, its graph `onnx_int8`; `qat.py` fake-quantizes the same): every
+Linear outside `keep_float` (default: the classifier) gets int8 symmetric weights in [-64, 64], per output channel,
+and a uint8 input with a *static* per-tensor range ([min, max] over the unpadded tokens of the calibration batches, or
+the range QAT trained with): ONNX QuantizeLinear, then ORT's MatMulIntegerToFloat with the bias folded in. Embedding
+tables are uint8 per tensor; attention matmuls, LayerNorm, softmax and GELU stay float32. Why:
+
+- Every x86 CPU computes the same model. Without VNNI (AVX2: Haswell to Comet Lake, Zen 1-3; AVX-512 before Cascade
+  Lake) ORT multiplies uint8 x int8 with VPMADDUBSW, which adds pairs of products into a saturating int16: with
+  8-bit weights a pair reaches 2 * 255 * 127 = 64770 and clips, so the dynamic scheme used before deployed another
+  model there than QAT trained (on an emulated Haswell its logits moved by up to 0.16 on a fine-tuned 3-layer MiniLM).
+  With |w| <= 64 a pair stays <= 32640: exact, bit-identical on Haswell and on AVX-512 VNNI
+  (tests/test_quantization_avx2.py), and still the fast uint8 x int8 kernels (VPMADDUBSW, VPDPBUSD with VNNI, AMX);
+  uint8 weights would also be exact but take AVX2's int16-widening kernel at about half the throughput.
+- A prediction does not depend on the other texts in its batch, as a served model answers one request at a time:
+  with per-batch ranges 2 of 426 BBC answers changed between batch 1 and batch 64 (MiniLM-L6); now none, and
+  the logits are identical. No DynamicQuantizeLinear (a min/max pass over every Linear input) runs per call.
+- The cost, measured on 426 BBC test articles with 256 calibration articles: a 3-layer MiniLM kept 96.0% (fp32 95.8%,
+  dynamic 95.8%; mean |logit change| 0.019, dynamic 0.018), MiniLM-L6 96.5% (fp32 96.5%, dynamic 96.2%; 0.014 and
+  0.014). Per-tensor weights lose more with 7 bits (95.5%, 6-8 answers changed): keep `per_channel`. Speed on
+  AVX-512 VNNI: the dynamic scheme's (a 3-layer x 192 BERT, 128 tokens: 3.0 ms at batch 1, 110 ms at batch 32, 1.7x
+  ORT fp32). quantization.json records the scheme, the ranges and the CPU (`cpu_features`).
 
 onnx, onnxruntime and onnxscript (the `compress` extra) are imported only when a function here needs them.
 """
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import copy
 import inspect
 import json
-import logging as std_logging
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +64,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .atomic import atomic_directory
+from .cpu_features import describe_cpu
 from .deployed import (  # noqa: F401 - re-exported: the deployment API is importable from here as before
     ONNX_FILE,
     OnnxSequenceClassifier,
@@ -65,11 +74,15 @@ from .deployed import (  # noqa: F401 - re-exported: the deployment API is impor
     load_deployed,
     size_on_disk,
 )
+from .int8_scheme import DEFAULT_KEEP_FLOAT, WEIGHT_QMAX, module_name_matches
+from .onnx_int8 import _NAME_SCOPES, calibrate, quantizable_nodes, rewrite
+from .qat import CONFIG_KEY as QAT_CONFIG_KEY
 
 logger = logging.get_logger(__name__)
 
 __all__ = [
     "DEFAULT_KEEP_FLOAT",
+    "INT8_SCHEME",
     "ONNX_FILE",
     "OnnxSequenceClassifier",
     "export_onnx",
@@ -79,27 +92,14 @@ __all__ = [
     "size_on_disk",
 ]
 
+# quantization.json's "scheme": what quantize_int8 deploys (int8_scheme), for folders built by an older version.
+INT8_SCHEME = "static int8: uint8 inputs with static ranges x int8 weights in [-64, 64]"
 EXPORT_INFO_FILE = "onnx_export.json"
 QUANTIZATION_INFO_FILE = "quantization.json"
-DEFAULT_KEEP_FLOAT: tuple[str, ...] = ("classifier",)
 OPSET = 18
 # Above this many bytes of weights the ONNX file keeps them in a separate file (protobuf's 2 GiB limit).
 _EXTERNAL_DATA_BYTES = 1 << 30
 _INPUT_ORDER = ("input_ids", "attention_mask", "token_type_ids")
-# Node types whose constant weight ORT's dynamic quantization quantizes, and which input holds that weight.
-_WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Gather": 0}
-_NAME_SCOPES = "pkg.torch.onnx.name_scopes"  # per-node metadata of the dynamo exporter: the module path
-
-
-def module_name_matches(name: str, patterns: Sequence[str]) -> bool:
-    """Whether module `name` (dotted, e.g. "bert.pooler.dense") is named by one of `patterns`: a pattern matches a
-    module if it equals the module's name or a dotted suffix of it, or does so for one of its ancestors
-    ("classifier" matches "classifier" and "model.classifier"; "pooler" matches "bert.pooler.dense")."""
-    parts = name.split(".")
-    prefixes = [".".join(parts[:end]) for end in range(1, len(parts) + 1)]
-    return any(
-        prefix == pattern or prefix.endswith("." + pattern) for prefix in prefixes for pattern in patterns
-    )
 
 
 # --------------------------------------------------------------------------------------------- export
@@ -273,36 +273,21 @@ def _quiet_exporter() -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------------------------- quantization
-def _node_module(node, weight_name: str, wrapper_prefix: str = "model.") -> str:
-    """The PyTorch module a node came from: the dynamo exporter's name scopes, else the weight's name."""
-    for prop in node.metadata_props:
-        if prop.key == _NAME_SCOPES:
-            scopes = [scope for scope in ast.literal_eval(prop.value) if scope]
-            if len(scopes) >= 2:  # [..., "bert.pooler.dense", "linear_12"]: the last is the op
-                return scopes[-2].removeprefix(wrapper_prefix)
-    return weight_name.removesuffix(".weight").removeprefix(wrapper_prefix)
+def _qat_record(onnx_dir: Path) -> dict[str, Any] | None:
+    """What `qat.strip_qat` recorded in the model's config (exported with it): QAT settings and input ranges."""
+    path = onnx_dir / "config.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8")).get(QAT_CONFIG_KEY)
 
 
-def _quantizable_nodes(graph) -> list[tuple[Any, str]]:
-    """(node, module name) for each node ORT's dynamic quantization would quantize: MatMul / Gemm with a constant
-    weight, Gather from a constant table."""
-    initializers = {initializer.name for initializer in graph.initializer}
-    nodes = []
-    for node in graph.node:
-        index = _WEIGHT_INPUT.get(node.op_type)
-        if index is None or len(node.input) <= index or node.input[index] not in initializers:
-            continue
-        nodes.append((node, _node_module(node, node.input[index])))
-    return nodes
-
-
-class _DropMessages(std_logging.Filter):
-    def __init__(self, *fragments: str):
-        super().__init__()
-        self.fragments = fragments
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return not any(fragment in record.getMessage() for fragment in self.fragments)
+def _missing_ranges_error(source: Path) -> ValueError:
+    return ValueError(
+        f"quantize_int8 needs static input ranges for the Linears of {source}: pass calibration= (an iterable of "
+        "tokenized batches with attention_mask, e.g. a few hundred training texts; see tasks/compression_stages.py "
+        "_calibration_batches) or activation_ranges= ({module: (low, high)}, e.g. hf_distill.qat.activation_ranges "
+        "of a QAT model). A model stripped with hf_distill.qat.strip_qat carries its ranges in config.json."
+    )
 
 
 def quantize_int8(
@@ -311,55 +296,82 @@ def quantize_int8(
     *,
     per_channel: bool = True,
     keep_float: Sequence[str] = DEFAULT_KEEP_FLOAT,
+    calibration: Iterable[Mapping[str, Any]] | None = None,
+    activation_ranges: Mapping[str, Sequence[float]] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Dynamic INT8 quantization of `onnx_dir/model.onnx` into `output_dir/model.onnx`; returns `output_dir`.
+    """Static INT8 quantization of `onnx_dir/model.onnx` into `output_dir/model.onnx`; returns `output_dir`.
 
-    ONNX Runtime's `quantize_dynamic`: weights int8 symmetric (per output channel if `per_channel`), activations
-    uint8 quantized at run time per tensor, embedding tables uint8 per tensor (see the module docstring and qat.py).
-    Nodes from the modules in `keep_float` (matched as in `module_name_matches`) stay float32. The other files of
-    `onnx_dir` (tokenizer, config.json, onnx_export.json) are copied; quantization.json records the scheme and which
-    modules were quantized. Written atomically; an existing folder needs `overwrite`.
+    The scheme (module docstring, `int8_scheme`): int8 weights in [-64, 64] (per output channel if `per_channel`),
+    uint8 Linear inputs with static per-tensor ranges, uint8 embedding tables. The ranges come from, in this order:
+    `activation_ranges` ({module name: (low, high)}), `calibration` (tokenized batches: [min, max] of each Linear input
+    over their unpadded tokens, run by ONNX Runtime on the float graph), or the ranges a QAT model recorded in its
+    config.json (`qat.strip_qat`); with none of them, ValueError. Nodes from the modules in `keep_float` (matched as
+    in `module_name_matches`) stay float32. The other files of `onnx_dir` (tokenizer, config.json, onnx_export.json)
+    are copied; quantization.json records the scheme, the ranges (loadable by `qat.prepare_qat(activation_ranges=)`),
+    which modules were quantized and the CPU (`cpu_features.describe_cpu`). Written atomically; an existing folder needs
+    `overwrite`.
     """
-    onnx, _ = _require_onnx()
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
+    onnx, ort = _require_onnx()
     onnx_dir = Path(onnx_dir)
     source = onnx_dir / ONNX_FILE
     if not source.is_file():
         found = sorted(p.name for p in onnx_dir.iterdir()) if onnx_dir.is_dir() else "no such folder"
         raise ValueError(f"quantize_int8 needs {source} (from export_onnx); found {found}.")
-    graph = onnx.load(str(source), load_external_data=False).graph
-    nodes = _quantizable_nodes(graph)
-    excluded = [node for node, module in nodes if module_name_matches(module, keep_float)]
-    quantized_modules = sorted({module for node, module in nodes if node not in excluded})
-    kept_modules = sorted({module for node, module in nodes if node in excluded})
-    missing = [
-        pattern for pattern in keep_float if not any(module_name_matches(m, [pattern]) for _, m in nodes)
-    ]
+    qat = _qat_record(onnx_dir)
+    if qat is not None and bool(qat.get("per_channel", per_channel)) != per_channel:
+        logger.warning(
+            f"{onnx_dir} was trained with QAT per_channel={qat['per_channel']}; quantizing with per_channel="
+            f"{per_channel} deploys another model than the one trained."
+        )
+    model = onnx.load(str(source))
+    nodes = quantizable_nodes(model.graph)
+    kept = [(node, module) for node, module in nodes if module_name_matches(module, keep_float)]
+    chosen = [(node, module) for node, module in nodes if not module_name_matches(module, keep_float)]
+    missing = [p for p in keep_float if not any(module_name_matches(m, [p]) for _, m in nodes)]
     if missing:
         logger.warning(f"keep_float names {missing}, which match no quantizable module of {source}.")
-    # ORT rewrites Gemm into MatMul (+ Add) named "<gemm>_MatMul" before it checks nodes_to_exclude.
-    exclude_names = [node.name for node in excluded] + [f"{node.name}_MatMul" for node in excluded]
+    linears = [(node, module) for node, module in chosen if node.op_type != "Gather"]
+    range_source = "activation_ranges"
+    if activation_ranges is None and calibration is None:
+        if qat and qat.get("activation_ranges"):
+            activation_ranges, range_source = qat["activation_ranges"], "qat (config.json int8_qat)"
+        elif linears:
+            raise _missing_ranges_error(source)
+        else:
+            activation_ranges = {}
+    elif activation_ranges is None:
+        range_source = "calibration"
+        if qat and qat.get("activation_ranges"):
+            logger.info("Calibrating; the input ranges QAT recorded in config.json are not used.")
+    if activation_ranges is not None:
+        absent = sorted({module for _, module in linears} - set(activation_ranges))
+        if absent:
+            raise ValueError(
+                f"activation_ranges has no (low, high) for {absent}; it names {sorted(activation_ranges)[:6]}... "
+                "Give one per quantized Linear module (quantization.json's activation_ranges), or calibrate instead."
+            )
     large = (
         source.stat().st_size + sum(p.stat().st_size for p in _external_files(source)) > _EXTERNAL_DATA_BYTES
     )
 
     with atomic_directory(output_dir, overwrite=overwrite) as temporary:
-        drop = _DropMessages("pre-processing before quantization")
-        std_logging.getLogger().addFilter(drop)
-        try:
-            quantize_dynamic(
-                source,
-                temporary / ONNX_FILE,
-                per_channel=per_channel,
-                weight_type=QuantType.QInt8,
-                nodes_to_exclude=exclude_names,
-                use_external_data_format=large,
-                extra_options={"MatMulConstBOnly": True},
+        calibrated: dict[str, Any] = {}
+        if activation_ranges is None:
+            calibrated = calibrate(
+                model, sorted({node.input[0] for node, _ in linears}), calibration, temporary
             )
-        finally:
-            std_logging.getLogger().removeFilter(drop)
+            ranges = {node.output[0]: calibrated["ranges"][node.input[0]] for node, _ in linears}
+        else:
+            ranges = {
+                node.output[0]: tuple(map(float, activation_ranges[module])) for node, module in linears
+            }
+        left_float = rewrite(model, chosen, ranges, per_channel)
+        if left_float:
+            logger.warning(f"Left float (not in a Linear's form): {left_float}")
+        onnx.save(
+            model, str(temporary / ONNX_FILE), save_as_external_data=large, location=f"{ONNX_FILE}.data"
+        )
         weight_files = {ONNX_FILE, *(p.name for p in _external_files(source))}
         for item in onnx_dir.iterdir():
             if item.name in weight_files or item.name.startswith("."):
@@ -368,23 +380,33 @@ def quantize_int8(
                 shutil.copytree(item, temporary / item.name)
             else:
                 shutil.copy2(item, temporary / item.name)
+        quantized_modules = sorted({m for node, m in chosen if node.name not in left_float})
         info = {
             "runtime": "onnxruntime",
-            "method": "quantize_dynamic",
-            "weights": "int8 symmetric [-127, 127], "
+            "scheme": INT8_SCHEME,
+            "weights": f"int8 symmetric [-{WEIGHT_QMAX}, {WEIGHT_QMAX}], "
             + ("per output channel" if per_channel else "per tensor"),
-            "activations": "uint8 asymmetric per tensor, computed at run time (DynamicQuantizeLinear)",
+            "activations": "uint8 asymmetric per tensor, static range (QuantizeLinear + MatMulIntegerToFloat)",
             "embeddings": "uint8 asymmetric per tensor",
+            "integer_product": "exact on every x86 CPU: |uint8 x int8 pair| <= 2 * 255 * 64 = 32640 < 2**15",
             "per_channel": per_channel,
             "keep_float": list(keep_float),
-            "float_modules": kept_modules,
+            "float_modules": sorted({m for _, m in kept} | {m for n, m in chosen if n.name in left_float}),
             "quantized_modules": quantized_modules,
-            "onnxruntime_version": _require_onnx()[1].__version__,
+            "activation_range_source": range_source,
+            "calibration": {k: v for k, v in calibrated.items() if k != "ranges"} or None,
+            "activation_ranges": {
+                module: list(ranges[node.output[0]])
+                for node, module in linears
+                if node.name not in left_float
+            },
+            "onnxruntime_version": ort.__version__,
+            "cpu": describe_cpu(),
         }
         (temporary / QUANTIZATION_INFO_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
     logger.info(
         f"Quantized {len(quantized_modules)} modules of {source} to INT8 in {output_dir} "
-        f"({size_on_disk(source.parent) / 1e6:.1f} MB -> {size_on_disk(output_dir) / 1e6:.1f} MB); "
-        f"float: {kept_modules}"
+        f"({size_on_disk(source.parent) / 1e6:.1f} MB -> {size_on_disk(output_dir) / 1e6:.1f} MB), input ranges from "
+        f"{range_source}; float: {info['float_modules']}"
     )
     return Path(output_dir)

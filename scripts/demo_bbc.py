@@ -31,6 +31,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from transformers import HfArgumentParser  # noqa: E402
 
 from hf_distill.scripts import distill_glue, train_teacher  # noqa: E402
+from hf_distill.tasks import common  # noqa: E402
 
 SPLITS = ("train", "validation", "test")
 TARGET_RETAINED_PCT = 97.0
@@ -189,3 +190,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    common.finish_processes()

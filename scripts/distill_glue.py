@@ -30,16 +30,38 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
-from transformers import Trainer, set_seed
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, Trainer, set_seed
 from transformers.utils import logging
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments
+from hf_distill.card_base_model import display_name
 from hf_distill.logit_cache_mixture import label_names_of, load_sequence_cache
 from hf_distill.tasks import augmentation, classification, common, mutual_recipe, quantization_aware, transfer
 
 logger = logging.get_logger("distill_glue")
+
+
+@dataclass
+class ModelCardArguments:
+    """What the model card (README.md) calls the student and its teacher, when the defaults would mislead."""
+
+    model_card_name: str | None = field(
+        default=None,
+        metadata={"help": "The card's title and model_name (default: the name of --output_dir's folder)."},
+    )
+    model_card_teacher: str | None = field(
+        default=None,
+        metadata={
+            "help": "The teacher the card names, with its parameter count, when the --teacher_model_name_or_path "
+            "trained from stands in for it (scripts/compress.py distils from a vocabulary-pruned view of its "
+            "teacher): a Hub id or a local folder of a sequence classifier (default: the teacher)."
+        },
+    )
+
 
 ARGUMENT_TYPES = (
     classification.ClassificationModelArguments,
@@ -47,8 +69,42 @@ ARGUMENT_TYPES = (
     transfer.TransferArguments,
     classification.ClassificationReportArguments,
     quantization_aware.QuantizationAwareArguments,
+    ModelCardArguments,
     DistillationTrainingArguments,
 )
+
+
+def _parameter_count(model_name_or_path: str) -> int:
+    """Parameters of the sequence classifier in `model_name_or_path`, from its config alone (built on the meta
+    device: no weights are read); tied weights count once, as `hf_distill.report.count_parameters` counts them."""
+    from hf_distill.report import count_parameters
+
+    config = AutoConfig.from_pretrained(model_name_or_path)
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+    return count_parameters(model)
+
+
+def _card_arguments(model_args, card_args: ModelCardArguments, data_args) -> dict[str, Any]:
+    """The model card's arguments, as run_glue.py passes them, naming the student's real origin: the model it was
+    initialised from (--student_model_name_or_path, e.g. a pruned stage), else the teacher whose layers built it."""
+    card: dict[str, Any] = {
+        "tasks": "text-classification",
+        "finetuned_from": model_args.student_model_name_or_path or model_args.teacher_model_name_or_path[0],
+    }
+    if card_args.model_card_name is not None:
+        card["model_name"] = card_args.model_card_name
+    if card_args.model_card_teacher is not None:
+        card["teacher_name"] = card_args.model_card_teacher
+        card["teacher_parameters"] = _parameter_count(card_args.model_card_teacher)
+    if data_args.task_name is not None:
+        card.update(
+            language="en",
+            dataset_tags="glue",
+            dataset_args=data_args.task_name,
+            dataset=f"GLUE {data_args.task_name.upper()}",
+        )
+    return card
 
 
 def _train_without_teacher(
@@ -109,7 +165,7 @@ def _augmented(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    model_args, data_args, transfer_args, report_args, qat_args, training_args = common.parse_args(
+    model_args, data_args, transfer_args, report_args, qat_args, card_args, training_args = common.parse_args(
         ARGUMENT_TYPES, argv
     )
     common.setup_logging(training_args)
@@ -138,6 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         models = classification.load_distillation_models(model_args, spec)
         embeddings = models.teacher.get_input_embeddings().weight
+        card = _card_arguments(model_args, card_args, data_args)  # a wrong --model_card_teacher fails here
     if training_args.teacher_weights is not None and len(training_args.teacher_weights) != len(
         models.teachers
     ):
@@ -232,15 +289,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     if training_args.do_train:
         quantization_aware.finish(trainer, qat_args)
-        # The card arguments run_glue.py passes; the trainer keeps them for later save_model calls.
-        card = {"tasks": "text-classification", "finetuned_from": model_args.teacher_model_name_or_path[0]}
-        if data_args.task_name is not None:
-            card.update(
-                language="en",
-                dataset_tags="glue",
-                dataset_args=data_args.task_name,
-                dataset=f"GLUE {data_args.task_name.upper()}",
-            )
+        # The trainer keeps the card's arguments for later save_model calls.
         trainer.create_model_card(**card)
 
     # The report compares on the held-out test split when it has labels, else on the first evaluation split.
@@ -291,8 +340,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "metrics": common.strip_prefix(baseline_metrics, prefix, spec.metrics),
         }
 
+    # Shown in the report and in the model card: a folder's name, never a path on this machine.
     student_description = (
-        model_args.student_model_name_or_path
+        display_name(model_args.student_model_name_or_path)
         or f"{student.config.num_hidden_layers}-layer student built from the teacher"
     )
     report = common.write_distillation_report(
@@ -325,3 +375,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main()
+    common.finish_processes()

@@ -25,6 +25,8 @@ from transformers import HfArgumentParser, PreTrainedModel, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
+from hf_distill.checkpoints import resume_flag
+
 logger = logging.get_logger(__name__)
 
 CONFIG_FILE_SUFFIXES = (".yaml", ".yml", ".json")
@@ -356,7 +358,7 @@ def resume_checkpoint(training_args: TrainingArguments) -> str | bool | None:
     the run resumes (True lets the trainer pick the last complete one) instead of starting over.
     """
     if training_args.resume_from_checkpoint is not None:
-        return training_args.resume_from_checkpoint
+        return resume_flag(training_args.resume_from_checkpoint)  # "true"/"false" from the command line
     if os.path.isdir(training_args.output_dir) and get_last_checkpoint(training_args.output_dir) is not None:
         logger.info(
             f"Checkpoints found in {training_args.output_dir}: resuming training from the last complete one. "
@@ -364,6 +366,18 @@ def resume_checkpoint(training_args: TrainingArguments) -> str | bool | None:
         )
         return True
     return None
+
+
+def finish_processes() -> None:
+    """End a finished run on every rank together: wait for the others, then take the process group down.
+
+    Without it a rank that finished first (the others return at once from the report, which the main process
+    alone measures) left while the main one still held the group, and gloo aborted it at exit (SIGABRT), so a
+    launch that had written every file returned an error. A no-op in a single process.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def save_metrics(trainer: transformers.Trainer, split: str, metrics: Mapping[str, float]) -> None:

@@ -24,6 +24,7 @@ from transformers.utils import logging
 
 from hf_distill.atomic import atomic_directory, atomic_write_text
 from hf_distill.compression_recipe import DistillStage, PruneStage, QuantizeStage, Recipe
+from hf_distill.pruning.portable_tokenizer import make_tokenizer_folder_portable
 
 logger = logging.get_logger(__name__)
 
@@ -91,7 +92,8 @@ def _training_flags(
     flags = [
         "--train_file", data.files["train"], "--max_seq_length", str(data.max_seq_length),
         "--output_dir", str(output_dir), "--do_train",
-        "--num_train_epochs", str(epochs), "--learning_rate", str(lr or training.learning_rate),
+        "--num_train_epochs", str(epochs),
+        "--learning_rate", str(training.learning_rate if lr is None else lr),  # 0 is a learning rate, None is not
         "--per_device_train_batch_size", str(training.batch_size), "--per_device_eval_batch_size", "64",
         "--warmup_steps", "0.1", "--weight_decay", "0.01",
         "--save_strategy", "epoch", "--save_total_limit", "1", "--eval_strategy", "no",
@@ -130,6 +132,7 @@ def finetune_teacher(
         with atomic_directory(folder, overwrite=True) as building:
             _keep_model_files(run_dir, building)
             AutoTokenizer.from_pretrained(run_dir).save_pretrained(building)
+            make_tokenizer_folder_portable(building)
             _finish(building, settings, started)
     state.wait_for_everyone()
 
@@ -182,6 +185,7 @@ def prune(stage: PruneStage, data: StageData, source_dir: Path, folder: Path) ->
     with atomic_directory(folder, overwrite=True) as building:
         pruned.save_pretrained(building)
         tokenizer.save_pretrained(building)
+        make_tokenizer_folder_portable(building)  # loads in transformers 4 too (optimum, pipelines)
         _finish(
             building,
             settings,
@@ -225,6 +229,7 @@ def teacher_for(student_dir: Path, teacher_dir: Path, work_dir: Path) -> Path:
         with atomic_directory(view, overwrite=True) as building:
             teacher.save_pretrained(building)
             tokenizer.save_pretrained(building)
+            make_tokenizer_folder_portable(building)
     return view
 
 
@@ -257,9 +262,11 @@ def distill(
     training = recipe.training
     flags = [
         "--teacher_model_name_or_path", str(teacher), "--student_model_name_or_path", str(source_dir),
-        "--temperature", str(stage.temperature or training.temperature),
+        "--temperature", str(training.temperature if stage.temperature is None else stage.temperature),
         "--alpha", str(stage.alpha if stage.alpha is not None else training.alpha),
         "--hidden_weight", str(stage.hidden_weight),
+        # The card names this stage and the real teacher (its folder or Hub id, its parameters), not the view.
+        "--model_card_name", stage.name, "--model_card_teacher", str(teacher_dir),
     ] + _training_flags(recipe, data, stage_work / "run", stage.epochs, stage.learning_rate)  # fmt: skip
     if isinstance(stage, DistillStage):
         flags += [
@@ -274,6 +281,7 @@ def distill(
         with atomic_directory(folder, overwrite=True) as building:
             _keep_model_files(stage_work / "run", building)
             AutoTokenizer.from_pretrained(stage_work / "run").save_pretrained(building)
+            make_tokenizer_folder_portable(building)
             _finish(building, settings, started, train=results.get("train", {}), teacher=str(teacher_dir))
     state.wait_for_everyone()
 
@@ -288,10 +296,16 @@ def quantize(
     work_dir: Path,
     state: Any,
 ) -> None:
-    """INT8 in ONNX Runtime: of the `from` model (ptq), or of it distilled with fake quantization (qat).
+    """INT8 in ONNX Runtime: of the `from` model (ptq: input ranges calibrated on `data.calibration_examples` training
+    texts), or of it distilled with fake quantization (qat: deployed with the input ranges it trained with).
 
-    The distillation of `qat` runs on every process; export and quantization on the main one."""
-    settings = stage_settings(stage)
+    The distillation of `qat` runs on every process; export and quantization on the main one. stage.json records the
+    CPU it ran on (hf_distill.cpu_features), the folder's quantization.json the scheme and its ranges."""
+    from hf_distill.cpu_features import describe_cpu
+    from hf_distill.quantization import INT8_SCHEME
+
+    # The scheme is part of the settings: a folder quantized by an older scheme is not reused (is_done says so).
+    settings = {**stage_settings(stage), "int8_scheme": INT8_SCHEME}
     if is_done(folder, settings):
         return
     started = time.perf_counter()
@@ -302,23 +316,39 @@ def quantize(
             recipe, stage, data, source_dir, teacher_dir, model_dir, work_dir, state, quantization_aware=True
         )
     if state.is_main_process:
-        _export_int8(model_dir, work_dir / stage.name / "onnx_fp32", folder, data, stage.per_channel)
-        _finish(folder, settings, started, quantized_from=str(model_dir))
+        onnx_dir = work_dir / stage.name / "onnx_fp32"
+        _export_int8(model_dir, onnx_dir, folder, data, stage.per_channel, qat=stage.method == "qat")
+        _finish(folder, settings, started, quantized_from=str(model_dir), cpu=describe_cpu())
     state.wait_for_everyone()
 
 
-def _export_int8(model_dir: Path, onnx_dir: Path, folder: Path, data: StageData, per_channel: bool) -> None:
+def _export_int8(
+    model_dir: Path, onnx_dir: Path, folder: Path, data: StageData, per_channel: bool, *, qat: bool = False
+) -> None:
+    """Export and quantize `model_dir`. Static input ranges: those a QAT model trained with (in its config.json, from
+    hf_distill.qat.strip_qat), else calibrated on the first `data.calibration_examples` training texts."""
+    from hf_distill.qat import CONFIG_KEY
     from hf_distill.quantization import export_onnx, quantize_int8
 
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     export_onnx(model, tokenizer, onnx_dir, max_length=data.max_seq_length, overwrite=True)
-    quantize_int8(onnx_dir, folder, per_channel=per_channel, overwrite=True)
+    calibration = None
+    if not (qat and (getattr(model.config, CONFIG_KEY, None) or {}).get("activation_ranges")):
+        if qat:
+            logger.warning(f"{model_dir} has no QAT input ranges in its config.json; calibrating instead.")
+        texts = read_texts(data.files["train"])[: data.calibration_examples]
+        calibration = _calibration_batches(model_dir, texts, data.max_seq_length)
+    quantize_int8(onnx_dir, folder, per_channel=per_channel, calibration=calibration, overwrite=True)
 
 
 def quantize_reference(teacher_dir: Path, work_dir: Path, data: StageData) -> None:
-    """The teacher itself in INT8 ONNX Runtime (work_dir/int8), built once: the report's runtime reference."""
-    if not (work_dir / "int8" / "model.onnx").is_file():
+    """The teacher itself in INT8 ONNX Runtime (work_dir/int8, PTQ), built once per scheme: the report's runtime
+    reference."""
+    from hf_distill.quantization import INT8_SCHEME
+
+    info = work_dir / "int8" / "quantization.json"
+    if not info.is_file() or json.loads(info.read_text()).get("scheme") != INT8_SCHEME:
         _export_int8(teacher_dir, work_dir / "onnx_fp32", work_dir / "int8", data, per_channel=True)
 
 
@@ -350,7 +380,15 @@ def load_stage(name: str, path: Path, max_length: int, num_threads: int | None) 
 
     if (path / "model.onnx").is_file():
         # Idle ORT threads sleep rather than spin, so they take no cores from the models timed after them.
+        from hf_distill.quantization import INT8_SCHEME
+
         session = OnnxSequenceClassifier(path, num_threads=num_threads, allow_spinning=False)
+        info = session.quantization
+        if info is not None and info.get("scheme") != INT8_SCHEME:
+            logger.warning(
+                f"{path} was quantized by an older INT8 scheme ({info.get('method', info.get('scheme'))}): its "
+                "predictions depend on the rest of the batch and may saturate on CPUs without VNNI; rebuild it."
+            )
         config = json.loads((path / "config.json").read_text())
         labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
         params = _onnx_parameter_count(path)

@@ -157,3 +157,141 @@ def test_check_only_validates_without_work(setup, capsys):
     compress.main(_flags(teacher, files, output, STAGES) + ["--check_only"])
     assert "pass every check" in capsys.readouterr().out
     assert not output.exists()
+
+
+# --- --check_only runs every check a later stage would fail -------------------------------------------------
+
+
+def _check_only(setup, stages):
+    tmp_path, teacher, files = setup
+    output = tmp_path / "checked"
+    result = compress.main(_flags(teacher, files, output, stages) + ["--check_only"])
+    assert not output.exists()
+    return result
+
+
+@pytest.mark.parametrize(
+    "stages, message",
+    [
+        (["distill:temperature=-1"], "temperature: -1 must be > 0"),
+        (["distill:temperature=0"], "temperature: 0 must be > 0"),
+        (["distill:alpha=1.5"], r"alpha: 1.5 must be in \[0, 1\]"),
+        (["distill:learning_rate=-0.001"], "learning_rate: -0.001 must be >= 0"),
+        (["distill:hidden_weight=-1"], "hidden_weight: -1 must be >= 0"),
+        (["distill:epochs=abc"], "epochs: 'abc' must be a number"),
+        (["quantize:method=qat,alpha=-0.5"], r"alpha: -0.5 must be in \[0, 1\]"),
+        # The pruned student keeps 2 of the teacher's 4 heads: per-head attention maps cannot be paired.
+        (
+            ["prune:name=p,hidden=16", "distill:name=d,attention_weight=1"],
+            r"stage d: attention matching head by head.*\(p, 2 heads\).*\(teacher, 4 heads\).*mean",
+        ),
+        # A student with the whole vocabulary cannot read the ids of a vocabulary-pruned teacher.
+        (
+            ["prune:name=small,vocab=data,hidden=16", "distill:name=a", "prune:name=wide,from=teacher,layers=2",
+             "distill:name=b,teacher=a"],
+            r"stage b: its student \(wide\) has the teacher's whole vocabulary, but its teacher \(a\) keeps only",
+        ),
+    ],
+)  # fmt: skip
+def test_check_only_refuses_what_a_later_stage_would_refuse(setup, stages, message):
+    with pytest.raises(ValueError, match=message):
+        _check_only(setup, stages)
+
+
+def test_check_only_accepts_what_works(setup):
+    _check_only(setup, ["prune:name=p,hidden=16", "distill:attention_weight=1,attention_head_mapping=mean"])
+    _check_only(setup, ["prune:name=p,layers=2", "distill:attention_weight=1,learning_rate=0,alpha=0"])
+
+
+def test_check_only_names_the_extra_a_quantize_stage_needs(setup, monkeypatch, capsys):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "onnxruntime" else real_find_spec(name, *a),
+    )
+    with pytest.raises(ValueError, match=r"\['onnxruntime'\].*pip install \"hf-distill\[compress\]\""):
+        _check_only(setup, ["prune:name=p,hidden=16", "quantize:method=ptq"])
+    _check_only(setup, ["prune:name=p,hidden=16", "distill:epochs=1"])  # no quantize stage: nothing missing
+    assert "pass every check" in capsys.readouterr().out
+
+
+def test_check_only_refuses_data_files_compress_cannot_read(setup):
+    tmp_path, teacher, files = setup
+    (tmp_path / "no_label.csv").write_text("text,category\nthe movie,pos\n")
+    (tmp_path / "train.json").write_text('{"text": "the movie", "label": "pos"}\n')
+    for key, path, message in (
+        ("train", str(tmp_path / "missing.csv"), "does not exist"),
+        ("test", str(tmp_path / "no_label.csv"), r"no \['label'\]"),
+        ("train", str(tmp_path / "train.json"), "reads CSV files"),
+    ):
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            _check_only((tmp_path, teacher, {**files, key: path}), ["prune:name=p,hidden=16"])
+
+
+def test_check_only_refuses_heads_llama_cannot_save(tmp_path, bert_tokenizer):
+    """check_pruning's save/reload check, reached from the recipe before any work: 8 heads in 4 groups at hidden 64
+    lose one group, and LlamaConfig refuses 6 heads at hidden 64."""
+    from transformers import LlamaConfig
+
+    _, _, files = make_setup(tmp_path, bert_tokenizer)
+    teacher = tmp_path / "llama_teacher"
+    LlamaConfig(
+        vocab_size=len(bert_tokenizer), hidden_size=64, num_attention_heads=8, num_key_value_heads=4, head_dim=8,
+        intermediate_size=32, num_hidden_layers=2, num_labels=3, pad_token_id=0,
+    ).save_pretrained(teacher)  # fmt: skip
+    with pytest.raises(ValueError, match=r"stage p: heads=0.25 .* 6 attention heads.*heads: 0.5 \(4 heads\)"):
+        _check_only((tmp_path, str(teacher), files), ["prune:name=p,heads=0.25"])
+
+
+# --- the distillation stage's folder -----------------------------------------------------------------------
+
+
+def test_distill_stage_honours_zero_and_describes_the_real_models(setup):
+    """learning_rate: 0 is honoured (AdamW's update and its decoupled weight decay both scale with it, so the
+    distilled weights are the pruned ones exactly); the card names the stage, the real teacher (its folder, its
+    parameter count from disk) and the stage the student came from, with no path of this machine; every stage's
+    tokenizer loads in transformers 4 too, and transformers' pipeline runs on the stage."""
+    import re
+
+    import transformers
+    from huggingface_hub import ModelCard, metadata_load
+
+    tmp_path, teacher, files = setup
+    output = tmp_path / "out"
+    stages = [
+        "prune:name=pruned,hidden=16,layers=2,vocab=data",
+        "distill:name=distilled,epochs=1,learning_rate=0",
+    ]
+    compress.main(_flags(teacher, files, output, stages))
+
+    pruned_dir, distilled_dir = output / "stages" / "pruned", output / "stages" / "distilled"
+    pruned = AutoModelForSequenceClassification.from_pretrained(pruned_dir).state_dict()
+    distilled = AutoModelForSequenceClassification.from_pretrained(distilled_dir).state_dict()
+    assert pruned.keys() == distilled.keys()
+    for key in pruned:
+        torch.testing.assert_close(distilled[key], pruned[key], rtol=0, atol=0)
+
+    readme = (distilled_dir / "README.md").read_text()
+    assert str(tmp_path) not in readme and "teacher_view" not in readme
+    assert not re.search(r"(?<![\w:/.])(?:/|~/|[A-Za-z]:\\)[\w.-]+[/\\]", readme), (
+        "an absolute path in the card"
+    )
+    card = ModelCard(readme)  # parses the metadata as the Hub does
+    with open(distilled_dir / "README.md", encoding="utf-8") as handle:
+        assert metadata_load(handle.name) == card.data.to_dict()
+    assert card.text.lstrip().startswith("# distilled\n")
+    teacher_params = sum(
+        p.numel() for p in BertForSequenceClassification.from_pretrained(teacher).parameters()
+    )
+    assert "distilled from **teacher**" in card.text
+    assert f"| Parameters | {teacher_params:,} |" in card.text
+    assert "fine-tuned from `pruned`" in card.text
+
+    for stage in ("pruned", "distilled"):
+        saved = json.loads((output / "stages" / stage / "tokenizer_config.json").read_text())
+        assert saved["tokenizer_class"] == "PreTrainedTokenizerFast", stage
+    classify = transformers.pipeline("text-classification", model=str(distilled_dir), device="cpu")
+    assert classify("the movie was good")[0]["label"] in LABELS

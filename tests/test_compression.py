@@ -70,6 +70,61 @@ def test_recipes_that_cannot_work_fail_naming_the_value_and_the_fix(stages, extr
         check_recipe(_recipe(stages, **extra))
 
 
+DISTILL_AFTER_PRUNE = [{"type": "prune", "name": "p"}]
+
+
+@pytest.mark.parametrize(
+    "stage, training, message",
+    [
+        ({"temperature": 0}, {}, r"stage distill_2: temperature: 0 must be > 0"),
+        ({"temperature": -1.0}, {}, r"temperature: -1.0 must be > 0"),
+        ({}, {"temperature": 0}, r"training: temperature: 0 must be > 0"),
+        ({"alpha": 1.5}, {}, r"alpha: 1.5 must be in \[0, 1\]"),
+        ({"alpha": -0.1}, {}, r"alpha: -0.1 must be in \[0, 1\]"),
+        ({}, {"alpha": 2}, r"training: alpha: 2 must be in \[0, 1\]"),
+        ({"learning_rate": -1e-4}, {}, r"learning_rate: -0.0001 must be >= 0"),
+        ({"hidden_weight": -1}, {}, r"hidden_weight: -1 must be >= 0"),
+        ({"attention_weight": -0.5}, {}, r"attention_weight: -0.5 must be >= 0"),
+        ({"epochs": "abc"}, {}, r"stage distill_2: epochs: 'abc' must be a number, e.g. epochs: 3.0"),
+        ({"epochs": None}, {}, r"epochs: null must be a number"),
+        ({"alpha": True}, {}, r"alpha: True must be a number"),
+        ({"temperature": float("nan")}, {}, r"temperature: nan must be a finite number"),
+        ({"kd_loss": 3}, {}, r"kd_loss: 3 must be a string"),
+        ({}, {"batch_size": 0}, r"training: batch_size: 0 must be >= 1"),
+        ({}, {"num_threads": 0}, r"num_threads: 0 must be >= 1"),
+        ({}, {"latency_repeats": 2.5}, r"latency_repeats: 2.5 must be an integer"),
+    ],
+)
+def test_values_that_would_fail_in_a_later_stage_fail_before_the_first(stage, training, message):
+    recipe = _recipe([*DISTILL_AFTER_PRUNE, {"type": "distill", **stage}], training=training)
+    with pytest.raises(ValueError, match=message):
+        check_recipe(recipe)
+
+
+def test_quantization_aware_stage_values_are_checked_too():
+    for values, message in (({"temperature": 0}, "temperature: 0"), ({"alpha": 3}, "alpha: 3")):
+        with pytest.raises(ValueError, match=message):
+            check_recipe(_recipe([{"type": "quantize", "method": "qat", **values}]))
+
+
+def test_zero_is_honoured_where_it_is_valid_and_numbers_written_as_text_are_read():
+    recipe = _recipe(
+        [*DISTILL_AFTER_PRUNE, {"type": "distill", "learning_rate": 0, "alpha": 0, "hidden_weight": 0}],
+        training={"learning_rate": "2e-4", "alpha": 1},  # PyYAML reads 2e-4 (no dot) as text
+        teacher={"model_name_or_path": "teacher", "finetune_epochs": 0, "finetune_learning_rate": 0},
+    )
+    check_recipe(recipe)
+    assert recipe.stages[1].learning_rate == 0 and recipe.stages[1].alpha == 0
+    assert recipe.training.learning_rate == pytest.approx(2e-4)
+
+
+def test_a_stage_that_is_not_a_mapping_and_a_section_that_is_not_empty_are_refused():
+    with pytest.raises(ValueError, match=r"stage 1: 'prune' is not a mapping"):
+        _recipe(["prune"])
+    with pytest.raises(ValueError, match="training must be a mapping"):
+        _recipe(DISTILL_AFTER_PRUNE, training=5)
+
+
 def test_missing_sections_and_data():
     with pytest.raises(ValueError, match="no teacher"):
         recipe_from_mapping({"data": BASE["data"], "stages": [{"type": "prune"}]})

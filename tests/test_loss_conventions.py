@@ -104,3 +104,26 @@ def test_bernoulli_kl_is_zero_at_the_teacher_and_sees_a_common_shift():
     shifted = bernoulli_distillation_loss(teacher_logits + 5.0, teacher_logits, temperature=2.0)
     softmax_kl = logit_distillation_loss(teacher_logits + 5.0, teacher_logits, temperature=2.0)
     assert abs(softmax_kl.item()) <= 1e-5 and shifted.item() > 0.5
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_ours_is_temperature_squared_times_trl_generalized_jsd(beta, temperature):
+    """TRL 1.16's own `generalized_jsd_loss` is the reference: with labels it divides by the unmasked tokens, as
+    our "mean" does, so the only difference is our T**2 factor (README, "How these relate to TRL")."""
+    gkd = pytest.importorskip(
+        "trl.experimental.gkd", reason="TRL is the reference here: pip install -e '.[peers]'"
+    )
+    torch.manual_seed(1)
+    student_logits, teacher_logits = torch.randn(3, 7, 40), torch.randn(3, 7, 40)
+    labels = torch.randint(0, 40, (3, 7))
+    labels[0, :3] = -100
+    labels[2, 5:] = -100
+    trl_loss = gkd.GKDTrainer.generalized_jsd_loss(
+        student_logits, teacher_logits, labels=labels, beta=beta, temperature=temperature
+    )
+    kind = {0.0: "forward_kl", 1.0: "reverse_kl"}.get(beta, "jsd")
+    ours = logit_distillation_loss(
+        student_logits, teacher_logits, temperature=temperature, kind=kind, beta=beta, mask=labels.ne(-100)
+    )
+    assert ours.item() == pytest.approx(temperature**2 * trl_loss.item(), rel=1e-5, abs=1e-7)

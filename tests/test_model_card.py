@@ -8,6 +8,7 @@ adapter_config.json PEFT writes. Nothing here reaches the Hub (conftest sets off
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import torch
 import yaml
 from conftest import TEXTS_FOR_TESTS
 from datasets import Dataset, DatasetInfo, NamedSplit
-from huggingface_hub import ModelCard
+from huggingface_hub import ModelCard, metadata_load
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -171,6 +172,49 @@ def test_finetuned_from_that_is_a_local_path_is_left_out(tmp_path, bert_tokenize
     # An explicit finetuned_from replaces the guess from the teacher, as in Trainer; a path is only described.
     assert "base_model" not in raw
     assert "fine-tuned from `./checkpoints/base`" in card.text
+
+
+# ---- names: Hub ids and folder names, never a path of this machine -------------------------------------------
+
+ABSOLUTE_PATH = re.compile(r"(?<![\w:/.])(?:/|~/|[A-Za-z]:\\)[\w.-]+[/\\]")
+
+
+def assert_no_machine_path(tmp_path) -> None:
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert str(tmp_path) not in text
+    assert not ABSOLUTE_PATH.search(text), ABSOLUTE_PATH.search(text)
+
+
+def test_absolute_paths_are_named_by_their_folder(tmp_path, bert_tokenizer):
+    teacher_dir = tmp_path / "teachers" / "bbc_teacher"
+    bert(bert_tokenizer, layers=2, seed=2).save_pretrained(teacher_dir)
+    teacher = BertForSequenceClassification.from_pretrained(str(teacher_dir))  # absolute, as scripts pass it
+    trainer = classification_trainer(tmp_path, bert_tokenizer, teacher=teacher)
+    trainer.create_model_card(finetuned_from=str(tmp_path / "stages" / "pruned"))
+
+    card, raw = load_card(tmp_path)
+    assert_no_machine_path(tmp_path)
+    with open(tmp_path / "out" / "README.md", encoding="utf-8") as handle:
+        assert metadata_load(handle.name) == raw  # huggingface_hub's own reader of the metadata block
+    assert "base_model" not in raw
+    assert "distilled from **bbc_teacher**" in card.text and "| Model | bbc_teacher | out |" in card.text
+    assert "fine-tuned from `pruned`" in card.text
+
+
+def test_teacher_name_and_parameters_describe_the_teacher_a_stand_in_was_made_from(tmp_path, bert_tokenizer):
+    """scripts/compress.py distils from a vocabulary-pruned view of its teacher: the card names the real one."""
+    trainer = classification_trainer(tmp_path, bert_tokenizer)
+    trainer.create_model_card(
+        teacher_name="org/real-teacher", teacher_parameters=22_713_216, model_name="distilled"
+    )
+    card, raw = load_card(tmp_path)
+    assert card.text.lstrip().startswith("# distilled\n")
+    assert "distilled from **org/real-teacher**" in card.text
+    assert "| Parameters | 22,713,216 |" in card.text and "of the teacher's 22.7M" in card.text
+    assert card.data.base_model == "org/real-teacher"  # a Hub id is linked, as for a live Hub teacher
+    trainer.save_model()  # later saves keep what create_model_card was told
+    again, _ = load_card(tmp_path)
+    assert "distilled from **org/real-teacher**" in again.text
 
 
 # ---- Trainer.create_model_card's arguments and model-index ---------------------------------------------------

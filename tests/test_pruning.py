@@ -471,3 +471,105 @@ def test_prune_model_validates_before_any_work():
         prune_model(model, PruningSpec(ffn=0.5), _importance_with_silent(_bert(intermediate_size=32)))
     rounded = prune_model(model, PruningSpec(heads=0.3), _importance_with_silent(model))  # 0.6 -> 1 group
     assert (rounded.config.num_attention_heads, rounded.config.num_key_value_heads) == (2, 1)
+
+
+# --- every accepted spec saves and reloads ------------------------------------------------------------------
+
+# 8 query heads in 4 key/value groups of head_dim 8 at hidden 64: removing one group keeps 6 heads, which Llama's
+# config class refuses next to hidden 64 (it checks hidden_size % num_attention_heads although head_dim is explicit)
+# while Mistral's and Qwen's accept it.
+GQA_SETTINGS = dict(
+    vocab_size=40, hidden_size=64, num_attention_heads=8, num_key_value_heads=4, head_dim=8,
+    intermediate_size=32, num_hidden_layers=3, max_position_embeddings=32,
+)  # fmt: skip
+DECODERS = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+}
+SPEC_GRID = [
+    PruningSpec(heads=heads, hidden=hidden, ffn=0.5, layers=layers)
+    for heads in (0.0, 0.25, 0.5, 0.75)
+    for hidden in (None, 60, 40)  # 60: 6 heads divide it, 8 do not; 40: 8 divide it, 6 do not
+    for layers in (None, 2)
+]
+
+
+_SHAPE_KEYS = (
+    "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size", "num_hidden_layers",
+)  # fmt: skip
+
+
+def _transformers_accepts(config_class, config) -> bool:
+    """The independent reference: does the config class itself accept these dimensions (as a fresh config)?"""
+    shape = {key: getattr(config, key) for key in _SHAPE_KEYS}
+    try:
+        config_class(**{**GQA_SETTINGS, **shape})
+    except Exception:  # noqa: BLE001 - transformers raises several kinds (strict dataclass validation errors)
+        return False
+    return True
+
+
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_every_spec_check_pruning_accepts_prunes_saves_and_reloads(tmp_path, name):
+    """check_pruning accepts a spec exactly when the pruned model saves and reloads: every accepted spec is pruned,
+    saved with save_pretrained and reloaded with AutoModelForCausalLM, computing what it computed in memory; every
+    refused one is refused because transformers' config class refuses its dimensions (or for a reason that
+    applies to every family alike), so nothing fails after the work."""
+    config_class, model_class = DECODERS[name]
+    model = _randomize(model_class(config_class(**GQA_SETTINGS)))
+    batch = {"input_ids": torch.randint(1, 40, (2, 5), generator=torch.Generator().manual_seed(0))}
+    importance = measure_importance(model, [batch])
+    accepted = 0
+    for spec in SPEC_GRID:
+        try:
+            check_pruning(model.config, spec)
+        except ValueError as error:
+            assert "refuses to save or load" in str(error), (spec, error)
+            forced = copy.deepcopy(model.config)
+            groups = 4 - round(spec.heads * 4)
+            forced.hidden_size, forced.num_attention_heads = spec.hidden or 64, groups * 2
+            forced.num_key_value_heads = groups
+            assert not _transformers_accepts(config_class, forced), spec
+            continue
+        accepted += 1
+        pruned = prune_model(model, spec, importance)
+        folder = tmp_path / f"{spec.heads}-{spec.hidden}-{spec.layers}"
+        pruned.save_pretrained(folder)
+        reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+        assert type(reloaded) is type(pruned)
+        torch.testing.assert_close(
+            _outputs(reloaded, batch)[0], _outputs(pruned, batch)[0], rtol=0, atol=1e-6
+        )
+        assert _transformers_accepts(config_class, pruned.config)
+    assert accepted >= len(SPEC_GRID) // 2
+
+
+def test_heads_that_llama_cannot_save_are_refused_naming_valid_counts():
+    config = LlamaConfig(**GQA_SETTINGS)
+    with pytest.raises(ValueError) as refused:
+        check_pruning(config, PruningSpec(heads=0.25))
+    message = str(refused.value)
+    assert "hidden_size 64 and 6 attention heads" in message
+    # The valid head counts at this width (4 divides 64, 2 divides 64; 8 is unpruned) and the nearest width for 6.
+    assert "heads: 0.5 (4 heads)" in message and "heads: 0.75 (2 heads)" in message
+    assert "hidden: 60" in message  # 60 = 10 x 6, the nearest width below 64 that 6 heads divide
+    for fix in (PruningSpec(heads=0.5), PruningSpec(heads=0.75), PruningSpec(heads=0.25, hidden=60)):
+        check_pruning(config, fix)
+    with pytest.raises(ValueError, match="refuses to save or load"):
+        pruned_config(config, PruningSpec(heads=0.25))
+    # Mistral keeps the same shape: its config class accepts it.
+    assert pruned_config(MistralConfig(**GQA_SETTINGS), PruningSpec(heads=0.25)).num_attention_heads == 6
+
+
+def test_pruned_config_slices_per_layer_lists_like_the_pruned_model():
+    """Qwen2 keeps one entry per layer in layer_types; the config read without weights must match the model's."""
+    layer_types = ["full_attention", "sliding_attention", "full_attention"]
+    config = Qwen2Config(**GQA_SETTINGS, layer_types=layer_types, use_sliding_window=True)
+    model = _randomize(Qwen2ForCausalLM(config))
+    spec = PruningSpec(layer_indices=[0, 1])
+    pruned = prune_model(model, spec)
+    expected = {k: v for k, v in pruned.config.to_dict().items() if k != "dtype"}
+    assert {k: v for k, v in pruned_config(model.config, spec).to_dict().items() if k != "dtype"} == expected
+    assert pruned.config.layer_types == ["full_attention", "sliding_attention"]

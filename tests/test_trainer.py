@@ -515,6 +515,28 @@ def test_resuming_from_an_incomplete_checkpoint_is_refused(tmp_path, bert_tokeni
         trainer.train(resume_from_checkpoint=True)
 
 
+def test_resume_flag_words_from_the_command_line(tmp_path, bert_tokenizer, monkeypatch):
+    """`--resume_from_checkpoint true` resumes (it was read as a folder named "true"); a missing folder names the
+    fix; the Trainer itself is the reference for what true means (the newest complete checkpoint)."""
+    from tasks.common import resume_checkpoint
+
+    first = classification_trainer(tmp_path, bert_tokenizer, save_strategy="steps", save_steps=3)
+    first.train()
+    monkeypatch.chdir(tmp_path)  # no folder named "true" or "TRUE" here
+    for word in ("true", "TRUE"):
+        args = make_args(tmp_path, max_steps=4, resume_from_checkpoint=word)
+        assert resume_checkpoint(args) is True
+        # another learning rate: a run from scratch would log other losses at steps 1-3
+        resumed = classification_trainer(tmp_path, bert_tokenizer, max_steps=4, learning_rate=0.5)
+        resumed.train(resume_from_checkpoint=word)
+        assert resumed.state.global_step == 4
+        history = [entry["loss"] for entry in resumed.state.log_history if "loss" in entry]
+        assert history[:3] == [entry["loss"] for entry in first.state.log_history if "loss" in entry]
+    assert resume_checkpoint(make_args(tmp_path, resume_from_checkpoint="false")) is False
+    with pytest.raises(ValueError, match="no such folder.*or true to resume"):
+        classification_trainer(tmp_path, bert_tokenizer).train(resume_from_checkpoint="checkpoint-99")
+
+
 # ---- model card, PEFT ----------------------------------------------------------------------------------------
 
 

@@ -76,6 +76,67 @@ def test_causal_lm_subclass_trains_on_the_next_token(tmp_path, lm_tokenizer):
     assert abs(loss.item() - unshifted.item()) > 1e-3  # the old, unshifted objective: 500x the tolerance away
 
 
+class TinyDecoder(LlamaForCausalLM):
+    """A causal LM whose class name transformers' loss mapping does not know (its `loss_type` is None)."""
+
+
+def test_causal_lm_under_an_unknown_name_is_normalised_by_its_next_token_targets(tmp_path, lm_tokenizer):
+    """Trained through `train()`, so the Trainer's own label count (`num_items_in_batch`) divides the CE: it must
+    count the next-token targets (labels[:, 1:]), as transformers' causal-LM loss does, not every label."""
+    base = llama(len(lm_tokenizer), layers=1, seed=1)
+    student = TinyDecoder(base.config)
+    student.load_state_dict(base.state_dict())
+    assert student.loss_type is None
+    data = lm_data(lm_tokenizer, n=4)
+    collator = DataCollatorForLanguageModeling(lm_tokenizer, mlm=False)
+    batch = collator([data[i] for i in range(4)])
+    with torch.no_grad():
+        reference = LlamaForCausalLM.forward(
+            student,
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+        ).loss.item()
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=llama(len(lm_tokenizer), seed=2),
+        args=make_args(tmp_path, alpha=0.0, max_steps=1, per_device_train_batch_size=4, learning_rate=1e-3),
+        train_dataset=data,
+        data_collator=collator,
+        processing_class=lm_tokenizer,
+        teacher_processing_class=lm_tokenizer,
+    )
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    assert logged["ce_loss"] == pytest.approx(reference, rel=1e-5)
+    assert logged["loss"] == pytest.approx(reference, rel=1e-5)
+
+
+def test_loss_components_are_logged_unrounded(tmp_path, bert_tokenizer):
+    """A KD term of order 1e-3 must keep its digits in the logs (it was rounded to 4 decimals)."""
+    teacher = bert(bert_tokenizer, seed=2)
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student.classifier.bias[0] += 0.1
+    data = classification_data(bert_tokenizer, n=4)
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=make_args(tmp_path, alpha=1.0, max_steps=1, learning_rate=1e-6),
+        train_dataset=data,
+        processing_class=bert_tokenizer,
+        data_collator=DataCollatorWithPadding(bert_tokenizer),
+    )
+    rows = DataCollatorWithPadding(bert_tokenizer)(
+        [{k: data[i][k] for k in ("input_ids", "attention_mask")} for i in range(4)]
+    )
+    with torch.no_grad():
+        reference = _kl64(student(**rows).logits, teacher(**rows).logits, 2.0).mean().item()
+    assert 1e-4 < reference < 1e-2  # 4 decimals would keep one or two digits of it
+    trainer.train()
+    assert trainer.state.log_history[0]["kd_loss"] == pytest.approx(reference, rel=1e-3)
+
+
 class _Plain(torch.nn.Module):
     def __init__(self, vocab):
         super().__init__()

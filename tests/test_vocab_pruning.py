@@ -292,6 +292,72 @@ def test_tokenization_unchanged_on_random_data_subsets(kind, seed, tokenizers_by
         assert pruned(text).input_ids == _remap(tokenizer(text).input_ids, keep), text
 
 
+# Training texts long enough to be truncated, full of multi-piece words, so that truncation cuts words.
+LONG_TEXTS = [
+    "unbelievable extraordinary circumstances require quizzical experts and tokenization",
+    "the unbelievers believed unbelievably in extraordinary tokenization of words",
+    "a café in zürich serves crème brûlée with extraordinary unbelievable jokes",
+    "election results: the party won 42 seats in extraordinary circumstances",
+    "computer games and mobile phones sell unbelievably well in the market",
+]
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "bpe_byte_level_roberta", "bpe_byte_fallback", "unigram"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_truncated_training_data_tokenizes_the_same_after_pruning(kind, side):
+    """The invariant that matters for training: on every training text, truncated to the training max_length the
+    same way, the pruned tokenizer's ids mapped back are the original tokenizer's ids, words cut at the boundary
+    included. Keeping only the pieces inside the window would turn a cut word into [UNK] (WordPiece) or re-segment
+    it (Unigram), and the model would see other inputs than it was pruned for."""
+    tokenizer = BUILDERS[kind]()
+    tokenizer.truncation_side = side
+    cut_somewhere = False
+    for max_length in range(3, 16):
+        keep = tokens_used(tokenizer, LONG_TEXTS, max_length=max_length)
+        pruned = prune_tokenizer(tokenizer, keep)
+        pruned.truncation_side = side
+        for text in LONG_TEXTS:
+            old = tokenizer(text, truncation=True, max_length=max_length)
+            new = pruned(text, truncation=True, max_length=max_length).input_ids
+            assert new == _remap(old.input_ids, keep), (max_length, text)
+            words = [word for word in old.word_ids() if word is not None]
+            whole = tokenizer(text).word_ids()
+            edge = words[-1] if side == "right" else words[0]
+            cut_somewhere |= whole.count(edge) > words.count(edge)
+    assert cut_somewhere, "the data should make truncation cut a multi-piece word"
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "unigram"])
+def test_truncated_text_pairs_tokenize_the_same_after_pruning(kind):
+    tokenizer = BUILDERS[kind]()
+    firsts, seconds = LONG_TEXTS, LONG_TEXTS[1:] + LONG_TEXTS[:1]
+    for max_length in (6, 9, 13):
+        keep = tokens_used(tokenizer, firsts, text_pairs=seconds, max_length=max_length)
+        pruned = prune_tokenizer(tokenizer, keep)
+        old = tokenizer(firsts, seconds, truncation=True, max_length=max_length).input_ids
+        new = pruned(firsts, seconds, truncation=True, max_length=max_length).input_ids
+        assert new == [_remap(ids, keep) for ids in old], max_length
+
+
+def test_masked_lm_on_truncated_data_is_unchanged_by_pruning():
+    """The reported symptom: a masked LM's logits on the truncated training data moved after vocabulary pruning.
+    Reference: the original model's logits, restricted to the kept columns."""
+    torch.manual_seed(0)
+    tokenizer = BUILDERS["wordpiece"]()
+    model = BertForMaskedLM(_bert_config(tokenizer)).eval()
+    max_length = 7
+    keep = tokens_used(tokenizer, LONG_TEXTS, max_length=max_length)
+    pruned_model, pruned_tokenizer = prune_vocabulary(model, tokenizer, keep)
+    old = tokenizer(LONG_TEXTS, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    new = pruned_tokenizer(
+        LONG_TEXTS, truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        expected = model(**old).logits[..., keep]
+        actual = pruned_model.eval()(**new).logits
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+
+
 def test_wordpiece_keeps_greedy_path_of_unknown_words():
     """'abc' is [UNK] (greedy takes 'ab', then finds no '##c'). Dropping the unused 'ab' would let greedy
     take 'a' + '##bc' instead; tokens_used keeps 'ab' so the data's [UNK] stays [UNK]."""
@@ -410,8 +476,10 @@ def test_tokens_used_counts_like_an_independent_count(tokenizers_by_kind):
     once_only = {i for i, c in counts.items() if c == 1} - specials
     assert once_only and not once_only & set(used_twice)
 
-    truncated = Counter(i for text in texts for i in tokenizer(text, truncation=True, max_length=4).input_ids)
-    assert tokens_used(tokenizer, texts, max_length=4) == sorted(set(truncated) | specials)
+    # Truncated: the window's ids plus the rest of every word the window cuts (a word loses no piece).
+    for max_length in (4, 5, 7):
+        window = set().union(*(_window_words_reference(tokenizer, text, max_length) for text in texts))
+        assert tokens_used(tokenizer, texts, max_length=max_length) == sorted(window | specials)
 
     pairs = ["crème brûlée"] * len(texts)
     pair_counts = Counter(i for a, b in zip(texts, pairs) for i in tokenizer(a, b).input_ids)
@@ -419,6 +487,24 @@ def test_tokens_used_counts_like_an_independent_count(tokenizers_by_kind):
 
     with pytest.raises(ValueError, match="min_count"):
         tokens_used(tokenizer, texts, min_count=0)
+
+
+def _window_words_reference(tokenizer, text: str, max_length: int) -> set[int]:
+    """The ids of the words that truncation to `max_length` reaches, each word tokenized alone (WordPiece tokenizes
+    every pre-tokenized word on its own), so a word cut by the truncation counts whole; plus the special tokens."""
+    backend = tokenizer.backend_tokenizer
+    words = [
+        word for word, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(text))
+    ]
+    room = max_length - tokenizer.num_special_tokens_to_add()
+    ids, position = set(tokenizer.all_special_ids), 0
+    for word in words:
+        if position >= room:
+            break
+        pieces = tokenizer(word, add_special_tokens=False).input_ids
+        ids.update(pieces)
+        position += len(pieces)
+    return ids
 
 
 def test_tokens_used_adds_bpe_ancestors_and_byte_alphabet(tokenizers_by_kind):

@@ -3,6 +3,11 @@ vocabularies share (mapped one to one, each side renormalised over its mapped su
 Distillation (Boizard et al., 2024), a Wasserstein-1 distance between the two sorted probability vectors, which
 needs no mapping at all.
 
+ULD's gradient does not vanish near its optimum: it is an L1 distance, so each sorted rank whose two probabilities
+differ by any nonzero amount, however small, contributes a gradient of +-1 (through the softmax). Only sorted
+vectors that are exactly equal, bit for bit, have a zero gradient (torch's subgradient of |x| at 0); two equal
+distributions computed from different vocabularies or orders differ by float rounding and do not.
+
 The rows are paired beforehand (`hf_distill.cross_tokenizer` aligns the two tokenizations): row `student_rows[i]`
 of the student's logits is compared with row `teacher_rows[i]` of the teacher's. A teacher known only through a
 cache of its top k at the paired positions (`hf_distill.logit_cache_cross`) is distilled by
@@ -90,6 +95,24 @@ def _rows_loss(
     return exact + uld_weight * rest
 
 
+def _check_index_tensor(name: str, ids: torch.Tensor, size: int, what: str) -> None:
+    """Raise unless `ids` is a 1-D integer tensor of values in [0, size)."""
+    if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise ValueError(
+            f"{name} must be a 1-D integer tensor, got dtype {ids.dtype} and shape {tuple(ids.shape)}."
+        )
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= size):
+        raise ValueError(
+            f"{name} holds {int(ids.min())} to {int(ids.max())}, outside [0, {size}) ({what}): "
+            + (
+                "it was built for other tokenizers, or holds negative ids; build it with "
+                "hf_distill.cross_tokenizer.vocabulary_map(student_tokenizer, teacher_tokenizer)."
+                if name.endswith("_ids")
+                else "pass row indices into the flattened logits (batch index * sequence length + position)."
+            )
+        )
+
+
 def _checked_map(
     mode: str,
     student_ids: torch.Tensor | None,
@@ -98,7 +121,7 @@ def _checked_map(
     teacher_vocab: int,
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The vocabulary map on `device`, after checking it fits the two vocabularies."""
+    """The vocabulary map on `device`, after checking it is one to one and fits the two vocabularies."""
     if student_ids is None or teacher_ids is None or student_ids.shape != teacher_ids.shape:
         raise ValueError(
             f"mode={mode!r} needs the vocabulary map: student_ids and teacher_ids of one length "
@@ -108,14 +131,22 @@ def _checked_map(
         raise ValueError(
             "the vocabulary map is empty: no token string is shared by the two tokenizers; use mode='uld'."
         )
-    student_ids, teacher_ids = student_ids.to(device), teacher_ids.to(device)
-    if int(student_ids.max()) >= student_vocab or int(teacher_ids.max()) >= teacher_vocab:
-        raise ValueError(
-            f"the vocabulary map names ids past the vocabularies (student {int(student_ids.max())} >= "
-            f"{student_vocab} or teacher {int(teacher_ids.max())} >= {teacher_vocab}): it was built for other "
-            "tokenizers."
+    for name, ids, vocab in (
+        ("student_ids", student_ids, student_vocab),
+        ("teacher_ids", teacher_ids, teacher_vocab),
+    ):
+        _check_index_tensor(
+            name, ids, vocab, f"the map names ids past the vocabularies: {vocab} logits there"
         )
-    return student_ids, teacher_ids
+        values, counts = ids.unique(return_counts=True)
+        if int(counts.max()) > 1:
+            repeated = values[counts > 1][:5].tolist()
+            raise ValueError(
+                f"the vocabulary map is not one to one: {name} lists token(s) {repeated} more than once, so a "
+                "token's probability would be counted twice. Map each token at most once (vocabulary_map does: the "
+                "lowest id wins where several tokens read the same text)."
+            )
+    return student_ids.to(device), teacher_ids.to(device)
 
 
 def _unmapped(ids: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -177,6 +208,12 @@ def cross_tokenizer_distillation_loss(
             f"{tuple(student_rows.shape)} and {tuple(teacher_rows.shape)}."
         )
     student_vocab, teacher_vocab = student_logits.shape[-1], teacher_logits.shape[-1]
+    for name, rows, logits in (
+        ("student_rows", student_rows, student_logits),
+        ("teacher_rows", teacher_rows, teacher_logits),
+    ):
+        count = logits.numel() // max(logits.shape[-1], 1)
+        _check_index_tensor(name, rows, count, f"the logits flatten into {count} rows")
     device = student_logits.device
     student_unmapped = teacher_unmapped = None
     if mode != "uld":
@@ -419,6 +456,8 @@ def cached_cross_tokenizer_distillation_loss(
     if uld_weight < 0:
         raise ValueError(f"uld_weight must be >= 0, got {uld_weight}.")
     pairs = student_rows.numel()
+    count = student_logits.numel() // max(student_logits.shape[-1], 1)
+    _check_index_tensor("student_rows", student_rows, count, f"the logits flatten into {count} rows")
     k = teacher_topk_indices.shape[-1] if teacher_topk_indices.dim() == 2 else 0
     for name, tensor, shape in (
         ("teacher_topk_logprobs", teacher_topk_logprobs, (pairs, k)),
@@ -432,6 +471,12 @@ def cached_cross_tokenizer_distillation_loss(
                 f"paired student row ({pairs} in student_rows)."
             )
     device, student_vocab = student_logits.device, student_logits.shape[-1]
+    if k and (int(teacher_topk_indices.min()) < 0 or int(teacher_topk_indices.max()) >= teacher_vocab_size):
+        raise ValueError(
+            f"teacher_topk_indices hold {int(teacher_topk_indices.min())} to {int(teacher_topk_indices.max())}, "
+            f"outside the teacher's vocabulary [0, {teacher_vocab_size}): pass the cache's own teacher_vocab_size "
+            "(its manifest's cached_vocab_size) and the rows it was built for."
+        )
     teacher_to_map = student_unmapped = None
     if mode != "uld":
         student_ids, teacher_ids = _checked_map(

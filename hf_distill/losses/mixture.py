@@ -20,6 +20,41 @@ from ._common import (
 )
 from .dense import _divergence_from_logprobs
 
+_WEIGHT_SUM_TOLERANCE = 1e-4
+
+
+def _checked_weights(weights: torch.Tensor, stacked_shape: torch.Size) -> torch.Tensor:
+    """The mixture weights as float32, after checking their shape, signs, finiteness and per-position sums."""
+    if not isinstance(weights, torch.Tensor):
+        weights = torch.as_tensor(weights)
+    teachers = stacked_shape[0]
+    leading = tuple(stacked_shape[1:-1])
+    if (
+        weights.dim() == 0
+        or weights.shape[0] != teachers
+        or tuple(weights.shape[1:]) != leading[: weights.dim() - 1]
+    ):
+        raise ValueError(
+            f"weights have shape {tuple(weights.shape)}; expected ({teachers},) one per teacher, or ({teachers}, ...) "
+            f"per position with the logits' leading dims {leading} (or a prefix of them)."
+        )
+    weights = weights.detach().float()
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+        raise ValueError(
+            f"teacher weights must be finite and >= 0, got {weights.flatten()[:8].tolist()}: a negative or NaN "
+            "weight makes the mixture NaN. Pass non-negative weights (hf_distill.ensemble.normalised_weights checks "
+            "them)."
+        )
+    sums = weights.sum(0)
+    worst = float((sums - 1.0).abs().max())
+    if worst > _WEIGHT_SUM_TOLERANCE:
+        raise ValueError(
+            f"teacher weights must sum to 1 over the teachers (at every position), got sums from "
+            f"{float(sums.min()):.6g} to {float(sums.max()):.6g}: the mixture would put that mass, not 1, in each "
+            "row. Divide them by their sum first (weights / weights.sum(0))."
+        )
+    return weights
+
 
 def teacher_mixture_logprobs(
     teacher_logits: Sequence[torch.Tensor],
@@ -31,7 +66,9 @@ def teacher_mixture_logprobs(
 
     teacher_logits: K tensors (..., V), one per teacher, same shape.
     weights: (K,) one weight per teacher, or (K, ...) per position (the leading dims of the logits); every weight
-        >= 0 and, per position, summing to 1 (a zero weight drops that teacher there).
+        finite and >= 0 and, per position, summing to 1 within 1e-4 (a zero weight drops that teacher there).
+        Weights are checked, never renormalised here: weights summing to 2 would give each row a mass of 2, so they
+        are refused (divide them by their sum first).
     Returns (..., V) float32 log-probabilities, no gradient.
     """
     if len(teacher_logits) == 0:
@@ -48,9 +85,7 @@ def teacher_mixture_logprobs(
     with torch.no_grad():
         stacked = torch.stack([logits.detach().float() for logits in teacher_logits])  # (K, ..., V)
         log_probs = F.log_softmax(stacked / temperature, dim=-1)
-        weights = weights.detach().float().to(stacked.device)
-        if weights.shape[0] != stacked.shape[0]:
-            raise ValueError(f"got {weights.shape[0]} weights for {stacked.shape[0]} teachers.")
+        weights = _checked_weights(weights, stacked.shape).to(stacked.device)
         weights = weights.reshape(weights.shape + (1,) * (stacked.dim() - weights.dim()))
         # log(0) = -inf drops a teacher with zero weight; logsumexp stays finite while one weight is positive.
         return torch.logsumexp(weights.log() + log_probs, dim=0)

@@ -33,7 +33,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
-from .structured import _family_for, _head_dim, _layer_modules
+from .families import _family_for, _head_dim, _layer_modules
 
 logger = logging.get_logger(__name__)
 

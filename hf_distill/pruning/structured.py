@@ -18,6 +18,9 @@ Rules (also checked up front by `check_pruning`):
 - BERT-family models derive the head size as ``hidden_size / num_attention_heads``, so kept heads times the
   original head size must equal the new hidden width: with only `hidden` given the head count follows from
   it (the heads are chosen by importance); `heads` alone, or inconsistent with `hidden`, is an error.
+- The pruned config must be one transformers saves and reloads (`saved_config.py`): Llama's config class, unlike
+  Mistral's and Qwen's, requires ``hidden_size % num_attention_heads == 0`` although its head_dim is explicit, so
+  e.g. 6 heads at hidden 64 is refused up front, naming the head counts and widths that save.
 - Hidden channels are sliced everywhere they occur (embeddings, every norm, q/k/v inputs, attention and
   FFN outputs, FFN inputs, pooler, classifier / LM-head inputs; tied embeddings stay tied). LayerNorm and
   RMSNorm statistics change with fewer channels, so hidden pruning is not lossless: recover by distillation.
@@ -27,15 +30,23 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.utils import logging
 
-from ..student import _resolve_indices, create_student
+from ..student import _PER_LAYER_CONFIG_LISTS, _resolve_indices, create_student
+from .families import (
+    SUPPORTED_MODEL_TYPES,
+    _base_prefix,
+    _Family,
+    _family_for,
+    _head_dim,
+    _num_kv_heads,
+)
+from .saved_config import check_config_saves
 
 if TYPE_CHECKING:
     from .importance import Importance
@@ -43,87 +54,6 @@ if TYPE_CHECKING:
 logger = logging.get_logger(__name__)
 
 __all__ = ["PruningSpec", "check_pruning", "prune_model", "pruned_config"]
-
-
-@dataclass(frozen=True)
-class _Family:
-    """Where one architecture family keeps the pieces that structured pruning slices."""
-
-    name: str
-    model_types: tuple[str, ...]
-    layers: str  # path of the nn.ModuleList of layers inside the base model
-    query: str  # paths inside one layer
-    key: str
-    value: str
-    attention_output: str  # its input is the concatenated per-head context, (batch, seq, heads * head_dim)
-    ffn_inputs: tuple[str, ...]
-    ffn_output: str  # its input is the FFN intermediate activation, (batch, seq, intermediate_size)
-    explicit_head_dim: bool  # config.head_dim exists, so heads and hidden width are independent
-
-
-_FAMILIES = (
-    _Family(
-        name="BERT-family encoders",
-        model_types=("bert", "roberta"),
-        layers="encoder.layer",
-        query="attention.self.query",
-        key="attention.self.key",
-        value="attention.self.value",
-        attention_output="attention.output.dense",
-        ffn_inputs=("intermediate.dense",),
-        ffn_output="output.dense",
-        explicit_head_dim=False,
-    ),
-    _Family(
-        name="Llama-family decoders",
-        model_types=("llama", "mistral", "qwen2", "qwen3"),
-        layers="layers",
-        query="self_attn.q_proj",
-        key="self_attn.k_proj",
-        value="self_attn.v_proj",
-        attention_output="self_attn.o_proj",
-        ffn_inputs=("mlp.gate_proj", "mlp.up_proj"),
-        ffn_output="mlp.down_proj",
-        explicit_head_dim=True,
-    ),
-)
-SUPPORTED_MODEL_TYPES = tuple(t for family in _FAMILIES for t in family.model_types)
-
-
-def _family_for(config: PretrainedConfig) -> _Family:
-    model_type = getattr(config, "model_type", None)
-    for family in _FAMILIES:
-        if model_type in family.model_types:
-            if getattr(config, "add_cross_attention", False) or getattr(config, "is_encoder_decoder", False):
-                raise ValueError(
-                    f"structured pruning does not support {model_type} models with cross-attention; prune an "
-                    "encoder-only or decoder-only model."
-                )
-            return family
-    raise ValueError(
-        f"structured pruning does not support model_type={model_type!r}; supported: "
-        f"{', '.join(SUPPORTED_MODEL_TYPES)} (BERT-family encoders and Llama-family decoders)."
-    )
-
-
-def _head_dim(config: PretrainedConfig, family: _Family) -> int:
-    if family.explicit_head_dim and getattr(config, "head_dim", None):
-        return int(config.head_dim)
-    return config.hidden_size // config.num_attention_heads
-
-
-def _num_kv_heads(config: PretrainedConfig) -> int:
-    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-
-
-def _base_prefix(model: PreTrainedModel) -> str:
-    """State-dict prefix of the base model inside `model` ("" when `model` is the base model)."""
-    base = model.base_model
-    return next(name for name, module in model.named_modules() if module is base)
-
-
-def _layer_modules(model: PreTrainedModel, family: _Family) -> nn.ModuleList:
-    return model.base_model.get_submodule(family.layers)
 
 
 @dataclass
@@ -278,16 +208,46 @@ def pruned_config(config: PretrainedConfig, spec: PruningSpec) -> PretrainedConf
     """The config `prune_model` gives a model of `config` under `spec` (checked first); reads no weights, so a
     pipeline can check every later stage against it before any work."""
     shape = _validated_shape(config, spec)
-    new = _new_config(config, _family_for(config), shape)
-    new.num_hidden_layers = len(shape.layer_indices)
-    return new
+    return _pruned_config(config, _family_for(config), shape)
 
 
 def _validated_shape(config: PretrainedConfig, spec: PruningSpec) -> _Shape:
     if not isinstance(spec, PruningSpec):
         raise TypeError(f"spec must be a PruningSpec, got {type(spec).__name__}.")
     spec.__post_init__()  # the fields may have been edited after construction
-    return _resolve_shape(config, spec)
+    shape = _resolve_shape(config, spec)
+    family = _family_for(config)
+    given = {name: value for name, value in vars(spec).items() if value not in (None, 0, 0.0)}
+    check_config_saves(
+        lambda groups_kept, hidden: _pruned_config(
+            config, family, replace(shape, kv_groups_kept=groups_kept, hidden=hidden)
+        ),
+        groups_kept=shape.kv_groups_kept,
+        groups=_num_kv_heads(config) if family.explicit_head_dim else config.num_attention_heads,
+        heads_per_group=shape.heads_per_group,
+        hidden=shape.hidden,
+        max_hidden=config.hidden_size,
+        what=", ".join(f"{name}={value}" for name, value in given.items()) or "this spec",
+    )
+    return shape
+
+
+def _pruned_config(config: PretrainedConfig, family: _Family, shape: _Shape) -> PretrainedConfig:
+    """The pruned model's config: the new widths, and the depth set as create_student sets it (per-layer lists
+    such as Qwen2's `layer_types` sliced, `max_window_layers` recounted)."""
+    new = _new_config(config, family, shape)
+    depth = config.num_hidden_layers
+    if shape.layer_indices == list(range(depth)):  # prune_model copies no layers then (nor does this)
+        return new
+    new.num_hidden_layers = len(shape.layer_indices)
+    for attribute in _PER_LAYER_CONFIG_LISTS:
+        per_layer = getattr(config, attribute, None)
+        if isinstance(per_layer, (list, tuple)) and len(per_layer) == depth:
+            setattr(new, attribute, [per_layer[i] for i in shape.layer_indices])
+    max_window_layers = getattr(config, "max_window_layers", None)
+    if isinstance(max_window_layers, int):
+        new.max_window_layers = sum(i < max_window_layers for i in shape.layer_indices)
+    return new
 
 
 def _top(scores: torch.Tensor, count: int) -> torch.Tensor:

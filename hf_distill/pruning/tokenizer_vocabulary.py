@@ -1,5 +1,6 @@
-"""The tokenizer side of vocabulary pruning: which ids the data needs (`tokens_used`, `check_vocabulary_keep`)
-and a fast tokenizer restricted to them (`prune_tokenizer`), by editing the `tokenizers` JSON.
+"""The tokenizer side of vocabulary pruning: which ids a tokenizer needs to reproduce the kept tokens
+(`complete_keep_ids`, `check_vocabulary_keep`) and a fast tokenizer restricted to them (`prune_tokenizer`), by
+editing the `tokenizers` JSON. Which ids the data uses is `data_vocabulary.tokens_used`.
 
 hf_distill/pruning/vocabulary.py explains what is kept and why the data tokenizes exactly as before.
 """
@@ -10,16 +11,17 @@ import copy
 import json
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import islice
 from typing import Any
 
 from tokenizers import Tokenizer, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 from transformers.utils import logging
 
+from hf_distill.pruning.portable_tokenizer import PortableTokenizerFast
+
 logger = logging.get_logger(__name__)
 
-__all__ = ["check_vocabulary_keep", "complete_keep_ids", "prune_tokenizer", "tokens_used"]
+__all__ = ["check_vocabulary_keep", "complete_keep_ids", "prune_tokenizer"]
 
 SUPPORTED_TOKENIZER_MODELS = ("WordPiece", "BPE", "Unigram", "WordLevel")
 
@@ -194,103 +196,6 @@ def _remap_post_processor(processor: dict | None, new_id: dict[int, int]) -> Non
 # ----------------------------------------------------------------------------------------------------
 
 
-def _batches(
-    texts: Iterable[str], text_pairs: Iterable[str] | None, size: int
-) -> Iterator[tuple[list[str], list[str] | None]]:
-    texts = iter(texts)
-    pairs = None if text_pairs is None else iter(text_pairs)
-    while batch := list(islice(texts, size)):
-        if pairs is None:
-            yield batch, None
-        else:
-            pair_batch = list(islice(pairs, len(batch)))
-            if len(pair_batch) != len(batch):
-                raise ValueError("text_pairs is shorter than texts; pass one pair per text")
-            yield batch, pair_batch
-
-
-def _wordpiece_failed_path(word: str, vocab: dict[str, int], prefix: str, max_chars: int) -> list[str]:
-    """The pieces WordPiece's greedy longest-match takes on ``word`` before failing ([] if it succeeds)."""
-    if len(word) > max_chars:
-        return []
-    path, start = [], 0
-    while start < len(word):
-        for end in range(len(word), start, -1):
-            piece = word[start:end] if start == 0 else prefix + word[start:end]
-            if piece in vocab:
-                path.append(piece)
-                start = end
-                break
-        else:
-            return path
-    return []
-
-
-def tokens_used(
-    tokenizer: PreTrainedTokenizerFast,
-    texts: Iterable[str],
-    *,
-    min_count: int = 1,
-    text_pairs: Iterable[str] | None = None,
-    max_length: int | None = None,
-    complete: bool = True,
-    batch_size: int = 1000,
-) -> list[int]:
-    """The sorted ids that tokenizing ``texts`` (with special tokens) produces at least ``min_count`` times.
-
-    Special tokens are always included. ``text_pairs``: second segments, one per text, tokenized as pairs.
-    ``max_length``: truncate each example to this many tokens first, as the training data will be.
-    ``complete``: also add the ids the tokenizer's algorithm needs to reproduce these tokenizations after
-    pruning (see the module docstring); the result then passes ``check_vocabulary_keep``.
-    """
-    if min_count < 1:
-        raise ValueError(f"min_count must be >= 1, got {min_count}")
-    view = _TokenizerState(tokenizer)
-    counts: Counter[int] = Counter()
-    unk_id = view.model_vocab.get(view.unk_token()) if view.kind == "WordPiece" else None
-    texts_with_unk: list[str] = []
-    for batch, pair_batch in _batches(texts, text_pairs, batch_size):
-        encoded = tokenizer(
-            batch,
-            pair_batch,
-            add_special_tokens=True,
-            truncation=max_length is not None,
-            max_length=max_length,
-            return_attention_mask=False,
-            return_token_type_ids=False,
-        )["input_ids"]
-        for index, ids in enumerate(encoded):
-            counts.update(ids)
-            if unk_id is not None and unk_id in ids:
-                texts_with_unk.append(batch[index])
-                if pair_batch is not None:
-                    texts_with_unk.append(pair_batch[index])
-    keep = {index for index, count in counts.items() if count >= min_count}
-    keep |= set(view.special_ids())
-    if texts_with_unk:
-        keep |= _wordpiece_failed_path_ids(view, texts_with_unk)
-    return complete_keep_ids(tokenizer, keep) if complete else sorted(keep)
-
-
-def _wordpiece_failed_path_ids(view: _TokenizerState, texts: list[str]) -> set[int]:
-    normalizer, pre_tokenizer = view.backend.normalizer, view.backend.pre_tokenizer
-    prefix = view.model.get("continuing_subword_prefix", "##")
-    max_chars = view.model.get("max_input_chars_per_word", 100)
-    words = set()
-    for text in texts:
-        normalized = normalizer.normalize_str(text) if normalizer is not None else text
-        pieces = (
-            pre_tokenizer.pre_tokenize_str(normalized) if pre_tokenizer is not None else [(normalized, None)]
-        )
-        words.update(word for word, _ in pieces)
-    ids = set()
-    for word in words:
-        ids.update(
-            view.model_vocab[p] for p in _wordpiece_failed_path(word, view.model_vocab, prefix, max_chars)
-        )
-    return ids
-
-
 def complete_keep_ids(tokenizer: PreTrainedTokenizerFast, keep_ids: Iterable[int]) -> list[int]:
     """``keep_ids`` plus the special tokens and what the tokenizer's algorithm needs, sorted.
 
@@ -414,7 +319,8 @@ def prune_tokenizer(tokenizer: PreTrainedTokenizerFast, keep_ids: Sequence[int])
     init_kwargs["model_input_names"] = list(tokenizer.model_input_names)
     if getattr(tokenizer, "chat_template", None):
         init_kwargs["chat_template"] = tokenizer.chat_template
-    pruned = PreTrainedTokenizerFast(tokenizer_object=backend, **init_kwargs)
+    # Saved as PreTrainedTokenizerFast, which transformers 4 loads too (portable_tokenizer.py).
+    pruned = PortableTokenizerFast(tokenizer_object=backend, **init_kwargs)
 
     # The contract: new id i is old id keep[i]. Verify it rather than trust the library's numbering.
     old_tokens = tokenizer.convert_ids_to_tokens(keep)
