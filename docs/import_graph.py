@@ -21,7 +21,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # Where each installed package's files live in the repository.
-ROOTS = {"hf_distill": REPO / "hf_distill", "hf_distill.tasks": REPO / "tasks", "hf_distill.scripts": REPO / "scripts"}
+ROOTS = {
+    "hf_distill": REPO / "hf_distill",
+    "hf_distill.tasks": REPO / "tasks",
+    "hf_distill.scripts": REPO / "scripts",
+}
 # `tasks` and `scripts` are also importable by those names from the repository root (tests, benchmarks).
 ALIASES = {"tasks": "hf_distill.tasks", "scripts": "hf_distill.scripts"}
 
@@ -221,7 +225,9 @@ def draw(graph: dict[str, set[str]], path: Path, line_counts: dict[str, int]) ->
     ax.set_xlim(-1.2, width + 0.3)
     ax.set_ylim(0.4, height + 0.6)
     ax.axis("off")
-    ax.set_title("hf_distill: parts (folders blue, modules beige) and their imports, each pointing down", fontsize=10)
+    ax.set_title(
+        "hf_distill: parts (folders blue, modules beige) and their imports, each pointing down", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -237,7 +243,9 @@ def part_lines(graph: dict[str, set[str]]) -> dict[str, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--draw", type=Path, help="write a PNG of the parts and their imports here")
     args = parser.parse_args()
     files = file_graph()
