@@ -1,5 +1,5 @@
 """Bar charts for the benchmarks: matplotlib with the Agg backend (no display), PNGs written atomically
-(hf_distill.atomic.atomic_write_bytes), so a reader sees the previous chart or the new one, never half a file.
+(hf_distill.storage.atomic.atomic_write_bytes), so a reader sees the previous chart or the new one, never half a file.
 
     bar_chart(path, title, labels, values, ylabel, errors=None)         one bar per label
     grouped_bar_chart(path, title, labels, series, ylabel, errors=None)  one bar per (label, series) pair
@@ -94,7 +94,7 @@ def draw_bars(
 
 def save_png(figure: Any, path: str | Path, *, dpi: int = 120) -> Path:
     """Render `figure` to PNG bytes, write them to `path` atomically, close the figure; returns the path."""
-    from hf_distill.atomic import atomic_write_bytes
+    from hf_distill.storage.atomic import atomic_write_bytes
 
     buffer = io.BytesIO()
     try:

@@ -13,7 +13,7 @@ Each student trains with KD (T = 2, alpha = 0.5; the narrow one also with hidden
 the maps averaged over heads are compared: attention_head_mapping="mean") and without (the labels alone,
 transformers.Trainer), from the same weights, with the same steps, batches and seeds. Word embeddings stay frozen
 (as in the demo). Printed: test accuracy mean ± std over seeds, % of the teacher's accuracy retained, parameters,
-latency at batch 1 and 32 (hf_distill.latency.time_alternately: all models in rounds, medians with the p10-p90
+latency at batch 1 and 32 (hf_distill.reporting.latency.time_alternately: all models in rounds, medians with the p10-p90
 spread, wide spreads flagged) and the speed-up over the teacher. Writes benchmarks/results/bench_classification.json
 and .png (accuracy against speed-up).
 
@@ -52,10 +52,10 @@ from transformers import (  # noqa: E402
 )
 
 from hf_distill import DistillationTrainer, create_student  # noqa: E402
-from hf_distill.latency import batch_runner, time_alternately  # noqa: E402
-from hf_distill.matching import attention_heads  # noqa: E402
-from hf_distill.pruning import PruningSpec, measure_importance, prune_model  # noqa: E402
-from hf_distill.report import count_parameters  # noqa: E402
+from hf_distill.compression.pruning import PruningSpec, measure_importance, prune_model  # noqa: E402
+from hf_distill.reporting.latency import batch_runner, time_alternately  # noqa: E402
+from hf_distill.reporting.report import count_parameters  # noqa: E402
+from hf_distill.training.matching import attention_heads  # noqa: E402
 
 NAME = "bench_classification"
 TEMPERATURE, ALPHA = 2.0, 0.5

@@ -33,15 +33,15 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 from transformers.utils import logging
 
 try:
-    from hf_distill.tasks.lm_cross_tokenizer import text_blocks, train_tokenizer
-    from hf_distill.tasks.lm_data import CausalLMCollator
+    from hf_distill.tasks.lm.cross_tokenizer import text_blocks, train_tokenizer
+    from hf_distill.tasks.lm.data import CausalLMCollator
 except ImportError:  # a source checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tasks.lm_cross_tokenizer import text_blocks, train_tokenizer
-    from tasks.lm_data import CausalLMCollator
+    from hf_distill.tasks.lm.cross_tokenizer import text_blocks, train_tokenizer
+    from hf_distill.tasks.lm.data import CausalLMCollator
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments
-from hf_distill.cross_tokenizer import ALIGNED_COLUMN, CrossTokenizerCollator
+from hf_distill.alignment.collator import ALIGNED_COLUMN, CrossTokenizerCollator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _evidence  # noqa: E402

@@ -127,7 +127,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------- data (parent)
 def prepare_data(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Tokenizer, the data files the scripts read, the teacher's training blocks and the held-out blocks."""
-    from hf_distill.tasks.language_modeling import pack_into_blocks, train_tokenizer
+    from hf_distill.tasks.lm.cross_tokenizer import train_tokenizer
+    from hf_distill.tasks.lm.data import pack_into_blocks
 
     articles = _evidence.bbc_articles(args.seed, 40 if args.smoke else None)
     tokenizer = train_tokenizer("byte_bpe", articles["train"], args.vocab_size)
@@ -186,7 +187,7 @@ def train_teacher(args: argparse.Namespace, work: Path, data: dict[str, Any]) ->
     from datasets import Dataset
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
-    from hf_distill.tasks.language_modeling import CausalLMCollator
+    from hf_distill.tasks.lm.data import CausalLMCollator
 
     tokenizer = data["tokenizer"]
     torch.manual_seed(args.seed)
@@ -341,7 +342,7 @@ def time_models(paths: dict[str, str], blocks: list[list[int]], repeats: int) ->
     import torch
     from transformers import AutoModelForCausalLM
 
-    from hf_distill.latency import batch_runner, time_alternately
+    from hf_distill.reporting.latency import batch_runner, time_alternately
 
     batch = {"input_ids": torch.tensor(blocks)}
     models = {name: AutoModelForCausalLM.from_pretrained(path).eval() for name, path in paths.items()}
@@ -470,7 +471,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     started = time.perf_counter()
     _evidence.preload(
-        "hf_distill.scripts.distill_lm", "hf_distill.scripts.cache_teacher_logits", "hf_distill.latency",
+        "hf_distill.scripts.distill_lm", "hf_distill.scripts.cache_teacher_logits", "hf_distill.reporting.latency",
         "transformers:Trainer", "transformers:LlamaForCausalLM", "transformers:AutoModelForCausalLM",
     )  # fmt: skip
     work = _evidence.fresh_work_dir(args.work_dir)

@@ -42,19 +42,14 @@ import _evidence  # noqa: E402
 import _plot  # noqa: E402
 
 try:
-    from hf_distill.tasks import language_modeling as lm
+    from hf_distill.tasks import lm
 except ImportError:  # a source checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tasks import language_modeling as lm
+    from hf_distill.tasks import lm
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments  # noqa: E402
-from hf_distill.logit_cache import (  # noqa: E402
-    INDICES_COLUMN,
-    LOGPROBS_COLUMN,
-    TAIL_COLUMN,
-    build_logit_cache,
-    load_logit_cache,
-)
+from hf_distill.caches.format import INDICES_COLUMN, LOGPROBS_COLUMN, TAIL_COLUMN  # noqa: E402
+from hf_distill.caches.topk import build_logit_cache, load_logit_cache  # noqa: E402
 from hf_distill.losses import sparse_distillation_and_cross_entropy, sparse_distillation_loss  # noqa: E402
 
 TARGET = 1.10

@@ -4,7 +4,7 @@ Three 3-layer teachers cut from the demo's all-MiniLM-L6-v2 (layers 0,2,4 / 1,3,
 head seed) are fine-tuned on the same labelled subset. The best single teacher is chosen on a validation split.
 Then a 1-layer student (MiniLM's first layer, a fresh head) is distilled, for the same number of steps and from the
 same initialisation per seed, from (a) the best single teacher and (b) the equal-weight mixture of the three
-(hf_distill.ensemble). Printed: each teacher's and the ensemble's test accuracy, the students' mean ± std over
+(hf_distill.sources.ensemble). Printed: each teacher's and the ensemble's test accuracy, the students' mean ± std over
 seeds; JSON in benchmarks/results/bench_multi_teacher.json (or --output) and a PNG beside it (test accuracy per
 model, the students' with std error bars).
 

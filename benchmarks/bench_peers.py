@@ -18,7 +18,7 @@
     VmHWM - VmRSS), and everything from building the trainer (or the loop's optimizer) to the last step counts, so
     the peak memory includes optimizer state, activations and logits for all alike. Step time: from one step's end to the next after warm-up steps. The cases
     alternate (round r starts with method r mod 4) over --rounds; the table shows the median step over all rounds
-    with the p10-p90 spread (hf_distill.latency.summarize; spread above 25% flagged) and the median peak. The loss
+    with the p10-p90 spread (hf_distill.reporting.latency.summarize; spread above 25% flagged) and the median peak. The loss
     of the first step is printed: the four must agree.
 
 (b) The KD losses alone, forward + backward, batch 1, T in {512, 2048} positions, V in {32,000, 128,256}, H = 256
@@ -340,7 +340,7 @@ def _spawn(target, args: tuple, timeout: float) -> dict:
 
 
 def run_training(config: dict, args, methods: list[str]) -> dict:
-    from hf_distill.latency import summarize
+    from hf_distill.reporting.latency import summarize
 
     runs: dict[str, list[dict]] = {method: [] for method in methods}
     for round_index in range(args.rounds):

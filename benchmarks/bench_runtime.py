@@ -6,7 +6,7 @@ sequences of 128 tokens (BBC News articles, truncated), 2 threads, batch 1 and b
     torch fp32              PyTorch eager, float32
     torchao int8            torchao `quantize_(Int8DynamicActivationInt8WeightConfig())`, eager
     torchao int8 compiled   the same under torch.compile (inductor); its compile time is reported (--no-compile skips)
-    ort fp32                hf_distill.quantization.export_onnx, ONNX Runtime (all graph optimisations)
+    ort fp32                hf_distill.compression.quantization.export_onnx, ONNX Runtime (all graph optimisations)
     ort int8 per-channel    quantize_int8(per_channel=True): static INT8 (uint8 inputs with ranges calibrated on
                             --calibration BBC training articles x int8 weights in [-64, 64]), the classifier float
     ort int8 per-tensor     quantize_int8(per_channel=False)
@@ -14,7 +14,7 @@ sequences of 128 tokens (BBC News articles, truncated), 2 threads, batch 1 and b
                             uint8 inputs with per-batch ranges), whose products saturate on CPUs without VNNI and
                             whose predictions depend on the rest of the batch
 
-Timing: all runtimes live in one process and are timed alternately (`hf_distill.latency.time_alternately`: each
+Timing: all runtimes live in one process and are timed alternately (`hf_distill.reporting.latency.time_alternately`: each
 round runs every runtime once, the start rotates), so background load on this shared machine hits all of them
 alike; the table gives medians and the 10th-90th percentile range. ORT sessions are made with spinning off, so
 their idle worker threads do not steal the cores from the PyTorch runs that follow (ORT's default spins; in
@@ -22,7 +22,7 @@ deployment it can keep that). Fidelity: logits of every runtime against PyTorch 
 (max and mean |difference|, argmax agreement); with `--model DIR` (a fine-tuned 5-topic BBC classifier, e.g.
 outputs/bench_bbc/real/teacher_024) also the accuracy on those articles. Batch independence (PyTorch fp32 and ONNX
 Runtime): each article alone (batch 1, unpadded) against batches of 64 padded to their longest article: max |logit
-difference| and how many answers change. The CPU (hf_distill.cpu_features: model, flags, ONNX Runtime's int8 kernel)
+difference| and how many answers change. The CPU (hf_distill.reporting.machine: model, flags, ONNX Runtime's int8 kernel)
 goes into the JSON.
 
     python benchmarks/bench_runtime.py                       # ~10 minutes on 2 CPU cores
@@ -58,9 +58,14 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 from transformers import logging as hf_logging  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hf_distill.cpu_features import describe_cpu  # noqa: E402
-from hf_distill.latency import Timing, batch_runner, time_alternately  # noqa: E402
-from hf_distill.quantization import OnnxSequenceClassifier, export_onnx, quantize_int8, size_on_disk  # noqa: E402
+from hf_distill.compression.quantization import (  # noqa: E402
+    OnnxSequenceClassifier,
+    export_onnx,
+    quantize_int8,
+    size_on_disk,
+)
+from hf_distill.reporting.latency import Timing, batch_runner, time_alternately  # noqa: E402
+from hf_distill.reporting.machine import describe_cpu  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NUM_LABELS = 5
@@ -220,8 +225,8 @@ def _classifier_nodes(onnx_path: Path) -> list[str]:
     """The classifier's node names (and the names ORT gives a Gemm it rewrites), for quantize_dynamic to skip."""
     import onnx
 
-    from hf_distill.int8_scheme import DEFAULT_KEEP_FLOAT, module_name_matches
-    from hf_distill.onnx_int8 import quantizable_nodes
+    from hf_distill.compression.int8_scheme import DEFAULT_KEEP_FLOAT, module_name_matches
+    from hf_distill.compression.onnx_int8 import quantizable_nodes
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     names = [

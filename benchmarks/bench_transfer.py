@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from transformers import DataCollatorWithPadding, set_seed  # noqa: E402
 
 from hf_distill import DistillationTrainer  # noqa: E402
-from hf_distill.tasks import augmentation, transfer  # noqa: E402
+from hf_distill.tasks.classification import augmentation, transfer  # noqa: E402
 
 FRACTIONS = (0.05, 0.2)
 TEACHER_LAYERS = [0, 2, 4]

@@ -275,8 +275,9 @@ def evaluate_models(
     import torch
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from hf_distill.latency import batch_runner, time_alternately
-    from hf_distill.tasks.translation import GenerationLatency, corpus_scores
+    from hf_distill.reporting.latency import batch_runner, time_alternately
+    from hf_distill.tasks.translation import corpus_scores
+    from hf_distill.tasks.translation.models import GenerationLatency
 
     tokenizer = AutoTokenizer.from_pretrained(paths["teacher"])
     models = {name: AutoModelForSeq2SeqLM.from_pretrained(path).eval() for name, path in paths.items()}
@@ -395,7 +396,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     started = time.perf_counter()
     _evidence.preload(
-        "hf_distill.scripts.distill_translation", "hf_distill.latency", "transformers:Seq2SeqTrainer",
+        "hf_distill.scripts.distill_translation", "hf_distill.reporting.latency", "transformers:Seq2SeqTrainer",
         "transformers:MarianMTModel", "transformers:AutoModelForSeq2SeqLM",
         "transformers:DataCollatorForSeq2Seq",
     )  # fmt: skip

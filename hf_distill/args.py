@@ -2,19 +2,79 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
-from .losses.cross_tokenizer import CROSS_TOKENIZER_MODES
-from .losses.features import ATTENTION_HEAD_MAPPINGS
-from .task_loss import TASK_TYPES
+from hf_distill.losses.cross_tokenizer import CROSS_TOKENIZER_MODES
+from hf_distill.losses.features import ATTENTION_HEAD_MAPPINGS
+from hf_distill.losses.mixture import normalised_weights
 
 KD_LOSSES = ("forward_kl", "reverse_kl", "jsd", "mse")
 HIDDEN_LOSSES = ("mse", "cosine")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 TEACHER_WEIGHTINGS = ("fixed", "confidence")
+
+LayerMap = list[tuple[int, int]]
+
+# Settings that only one kind of student uses: recipes for the others leave them out of their --help.
+CAUSAL_LM_ONLY = (
+    "fused_kd_loss",
+    "lmbda",
+    "on_policy_max_new_tokens",
+    "on_policy_temperature",
+    "cross_tokenizer",
+    "uld_weight",
+)
+SEQ2SEQ_ONLY = ("decoder_layer_map",)
+_PAIR = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+# What a student's outputs can mean (`task_type`): the kind of prediction (one per example, per token, the next
+# token, per decoder position, a start/end span) and, for sequence heads, the problem type.
+SEQUENCE, TOKEN, CAUSAL_LM, SEQ2SEQ, QUESTION_ANSWERING = (
+    "sequence",
+    "token",
+    "causal_lm",
+    "seq2seq",
+    "question_answering",
+)
+
+# The values of `DistillationTrainingArguments.task_type`, and what each means for the logits and labels.
+TASK_TYPES = {
+    "sequence_classification": (SEQUENCE, "single_label_classification"),
+    "multi_label_classification": (SEQUENCE, "multi_label_classification"),
+    "regression": (SEQUENCE, "regression"),
+    "token_classification": (TOKEN, None),
+    "masked_lm": (TOKEN, None),
+    "question_answering": (QUESTION_ANSWERING, None),
+    "causal_lm": (CAUSAL_LM, None),
+    "seq2seq": (SEQ2SEQ, None),
+}
+
+
+def parse_layer_map(spec: str | LayerMap) -> str | LayerMap:
+    """Parse `"uniform"` or `"s:t,s:t,..."` (student_layer:teacher_layer) into `"uniform"` or a list of pairs."""
+    if isinstance(spec, list):
+        return [(int(s), int(t)) for s, t in spec]
+    if spec.strip().lower() == "uniform":
+        return "uniform"
+    pairs = []
+    for item in spec.split(","):
+        match = _PAIR.match(item)
+        if match is None:
+            raise ValueError(
+                f"layer map {spec!r} is not valid: {item!r} is not a 'student_layer:teacher_layer' pair. "
+                "Use 'uniform' or pairs such as '1:2,2:4,3:6'."
+            )
+        pairs.append((int(match.group(1)), int(match.group(2))))
+    students = [s for s, _ in pairs]
+    if len(set(students)) != len(students):
+        raise ValueError(
+            f"layer map {spec!r} maps a student layer twice; give each student layer one teacher layer."
+        )
+    return pairs
 
 
 @dataclass
@@ -232,13 +292,9 @@ class DistillationTrainingArguments(TrainingArguments):
             )
         if self.teacher_weights is not None:
             # Checked here for sign and sum; the count is checked by the trainer, against the teachers.
-            from .ensemble import normalised_weights
-
             normalised_weights(self.teacher_weights, len(self.teacher_weights))
         # Parsed here so that a malformed map fails before any model is loaded; ranges are checked by the
         # trainer once the layer counts are known.
-        from .matching import parse_layer_map
-
         parse_layer_map(self.layer_map)
         parse_layer_map(self.decoder_layer_map)
 

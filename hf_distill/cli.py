@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from hf_distill import __version__
+from hf_distill.version import __version__
 
 PROG = "hf-distill"
 
@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     command = _parser().parse_args(head).command
     # A console script exits with main's return value: the script's results dict must not become it.
     run(command, argv[1:])
-    from hf_distill.tasks.common import finish_processes  # imported here: `--help` stays light
+    from hf_distill.tasks.common.running import finish_processes
 
     finish_processes()
 

@@ -29,12 +29,20 @@ from torch import nn
 from transformers import Trainer
 from transformers.utils import logging
 
-from .args import DistillationTrainingArguments
-from .checkpoints import resolve_resume
-from .kd_sources import logits_of
-from .losses import logit_distillation_loss
-from .task_loss import CAUSAL_LM, SEQUENCE, TOKEN, align_positions, hard_label_loss, infer_task
-from .teacher import label_permutation, unwrap_model
+from hf_distill.args import DistillationTrainingArguments
+from hf_distill.losses import logit_distillation_loss
+from hf_distill.sources.base import logits_of
+from hf_distill.training.checkpoints import resolve_resume
+from hf_distill.training.logged_terms import LoggedTerms
+from hf_distill.training.task_loss import (
+    CAUSAL_LM,
+    SEQUENCE,
+    TOKEN,
+    align_positions,
+    hard_label_loss,
+    infer_task,
+)
+from hf_distill.training.teacher import label_permutation, unwrap_model
 
 logger = logging.get_logger(__name__)
 
@@ -84,7 +92,7 @@ class MutualLearningTrainer(Trainer):
         # compute_loss returns per-micro-batch means; the Trainer divides them by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         self.eval_peer = 0
-        self._logged_sums: dict[str, torch.Tensor] = {}
+        self._terms = LoggedTerms()
 
     @property
     def peers(self) -> nn.ModuleList:
@@ -149,7 +157,7 @@ class MutualLearningTrainer(Trainer):
                 terms[f"ce_loss_peer{index}"] = total / items.clamp(min=1)
                 peer_loss = peer_loss + (1.0 - args.alpha) * terms[f"ce_loss_peer{index}"]
             loss = loss + peer_loss
-            self._accumulate_for_logging(terms)
+            self._terms.add(terms, self.state.global_step, scale=1.0 / self.args.gradient_accumulation_steps)
         return (loss, outputs[0]) if return_outputs else loss
 
     def _task_sum(self, outputs: Any, labels: torch.Tensor, inputs: dict[str, Any]):
@@ -175,20 +183,9 @@ class MutualLearningTrainer(Trainer):
 
     # ---- logging -----------------------------------------------------------------------------------------------
 
-    def _accumulate_for_logging(self, components: dict[str, torch.Tensor]) -> None:
-        if not self._logged_sums:
-            self._window_start_step = self.state.global_step
-        for name, value in components.items():
-            value = value.detach().float() / self.args.gradient_accumulation_steps
-            self._logged_sums[name] = self._logged_sums.get(name, 0.0) + value
-
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds each peer's loss components (`ce_loss_peer<k>`, `kd_loss_peer<k>`), averaged since the last log."""
-        if "loss" in logs and self._logged_sums:
-            steps = max(self.state.global_step - self._window_start_step, 1)
-            for name, total in sorted(self._logged_sums.items()):
-                logs[name] = round(float(total) / steps, 4)
-            self._logged_sums = {}
+        self._terms.flush_into(logs, self.state.global_step)
         super().log(logs, start_time)
 
     # ---- checkpoints and saving --------------------------------------------------------------------------------

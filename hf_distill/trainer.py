@@ -1,8 +1,9 @@
 """`DistillationTrainer`: `transformers.Trainer` with a frozen teacher.
 
-The trainer orchestrates; the pieces live elsewhere: the losses in `losses/`, the teacher's handling in
-`teacher.py`, how teacher and student pair up (heads, labels, vocabularies, layer maps) in `pairing.py`, where the KD
-signal comes from in `kd_sources.py`, layer maps and projections in `matching.py`, the model card in `hub.py`.
+The trainer orchestrates; the pieces live elsewhere: where the KD signal comes from in `sources/` (one object per
+source, chosen once), the pure losses in `losses/`, what a step needs in `training/` (the teacher's handling, how
+teacher and student pair up, task losses, layer maps and projections, accumulation), the model card in
+`reporting/model_card.py`.
 """
 
 from __future__ import annotations
@@ -16,19 +17,23 @@ from torch import nn
 from transformers import Seq2SeqTrainer, Trainer
 from transformers.utils import logging
 
-from . import hub, on_policy
-from .accumulation import normalise_sum, window_token_counts
-from .args import DistillationTrainingArguments, checked_trainer_arguments
-from .checkpoints import resolve_resume
-from .cross_tokenizer import CROSS_TOKENIZER_COLUMNS, TEXT_COLUMN
-from .data_checks import check_training_data
-from .ensemble import teacher_set, teacher_tokenizer_of
-from .evaluation import counted_once
-from .kd_choice import choose_kd_source
-from .kd_sources import FusedLMHeadKD, KDSource, LogitsKD, SpanKD, StudentStep, logits_of
-from .logit_cache import CACHE_COLUMNS, check_cache_temperature
-from .matching import (
-    PROJECTIONS_NAME,  # noqa: F401 - the checkpoint file name, importable from here as before
+from hf_distill.alignment.collator import CROSS_TOKENIZER_COLUMNS, TEXT_COLUMN
+from hf_distill.args import DistillationTrainingArguments, checked_trainer_arguments
+from hf_distill.caches.format import CACHE_COLUMNS, check_cache_temperature
+from hf_distill.reporting import model_card as hub
+from hf_distill.sources.base import KDSource, StudentStep, logits_of
+from hf_distill.sources.choice import choose_kd_source
+from hf_distill.sources.ensemble import teacher_set, teacher_tokenizer_of
+from hf_distill.sources.logits import FusedLMHeadKD, LogitsKD, SpanKD
+from hf_distill.training import on_policy
+from hf_distill.training.accumulation import normalise_sum, window_token_counts
+from hf_distill.training.batches import model_inputs
+from hf_distill.training.checkpoints import resolve_resume
+from hf_distill.training.data_checks import check_training_data
+from hf_distill.training.evaluation import counted_once
+from hf_distill.training.logged_terms import LoggedTerms
+from hf_distill.training.matching import (  # noqa: F401 - the checkpoint file name, importable from here as before
+    PROJECTIONS_NAME,
     ZeroProjectionGradients,
     attention_matching_loss,
     build_projections,
@@ -38,15 +43,15 @@ from .matching import (
     projection_runners,
     save_projections,
 )
-from .pairing import Pairing, check_fused, check_task_options, pair_models
-from .task_loss import CAUSAL_LM, QUESTION_ANSWERING, SEQ2SEQ, align_positions, infer_task
-from .teacher import forward_inputs, prepare_teacher, unwrap_model
+from hf_distill.training.pairing import Pairing, check_fused, check_task_options, pair_models
+from hf_distill.training.task_loss import CAUSAL_LM, QUESTION_ANSWERING, SEQ2SEQ, align_positions, infer_task
+from hf_distill.training.teacher import forward_inputs, prepare_teacher, unwrap_model
 
 logger = logging.get_logger(__name__)
 
-# Batch entries that are targets, not model inputs: the trainer computes the task loss itself.
-_LABEL_KEYS = ("labels", "start_positions", "end_positions")
 LOSS_COMPONENTS = ("ce_loss", "kd_loss", "hidden_loss", "attention_loss")
+# Batch columns that are not model inputs: cached teacher logits, the teacher's own tokenization of the text.
+_READ_ELSEWHERE = frozenset((*CACHE_COLUMNS, *CROSS_TOKENIZER_COLUMNS))
 
 
 class DistillationTrainer(Trainer):
@@ -142,7 +147,7 @@ class DistillationTrainer(Trainer):
         if any(True for _ in self.hidden_projections.parameters()):
             self.add_callback(ZeroProjectionGradients(self.hidden_projections))
         self._on_policy_now = False
-        self._logged_sums: dict[str, torch.Tensor] = {}
+        self._terms = LoggedTerms()
         self._model_card_arguments: dict[str, Any] = {}
         self.distillation_report: dict | None = None
 
@@ -200,7 +205,7 @@ class DistillationTrainer(Trainer):
             if weight > 0:
                 terms[name] = (weight, self._feature_term(step, num_items_in_batch, what))
         loss = sum(weight * value for weight, value in terms.values())
-        self._accumulate_for_logging({name: value for name, (_, value) in terms.items()})
+        self._terms.add({name: value for name, (_, value) in terms.items()}, self.state.global_step)
         return (loss, step.outputs) if return_outputs else loss
 
     def _output_flags(self) -> dict[str, Any]:
@@ -267,23 +272,7 @@ class DistillationTrainer(Trainer):
         return build(model_inputs, inputs) if build is not None else model_inputs
 
     def _model_inputs(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
-        """The batch without targets (the trainer computes the task loss itself). Encoder-decoder models get
-        `decoder_input_ids` built from the labels once, so teacher and student decode the same prefix."""
-        model_inputs = {
-            key: value
-            for key, value in inputs.items()
-            if key not in _LABEL_KEYS and key not in CACHE_COLUMNS and key not in CROSS_TOKENIZER_COLUMNS
-        }
-        labels = inputs.get("labels")
-        if self._task.kind == SEQ2SEQ and labels is not None and "decoder_input_ids" not in inputs:
-            student = unwrap_model(model)
-            if hasattr(student, "prepare_decoder_input_ids_from_labels"):
-                model_inputs["decoder_input_ids"] = student.prepare_decoder_input_ids_from_labels(
-                    labels=labels
-                )
-            else:
-                model_inputs["labels"] = labels
-        return model_inputs
+        return model_inputs(inputs, self._task.kind, unwrap_model(model), _READ_ELSEWHERE)
 
     # ---- where the step is built: on-policy batches -----------------------------------------------------------
 
@@ -416,23 +405,14 @@ class DistillationTrainer(Trainer):
 
     # ---- logging ---------------------------------------------------------------------------------------------
 
-    def _accumulate_for_logging(self, components: dict[str, torch.Tensor]) -> None:
-        if not self._logged_sums:
-            self._window_start_step = self.state.global_step
-        for name, value in components.items():
-            value = value.detach().float()
-            self._logged_sums[name] = self._logged_sums.get(name, 0.0) + value
-
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the loss components, averaged over the optimizer steps since the last log, to training logs."""
-        if "loss" in logs and self._logged_sums:
-            steps = max(self.state.global_step - self._window_start_step, 1)
-            for name in LOSS_COMPONENTS:
-                if name in self._logged_sums:
-                    total = self.accelerator.reduce(self._logged_sums[name].reshape(1), reduction="mean")
-                    logs[name] = total.item() / steps  # unrounded, as the Trainer logs `loss`
-            self._logged_sums = {}
+        self._terms.flush_into(logs, self.state.global_step, self.accelerator.reduce, LOSS_COMPONENTS)
         super().log(logs, start_time)
+
+    @property
+    def _logged_sums(self) -> dict[str, torch.Tensor]:
+        return self._terms.sums
 
     # ---- learned projections: trained beside the student ----------------------------------------------------
 

@@ -43,15 +43,15 @@ from transformers import set_seed
 from transformers.utils import logging
 
 from hf_distill.args import DistillationTrainingArguments
-from hf_distill.ensemble import normalised_weights
-from hf_distill.logit_cache import LOGPROBS_DTYPES, TASK_CAUSAL_LM, TASK_SEQUENCE, build_logit_cache
-from hf_distill.logit_cache_cross import build_cross_tokenizer_cache
-from hf_distill.logit_cache_mixture import TEACHER_WEIGHTINGS, build_mixture_cache
-from hf_distill.tasks import classification, common
-from hf_distill.tasks import language_modeling as lm
-from hf_distill.tasks.common import CONFIG_FILE_SUFFIXES, LoadingArguments
-from hf_distill.tasks.lm_cross_tokenizer import cross_tokenizer_rows
-from hf_distill.teacher import check_same_tokenizer, freeze
+from hf_distill.caches.cross_tokenizer import build_cross_tokenizer_cache
+from hf_distill.caches.format import LOGPROBS_DTYPES, TASK_CAUSAL_LM, TASK_SEQUENCE
+from hf_distill.caches.mixture import TEACHER_WEIGHTINGS, build_mixture_cache
+from hf_distill.caches.topk import build_logit_cache
+from hf_distill.losses.mixture import normalised_weights
+from hf_distill.tasks import classification, common, lm
+from hf_distill.tasks.common.arguments import CONFIG_FILE_SUFFIXES, LoadingArguments
+from hf_distill.tasks.lm.cross_tokenizer import cross_tokenizer_rows
+from hf_distill.training.teacher import check_same_tokenizer, freeze
 
 logger = logging.get_logger("cache_teacher_logits")
 
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     task = requested_task(argv)
     types = CLASSIFICATION_ARGUMENT_TYPES if task == "classification" else ARGUMENT_TYPES
-    teacher_args, data_args, cache_args = common.parse_args(types, argv)
+    teacher_args, data_args, cache_args = common.parse_args(types, argv, description=__doc__)
     logging.set_verbosity_info()
     set_seed(cache_args.seed)
     teachers = teacher_args.teacher_model_name_or_path

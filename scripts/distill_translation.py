@@ -35,6 +35,7 @@ from transformers import Seq2SeqTrainer, set_seed
 from transformers.utils import logging
 
 from hf_distill import Seq2SeqDistillationTrainer, Seq2SeqDistillationTrainingArguments
+from hf_distill.args import CAUSAL_LM_ONLY
 from hf_distill.tasks import common, translation
 
 logger = logging.get_logger("distill_translation")
@@ -58,7 +59,9 @@ def _student_description(model_args: translation.Seq2SeqModelArguments, student:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    model_args, data_args, seq_kd_args, report_args, training_args = common.parse_args(ARGUMENT_TYPES, argv)
+    model_args, data_args, seq_kd_args, report_args, training_args = common.parse_args(
+        ARGUMENT_TYPES, argv, description=__doc__, hidden=CAUSAL_LM_ONLY
+    )
     common.setup_logging(training_args)
     set_seed(training_args.seed)
 

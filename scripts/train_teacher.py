@@ -27,7 +27,7 @@ ARGUMENT_TYPES = (common.PretrainedModelArguments, classification.DataArguments,
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    model_args, data_args, training_args = common.parse_args(ARGUMENT_TYPES, argv)
+    model_args, data_args, training_args = common.parse_args(ARGUMENT_TYPES, argv, description=__doc__)
     common.setup_logging(training_args)
     set_seed(training_args.seed)
 

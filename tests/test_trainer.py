@@ -518,7 +518,7 @@ def test_resuming_from_an_incomplete_checkpoint_is_refused(tmp_path, bert_tokeni
 def test_resume_flag_words_from_the_command_line(tmp_path, bert_tokenizer, monkeypatch):
     """`--resume_from_checkpoint true` resumes (it was read as a folder named "true"); a missing folder names the
     fix; the Trainer itself is the reference for what true means (the newest complete checkpoint)."""
-    from tasks.common import resume_checkpoint
+    from hf_distill.tasks.common.running import resume_checkpoint
 
     first = classification_trainer(tmp_path, bert_tokenizer, save_strategy="steps", save_steps=3)
     first.train()
@@ -800,7 +800,7 @@ def test_bf16_mixed_precision_with_a_bf16_teacher(tmp_path, lm_tokenizer):
 
 
 def test_on_policy_steps_train_on_student_samples_scored_by_the_teacher(tmp_path, lm_tokenizer, monkeypatch):
-    import hf_distill.on_policy as on_policy
+    import hf_distill.training.on_policy as on_policy
 
     prompts, completions = (
         ["the movie was", "i love", "the cat and", "a very"],

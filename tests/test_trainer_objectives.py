@@ -505,7 +505,8 @@ def test_empty_training_set_and_string_labels_fail_before_training(tmp_path, ber
 
 
 def test_the_kd_source_is_chosen_once_from_the_configuration(tmp_path, lm_tokenizer, bert_tokenizer):
-    from hf_distill.kd_sources import CachedTopKKD, FusedLMHeadKD, LogitsKD, SpanKD
+    from hf_distill.sources.cached import CachedTopKKD
+    from hf_distill.sources.logits import FusedLMHeadKD, LogitsKD, SpanKD
 
     vocab = len(lm_tokenizer)
     common = dict(processing_class=lm_tokenizer, teacher_processing_class=lm_tokenizer)

@@ -27,17 +27,14 @@ Layout, one idea per module:
 
 from __future__ import annotations
 
-from ._common import DIVERGENCE_KINDS, LOGIT_KINDS
-from .cross_tokenizer import (
-    CROSS_TOKENIZER_MODES,
-    cached_cross_tokenizer_distillation_loss,
-    cross_tokenizer_distillation_loss,
-)
-from .dense import bernoulli_distillation_loss, logit_distillation_loss
-from .features import attention_distillation_loss, hidden_state_loss
-from .fused import fused_linear_distillation_loss
-from .mixture import logprob_distillation_loss, teacher_mixture_logprobs
-from .sparse import sparse_distillation_and_cross_entropy, sparse_distillation_loss
+from hf_distill.losses._common import DIVERGENCE_KINDS, LOGIT_KINDS
+from hf_distill.losses.cross_tokenizer import CROSS_TOKENIZER_MODES, cross_tokenizer_distillation_loss
+from hf_distill.losses.cross_tokenizer_cached import cached_cross_tokenizer_distillation_loss
+from hf_distill.losses.dense import bernoulli_distillation_loss, logit_distillation_loss
+from hf_distill.losses.features import attention_distillation_loss, hidden_state_loss
+from hf_distill.losses.fused import fused_linear_distillation_loss
+from hf_distill.losses.mixture import logprob_distillation_loss, teacher_mixture_logprobs
+from hf_distill.losses.sparse import sparse_distillation_and_cross_entropy, sparse_distillation_loss
 
 __all__ = [
     "CROSS_TOKENIZER_MODES",

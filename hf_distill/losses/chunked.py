@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ._inplace import _chunks, _rows_loss_and_grad, _scratch_slots, _Workspace
+from hf_distill.losses._inplace import _chunks, _rows_loss_and_grad, _scratch_slots, _Workspace
 
 
 class _ChunkedLogitDistillation(torch.autograd.Function):

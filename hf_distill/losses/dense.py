@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import (
+from hf_distill.losses._common import (
     DIVERGENCE_KINDS,
     LOGIT_KINDS,
     _check_chunk_size,
@@ -17,7 +17,7 @@ from ._common import (
     _log_mixture,
     _mean_or_sum,
 )
-from .chunked import _ChunkedLogitDistillation
+from hf_distill.losses.chunked import _ChunkedLogitDistillation
 
 
 def _divergence_rows(

@@ -1,12 +1,12 @@
 """Feature losses: distances between hidden states and KL between attention maps of matched layers (the learned
-projections and layer maps that feed them live in `hf_distill.matching`)."""
+projections and layer maps that feed them live in `hf_distill.training.matching`)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ._common import _flat_mask, _mean_or_sum
+from hf_distill.losses._common import _flat_mask, _mean_or_sum
 
 _HIDDEN_KINDS = ("mse", "cosine")
 ATTENTION_HEAD_MAPPINGS = ("per_head", "mean")

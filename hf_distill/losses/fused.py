@@ -6,8 +6,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import LOGIT_KINDS, _check_chunk_size, _check_options, _flat_mask, _jsd_endpoint
-from ._inplace import _chunks, _rows_loss_and_grad, _Workspace
+from hf_distill.losses._common import (
+    LOGIT_KINDS,
+    _check_chunk_size,
+    _check_options,
+    _flat_mask,
+    _jsd_endpoint,
+)
+from hf_distill.losses._inplace import _chunks, _rows_loss_and_grad, _Workspace
 
 # Budget for the float32 (rows, vocab) buffers that one chunk of the fused loss keeps alive (at most four).
 _FUSED_CHUNK_BYTES = 64 * 2**20

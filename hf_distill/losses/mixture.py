@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._common import (
+from hf_distill.losses._common import (
     DIVERGENCE_KINDS,
     _check_logit_shapes,
     _check_options,
@@ -18,7 +18,7 @@ from ._common import (
     _jsd_endpoint,
     _mean_or_sum,
 )
-from .dense import _divergence_from_logprobs
+from hf_distill.losses.dense import _divergence_from_logprobs
 
 _WEIGHT_SUM_TOLERANCE = 1e-4
 
@@ -42,7 +42,7 @@ def _checked_weights(weights: torch.Tensor, stacked_shape: torch.Size) -> torch.
     if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
         raise ValueError(
             f"teacher weights must be finite and >= 0, got {weights.flatten()[:8].tolist()}: a negative or NaN "
-            "weight makes the mixture NaN. Pass non-negative weights (hf_distill.ensemble.normalised_weights checks "
+            "weight makes the mixture NaN. Pass non-negative weights (hf_distill.sources.ensemble.normalised_weights checks "
             "them)."
         )
     sums = weights.sum(0)
@@ -124,3 +124,47 @@ def logprob_distillation_loss(
     log_p_student = F.log_softmax(student_rows / temperature, dim=-1)
     per_row = _divergence_from_logprobs(log_p_student, teacher_rows, kind, beta) * temperature**2
     return _mean_or_sum(per_row.sum(), per_row.shape[0], reduction)
+
+
+def normalised_weights(weights: Sequence[float] | None, count: int) -> list[float]:
+    """`weights` divided by their sum (equal weights when None); raises on a wrong count, a negative or
+    non-finite weight, or a sum that is not positive."""
+    if weights is None:
+        return [1.0 / count] * count
+    weights = [float(weight) for weight in weights]
+    if len(weights) != count:
+        raise ValueError(
+            f"teacher_weights has {len(weights)} values {weights} for {count} teacher(s); give one weight per "
+            "teacher, in the teachers' order, or none for equal weights."
+        )
+    if any(not math.isfinite(weight) or weight < 0 for weight in weights):
+        raise ValueError(f"teacher_weights must be finite and >= 0, got {weights}.")
+    total = sum(weights)
+    if not total > 0:
+        raise ValueError(
+            f"teacher_weights {weights} sum to {total}; they must sum to a positive number (they are normalised "
+            "to sum to 1)."
+        )
+    return [weight / total for weight in weights]
+
+
+def confidence_weights(
+    weights: torch.Tensor, teacher_logits: Sequence[torch.Tensor], labels: torch.Tensor
+) -> torch.Tensor:
+    """Per-position teacher weights for `teacher_weighting="confidence"`: (K, ...) w_i * p_i(gold) renormalised
+    over the teachers, with p_i = softmax(teacher_i) at temperature 1; positions labelled -100 (or where every
+    teacher gives the gold label probability 0) keep the fixed weights w (K,).
+
+    teacher_logits: K tensors (..., C); labels: (...) long, the gold class (or next token) per position.
+    """
+    labelled = labels.ne(-100)
+    gold = labels.clamp(min=0).unsqueeze(-1)
+    with torch.no_grad():
+        gold_probs = torch.stack(
+            [torch.softmax(logits.float(), dim=-1).gather(-1, gold).squeeze(-1) for logits in teacher_logits]
+        )  # (K, ...)
+        fixed = weights.reshape(weights.shape + (1,) * labels.dim())
+        confident = fixed * gold_probs
+        total = confident.sum(0, keepdim=True)
+        usable = labelled & total.squeeze(0).gt(0)
+        return torch.where(usable, confident / total.clamp(min=1e-30), fixed.expand_as(confident))

@@ -9,7 +9,14 @@ import math
 
 import torch
 
-from ._common import DIVERGENCE_KINDS, _check_options, _flat_mask, _jsd_endpoint, _log_mixture, _mean_or_sum
+from hf_distill.losses._common import (
+    DIVERGENCE_KINDS,
+    _check_options,
+    _flat_mask,
+    _jsd_endpoint,
+    _log_mixture,
+    _mean_or_sum,
+)
 
 # Probabilities below this are "zero" inside logarithms (smallest normal float32), see sparse_distillation_loss.
 _TINY = torch.finfo(torch.float32).tiny

@@ -1,0 +1,13 @@
+"""Compression: smaller, faster models that load with the standard loaders and run without this package.
+
+- pruning/         structured (heads, FFN neurons, hidden width, layers) and vocabulary pruning into ordinary models
+- int8_scheme.py   the INT8 arithmetic (7-bit weights per channel, static uint8 activations) shared by the two below
+- quantization.py  ONNX export and INT8 quantization (`onnx_int8.py` rewrites the graph)
+- qat.py           quantization-aware training that simulates exactly the deployed INT8 model
+- deployed.py      loading, running and sizing a deployed folder
+- recipe.py        a compression recipe: its stages, their settings and every check made before the first stage
+- report.py        the compression report: every stage against the teacher, with a plot
+
+onnx and onnxruntime (the `compress` extra) are imported only where a function needs them. May import
+students.py, reporting/, storage/ and losses/; the compression recipe's flow is in tasks/compression.
+"""
