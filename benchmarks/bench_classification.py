@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke:
         data = _smoke_data(scratch / "data")
     else:
-        from hf_distill.scripts.demo_bbc import prepare_bbc_splits
+        from hf_distill.tasks.classification.bbc import prepare_bbc_splits
 
         data = prepare_bbc_splits(Path(args.data_dir), DATA_SEED)
     folder = teacher_folder(args, data, scratch)

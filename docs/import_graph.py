@@ -2,7 +2,7 @@
 """The import graph of hf_distill and its recipes, read from the source with `ast` (nothing is imported or run).
 
     python docs/import_graph.py                 # prints the parts, floor by floor, and any circle
-    python docs/import_graph.py --draw docs/architecture.png
+    python docs/import_graph.py --draw docs/architecture.png   # the library's parts, and the recipes over it
 
 Nodes are the files of `hf_distill/`, `tasks/` (installed as `hf_distill.tasks`) and `scripts/` (installed as
 `hf_distill.scripts`); an edge A -> B means A imports B, anywhere in the file (imports inside functions count:
@@ -179,7 +179,7 @@ def floors(graph: dict[str, set[str]]) -> dict[str, int]:
     return floor
 
 
-def draw(graph: dict[str, set[str]], path: Path, line_counts: dict[str, int]) -> None:
+def draw(graph: dict[str, set[str]], path: Path, line_counts: dict[str, int], title: str) -> None:
     """The parts floor by floor (ground floor at the bottom), box width by lines of code, arrows for imports."""
     import matplotlib
 
@@ -193,7 +193,7 @@ def draw(graph: dict[str, set[str]], path: Path, line_counts: dict[str, int]) ->
         rows.setdefault(floor[node], []).append(node)
     height = max(rows)
     width = max(len(members) for members in rows.values())
-    fig, ax = plt.subplots(figsize=(max(12, 3.1 * width), 1.6 * height + 1))
+    fig, ax = plt.subplots(figsize=(max(10, 2.6 * width), 1.3 * height + 1))
     centre: dict[str, tuple[float, float]] = {}
     for level, members in rows.items():
         for i, node in enumerate(members):
@@ -210,8 +210,8 @@ def draw(graph: dict[str, set[str]], path: Path, line_counts: dict[str, int]) ->
             )  # fmt: skip
     for node, (x, y) in centre.items():
         lines = line_counts.get(node, 0)
-        box_width = 0.9 + min(lines, 4000) / 4000 * 1.6
-        colour = "#dce9f7" if node.endswith("/") else "#f4e6cc"
+        box_width = 0.6 + min(lines, 4000) / 4000 * 0.3
+        colour = "#dce9f7" if node.endswith("/") or node.endswith("(library)") else "#f4e6cc"
         ax.add_patch(
             FancyBboxPatch(
                 (x - box_width / 2, y - 0.18), box_width, 0.36, boxstyle="round,pad=0.02",
@@ -225,9 +225,7 @@ def draw(graph: dict[str, set[str]], path: Path, line_counts: dict[str, int]) ->
     ax.set_xlim(-1.2, width + 0.3)
     ax.set_ylim(0.4, height + 0.6)
     ax.axis("off")
-    ax.set_title(
-        "hf_distill: parts (folders blue, modules beige) and their imports, each pointing down", fontsize=10
-    )
+    ax.set_title(f"{title}; arrows are imports, each pointing down", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -242,11 +240,51 @@ def part_lines(graph: dict[str, set[str]]) -> dict[str, int]:
     return counts
 
 
+_TRIVIAL = (
+    "hf_distill/__init__.py",
+    "hf_distill/__main__.py",
+    "hf_distill/_moved.py",
+    "hf_distill/version.py",
+    "scripts/__init__.py",
+    "tasks/__init__.py",
+)
+
+
+def library_view(parts: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The library's parts alone (hf_distill/...), without the package face and its bookkeeping modules."""
+    keep = {
+        p for p in parts if p.startswith("hf_distill/") and p not in _TRIVIAL and p != "hf_distill/cli.py"
+    }
+    return {p: {t for t in parts[p] if t in keep} for p in keep}
+
+
+def recipes_view(parts: dict[str, set[str]]) -> dict[str, set[str]]:
+    """Scripts and tasks over the library, which is drawn as one box."""
+    library = "hf_distill/ (library)"
+
+    def name(part: str) -> str | None:
+        if part in _TRIVIAL:
+            return None
+        return library if part.startswith("hf_distill/") else part
+
+    view: dict[str, set[str]] = {}
+    for source, targets in parts.items():
+        if name(source) is None:
+            continue
+        view.setdefault(name(source), set())
+        view[name(source)].update(n for t in targets if (n := name(t)) is not None and n != name(source))
+    return view
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--draw", type=Path, help="write a PNG of the parts and their imports here")
+    parser.add_argument(
+        "--draw",
+        type=Path,
+        help="write PNGs of the parts and their imports: NAME.png (the library), NAME_recipes.png (scripts, tasks)",
+    )
     args = parser.parse_args()
     files = file_graph()
     parts = part_graph(files)
@@ -261,8 +299,17 @@ def main() -> None:
     for level in sorted(set(floor.values()), reverse=True):
         print(f"floor {level:2d}: " + ", ".join(sorted(n for n in floor if floor[n] == level)))
     if args.draw:
-        draw(parts, args.draw, part_lines(parts))
-        print(f"wrote {args.draw}")
+        counts = part_lines(parts)
+        counts["hf_distill/ (library)"] = sum(v for k, v in counts.items() if k.startswith("hf_distill/"))
+        recipes_path = args.draw.with_name(args.draw.stem + "_recipes.png")
+        draw(
+            library_view(parts),
+            args.draw,
+            counts,
+            "hf_distill: the library's parts (folders blue, modules beige)",
+        )
+        draw(recipes_view(parts), recipes_path, counts, "scripts and tasks over the library")
+        print(f"wrote {args.draw} and {recipes_path}")
 
 
 if __name__ == "__main__":

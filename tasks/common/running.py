@@ -14,6 +14,7 @@ from transformers.utils import logging
 
 from hf_distill.tasks.common.arguments import ReportArguments
 from hf_distill.training.checkpoints import resume_flag
+from hf_distill.training.processes import finish_processes  # noqa: F401 - scripts call it as common.finish_processes
 
 logger = logging.get_logger(__name__)
 
@@ -34,18 +35,6 @@ def resume_checkpoint(training_args: TrainingArguments) -> str | bool | None:
         )
         return True
     return None
-
-
-def finish_processes() -> None:
-    """End a finished run on every rank together: wait for the others, then take the process group down.
-
-    Without it a rank that finished first (the others return at once from the report, which the main process
-    alone measures) left while the main one still held the group, and gloo aborted it at exit (SIGABRT), so a
-    launch that had written every file returned an error. A no-op in a single process.
-    """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 def save_metrics(trainer: transformers.Trainer, split: str, metrics: Mapping[str, float]) -> None:

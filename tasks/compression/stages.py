@@ -115,14 +115,14 @@ def finetune_teacher(
     recipe: Recipe, data: StageData, model_name_or_path: str, folder: Path, work_dir: Path, state: Any
 ) -> None:
     """Fine-tune the teacher (scripts/train_teacher.py, on every process) into `folder` (written by the main one)."""
-    from hf_distill.scripts import train_teacher
+    from hf_distill.tasks.classification import teacher as train_teacher
 
     settings = {"type": "finetune", "model": model_name_or_path, "epochs": recipe.teacher.finetune_epochs}
     if is_done(folder, settings):
         return
     started = time.perf_counter()
     run_dir = work_dir / "teacher"
-    train_teacher.main(
+    train_teacher.run(
         ["--model_name_or_path", model_name_or_path, "--freeze_embeddings"]
         + _training_flags(
             recipe, data, run_dir, recipe.teacher.finetune_epochs, recipe.teacher.finetune_learning_rate
@@ -248,7 +248,7 @@ def distill(
     """Distil the model in `source_dir` from `teacher_dir` (scripts/distill_glue.py) into `folder`.
 
     Training runs on every process; the teacher's view and the stage folder are written by the main one."""
-    from hf_distill.scripts import distill_glue
+    from hf_distill.tasks.classification import distill as distill_glue
 
     settings = stage_settings(stage)
     if quantization_aware:
@@ -276,7 +276,7 @@ def distill(
         ]  # fmt: skip
     if quantization_aware:
         flags += ["--quantization_aware_training", "--qat_per_channel", str(stage.per_channel).lower()]
-    results = distill_glue.main(flags)
+    results = distill_glue.run(flags)
     if state.is_main_process:
         with atomic_directory(folder, overwrite=True) as building:
             _keep_model_files(stage_work / "run", building)

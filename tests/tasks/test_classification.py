@@ -31,8 +31,9 @@ def _load_script(name: str):
 distill_glue = _load_script("distill_glue")
 train_teacher = _load_script("train_teacher")
 # The modules the scripts use (hf_distill.tasks.* when installed, tasks.* in a checkout).
-classification = distill_glue.classification
-common = distill_glue.common
+glue_recipe = distill_glue.recipe  # the flow the script runs (tasks/classification/distill.py)
+classification = glue_recipe.classification
+common = glue_recipe.common
 
 POSITIVE = "good great happy fun love".split()
 NEGATIVE = "bad terrible sad boring hate".split()
@@ -401,7 +402,7 @@ def no_training(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the error should have been raised before training")
 
-    monkeypatch.setattr(distill_glue, "DistillationTrainer", refuse)
+    monkeypatch.setattr(glue_recipe, "DistillationTrainer", refuse)
 
 
 def _distil_flags(teacher: str, data: dict, output: Path, *extra: str) -> list[str]:
@@ -511,7 +512,7 @@ def test_glue_task_from_the_hub_mnli_end_to_end(tmp_path, bert_tokenizer, monkey
         requested.append((name, config))
         return _fake_mnli(seed=7)
 
-    monkeypatch.setattr(common.datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(common.loading.datasets, "load_dataset", fake_load_dataset)
     teacher = _save_teacher(
         tmp_path / "teacher",
         bert_tokenizer,

@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from conftest import WORDS
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
-from test_classification import _rows, _save_teacher, _training_flags, _write, distill_glue
+from test_classification import _rows, _save_teacher, _training_flags, _write, distill_glue, glue_recipe
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import BertConfig, BertForMaskedLM, BertModel, PreTrainedTokenizerFast
 
-transfer = distill_glue.transfer
-augmentation = distill_glue.augmentation
+transfer = glue_recipe.transfer
+augmentation = glue_recipe.augmentation
 
 
 @pytest.fixture(autouse=True)
@@ -145,7 +145,7 @@ def test_recipe_errors_before_training(tmp_path, bert_tokenizer, data, monkeypat
     def refuse(*args, **kwargs):
         raise AssertionError("the run got as far as building the trainer")
 
-    monkeypatch.setattr(distill_glue, "DistillationTrainer", refuse)
+    monkeypatch.setattr(glue_recipe, "DistillationTrainer", refuse)
     first = _save_teacher(tmp_path / "t1", bert_tokenizer, layers=2)
     second = _save_teacher(tmp_path / "t2", bert_tokenizer, layers=2, num_labels=3)
     base = ["--student_num_layers", "1", "--train_file", data["train"], "--validation_file", data["validation"],
@@ -344,12 +344,12 @@ def test_training_rows_without_a_label_are_kd_only_with_the_flag(tmp_path, bert_
 
     trainers = []
 
-    class Recording(distill_glue.DistillationTrainer):
+    class Recording(glue_recipe.DistillationTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             trainers.append(self)
 
-    monkeypatch.setattr(distill_glue, "DistillationTrainer", Recording)
+    monkeypatch.setattr(glue_recipe, "DistillationTrainer", Recording)
     output = tmp_path / "out"
     results = distill_glue.main(base + ["--use_unlabelled_rows"] + _training_flags(output))
     assert results["train"]["train_labelled_samples"] == 18 and results["train"]["train_kd_only_samples"] == 6
@@ -434,7 +434,7 @@ def _fake_imdb(seed: int) -> DatasetDict:
 
 def test_transfer_split_of_a_hub_dataset(tmp_path, bert_tokenizer, monkeypatch):
     monkeypatch.setattr(
-        distill_glue.common.datasets, "load_dataset", lambda *args, **kwargs: _fake_imdb(seed=5)
+        glue_recipe.common.loading.datasets, "load_dataset", lambda *args, **kwargs: _fake_imdb(seed=5)
     )
     teacher = _save_teacher(tmp_path / "teacher", bert_tokenizer, layers=2)
     base = ["--dataset_name", "imdb", "--teacher_model_name_or_path", teacher, "--student_num_layers", "1",
