@@ -11,7 +11,7 @@ COPY hf_distill ./hf_distill
 COPY tasks ./tasks
 COPY scripts ./scripts
 COPY configs ./configs
-RUN pip install --no-cache-dir "./[compress]"
+RUN pip install --no-cache-dir "./[compress,generation]"
 
 WORKDIR /workspace
 ENTRYPOINT ["accelerate", "launch"]

@@ -169,8 +169,13 @@ def machine() -> dict[str, Any]:
         )
     except (OSError, StopIteration):
         pass
+    from hf_distill.reporting.machine import describe_cpu
+
     return {
         "cpu": cpu or platform.processor(),
+        # SIMD extensions as CPUID tells this process (avx2, avx512f, avx512_vnni, avx_vnni, amx) and the kernels
+        # they select: ONNX Runtime's uint8 x int8 GEMM and the float32 vector width.
+        "cpu_features": describe_cpu(),
         "cores_usable": len(os.sched_getaffinity(0)),
         "cores_total": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

@@ -20,6 +20,8 @@ and .png (accuracy against speed-up).
     python benchmarks/bench_classification.py            # ~15 min on 2 quiet CPU cores, + ~10 min for the teacher once
     python benchmarks/bench_classification.py --steps 60  # longer training: ~25 min
     python benchmarks/bench_classification.py --smoke    # seconds: tiny config-built BERT, checks the script
+    python benchmarks/bench_classification.py --demo_budget --teacher_dir outputs/compress_bbc/stages/teacher \
+        --data_dir outputs/compress_bbc/data   # the demo's pruned student, 4 epochs: KD + matching vs labels alone
 
 Defaults: 3 seeds, 30 steps of batch 16 at learning rate 2e-4 (the demo's student rate), 64 tokens per article, the
 narrow student's hidden matching by cosine distance at weight 1. The teacher is reused from outputs/bbc/teacher
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import math
 import os
 import random
 import sys
@@ -122,6 +125,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--results_dir", default=None, help="where the JSON and PNG go (default benchmarks/results)"
     )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="torch CPU threads")
+    parser.add_argument(
+        "--demo_budget",
+        action="store_true",
+        help="instead of the students above: the compression demo's pruned student (heads 0.5, ffn 0.5, hidden "
+        "192, 3 layers) at the demo's budget (--demo_epochs of the training split, 128 tokens, 256 calibration "
+        "articles), distilled as the demo's `distilled` stage (KD + hidden MSE, weight 1) and trained on the labels "
+        "alone as its `labels_only` stage (DistillationTrainer, alpha 0); results in bench_classification_demo_budget.*",
+    )
+    parser.add_argument("--demo_epochs", type=float, default=4.0, help="--demo_budget: the demo's epochs")
     args = parser.parse_args(argv)
     scratch = tempfile.mkdtemp(prefix="bench_classification_") if args.smoke else None
     args.teacher_dir = args.teacher_dir or (f"{scratch}/teacher" if args.smoke else "outputs/bbc/teacher")
@@ -130,6 +142,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.seeds, args.steps, args.batch_size, args.max_seq_length = 1, 2, 8, 32
         args.calibration_batches, args.latency_repeats, args.latency_warmup = 2, 2, 1
         args.narrow_hidden = SMOKE_HIDDEN // 2
+    if args.demo_budget:  # the demo's sizes (configs/compress/bbc_minilm.yaml)
+        args.max_seq_length = args.max_seq_length if args.smoke else 128
+        args.calibration_batches = args.calibration_batches if args.smoke else 256 // args.batch_size
     return args
 
 
@@ -248,18 +263,25 @@ def read_split(path: str, label2id: dict[str, int]) -> tuple[list[str], list[int
 
 def build_students(teacher, train, tok, args) -> dict[str, torch.nn.Module]:
     """name -> initial student (each run trains a deep copy, so KD and no-KD start from the same weights)."""
-    students = {
-        f"{k}-layer": create_student(teacher, num_hidden_layers=k) for k in DEPTHS
-    }  # layers spread uniformly over the teacher's, first and last kept
+    if args.demo_budget:
+        students = {}
+    else:
+        students = {
+            f"{k}-layer": create_student(teacher, num_hidden_layers=k) for k in DEPTHS
+        }  # layers spread uniformly over the teacher's, first and last kept
     collator = DataCollatorWithPadding(tok)
     rows = [train[i] for i in range(min(len(train), args.calibration_batches * args.batch_size))]
     batches = [collator(rows[i : i + args.batch_size]) for i in range(0, len(rows), args.batch_size)]
     for batch in batches:
         batch.pop("labels", None)
     importance = measure_importance(teacher, batches)
-    students["narrow"] = prune_model(
-        teacher, PruningSpec(hidden=args.narrow_hidden, layers=NARROW_LAYERS), importance
-    )
+    if args.demo_budget:  # the demo's `pruned` stage, without its vocabulary trimming
+        spec = PruningSpec(heads=0.5, ffn=0.5, hidden=args.narrow_hidden, layers=3)
+        students["pruned_demo"] = prune_model(teacher, spec, importance)
+    else:
+        students["narrow"] = prune_model(
+            teacher, PruningSpec(hidden=args.narrow_hidden, layers=NARROW_LAYERS), importance
+        )
     for student in students.values():
         student.get_input_embeddings().requires_grad_(False)
     return students
@@ -279,6 +301,12 @@ def describe(model: torch.nn.Module) -> dict[str, int | str]:
 def kd_settings(name: str, student: torch.nn.Module, teacher: torch.nn.Module, args) -> tuple[dict, str]:
     """The KD arguments of a student, and a note on what the narrow one matches."""
     kd = {"temperature": TEMPERATURE, "alpha": ALPHA}
+    if name == "pruned_demo":  # the demo's `distilled` stage: KD and hidden-state MSE at weight 1
+        kd.update(hidden_weight=1.0, hidden_loss="mse")
+        return kd, (
+            "pruned_demo: the demo's pruned student (3 x 192, 6 heads, FFN 768), KD + hidden MSE (weight 1) as its "
+            "`distilled` stage; no KD = its `labels_only` stage (DistillationTrainer with alpha 0, no matching)"
+        )
     if name != "narrow":
         return kd, ""
     kd.update(hidden_weight=args.narrow_hidden_weight, hidden_loss=args.narrow_hidden_loss)
@@ -407,6 +435,10 @@ def main(argv: list[str] | None = None) -> dict:
     teacher_acc = _bbc.accuracy(_bbc.predict_logits(teacher, test, tok), test_labels)
 
     students = build_students(teacher, train, tok, args)
+    if args.demo_budget:  # whole epochs of the training split, as the demo counts them
+        args.steps = math.ceil(args.demo_epochs * math.ceil(len(train) / args.batch_size))
+    # Without KD: plain Trainer, or (--demo_budget) DistillationTrainer with alpha 0, the demo's labels_only stage.
+    labels_only = {"alpha": 0.0} if args.demo_budget else None
     accuracies: dict[str, dict[str, list[float]]] = {name: {"kd": [], "no_kd": []} for name in students}
     notes, trained = [], {}
     for name, initial in students.items():
@@ -416,7 +448,7 @@ def main(argv: list[str] | None = None) -> dict:
         for seed in range(args.seeds):
             for condition in ("kd", "no_kd"):
                 student = train_one(
-                    copy.deepcopy(initial), teacher, kd if condition == "kd" else None, train, tok, seed, sizes, args,
+                    copy.deepcopy(initial), teacher, kd if condition == "kd" else labels_only, train, tok, seed, sizes, args,
                     f"{args.work_dir}/{name}_{condition}_{seed}",
                 )  # fmt: skip
                 accuracies[name][condition].append(
@@ -509,6 +541,9 @@ def main(argv: list[str] | None = None) -> dict:
                 "narrow_hidden_loss",
                 "latency_repeats",
                 "latency_warmup",
+                "demo_budget",
+                "demo_epochs",
+                "calibration_batches",
             )
         }
         | {"temperature": TEMPERATURE, "alpha": ALPHA, "teacher_dir": str(folder)},  # fmt: skip
@@ -523,9 +558,13 @@ def main(argv: list[str] | None = None) -> dict:
         "students": rows,
         "seconds": {"teacher": teacher_seconds, "total": clock.seconds()},
     }
-    json_path = _evidence.results_path(args.results_dir, NAME, args.smoke, "json")
+    json_path = _evidence.results_path(
+        args.results_dir, NAME + ("_demo_budget" if args.demo_budget else ""), args.smoke, "json"
+    )
     _evidence.write_json(json_path, results)
-    png = _evidence.results_path(args.results_dir, NAME, args.smoke, "png")
+    png = _evidence.results_path(
+        args.results_dir, NAME + ("_demo_budget" if args.demo_budget else ""), args.smoke, "png"
+    )
     plot(png, rows, teacher_acc)
     print(f"JSON: {json_path}\nPNG: {png}")
     return results

@@ -22,8 +22,9 @@ deployment it can keep that). Fidelity: logits of every runtime against PyTorch 
 (max and mean |difference|, argmax agreement); with `--model DIR` (a fine-tuned 5-topic BBC classifier, e.g.
 outputs/bench_bbc/real/teacher_024) also the accuracy on those articles. Batch independence (PyTorch fp32 and ONNX
 Runtime): each article alone (batch 1, unpadded) against batches of 64 padded to their longest article: max |logit
-difference| and how many answers change. The CPU (hf_distill.reporting.machine: model, flags, ONNX Runtime's int8 kernel)
-goes into the JSON.
+difference| and how many answers change. The CPU (hf_distill.reporting.machine: model, flags as CPUID tells the
+process, ONNX Runtime's int8 and float32 kernels), the int8 kernel family observed (`deployed.probe_u8s8_kernel`) and
+the load average go into the JSON. On other CPU kinds: benchmarks/bench_int8_profile.py.
 
     python benchmarks/bench_runtime.py                       # ~10 minutes on 2 CPU cores
     python benchmarks/bench_runtime.py --no-compile --repeats 10
@@ -58,6 +59,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 from transformers import logging as hf_logging  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hf_distill.compression.deployed import probe_u8s8_kernel  # noqa: E402
 from hf_distill.compression.quantization import (  # noqa: E402
     OnnxSequenceClassifier,
     export_onnx,
@@ -363,6 +365,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
+    load_at_start = list(os.getloadavg())
+    cpu, probe = describe_cpu(), probe_u8s8_kernel()
+    print(f"CPU: {cpu['model']}; u8s8 kernel {cpu['u8s8_kernel']} (observed: {probe['family']}); "
+          f"float32 {cpu['fp32_kernel']}; load average {load_at_start}")  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     texts, labels = load_texts(max(args.eval, max(args.batch_sizes)))
     args.texts = texts
@@ -456,6 +462,9 @@ def main() -> None:
         "calibration_texts": args.calibration,
         "fidelity": quality,
         "cpu": describe_cpu(),
+        "u8s8_probe": probe_u8s8_kernel(),  # the uint8 x int8 kernel family ONNX Runtime really ran here
+        "load_average_at_start": load_at_start,
+        "load_average_at_end": list(os.getloadavg()),
         "versions": _versions(),
         "fastest": fastest,
         "rows": rows,

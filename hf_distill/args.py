@@ -29,6 +29,8 @@ CAUSAL_LM_ONLY = (
     "uld_weight",
 )
 SEQ2SEQ_ONLY = ("decoder_layer_map",)
+# The settings of sentence-embedding students (task_type "sentence_embedding"): other recipes leave them out.
+SENTENCE_EMBEDDING_ONLY = ("embedding_mse_weight", "embedding_cosine_weight", "embedding_similarity_weight")
 _PAIR = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 # What a student's outputs can mean (`task_type`): the kind of prediction (one per example, per token, the next
@@ -41,6 +43,9 @@ SEQUENCE, TOKEN, CAUSAL_LM, SEQ2SEQ, QUESTION_ANSWERING = (
     "question_answering",
 )
 
+# One pooled embedding per text (hf_distill.embeddings.SentenceEmbedder): no logits, no labels.
+SENTENCE_EMBEDDING = "sentence_embedding"
+
 # The values of `DistillationTrainingArguments.task_type`, and what each means for the logits and labels.
 TASK_TYPES = {
     "sequence_classification": (SEQUENCE, "single_label_classification"),
@@ -51,6 +56,7 @@ TASK_TYPES = {
     "question_answering": (QUESTION_ANSWERING, None),
     "causal_lm": (CAUSAL_LM, None),
     "seq2seq": (SEQ2SEQ, None),
+    "sentence_embedding": (SENTENCE_EMBEDDING, None),
 }
 
 
@@ -216,6 +222,26 @@ class DistillationTrainingArguments(TrainingArguments):
             "(hf_distill/ensemble.py)."
         },
     )
+    embedding_mse_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "Sentence-embedding students: weight of the mean squared error between the student's pooled "
+            "embedding (projected to the teacher's dimension) and the teacher's (>= 0)."
+        },
+    )
+    embedding_cosine_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Sentence-embedding students: weight of 1 - cos(student, teacher) per text (>= 0)."
+        },
+    )
+    embedding_similarity_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Sentence-embedding students: weight of the squared difference between the student's and the "
+            "teacher's in-batch cosine-similarity matrices (>= 0)."
+        },
+    )
     teacher_weighting: str = field(
         default="fixed",
         metadata={
@@ -286,6 +312,12 @@ class DistillationTrainingArguments(TrainingArguments):
             )
         if self.uld_weight < 0:
             raise ValueError(f"uld_weight must be >= 0, got {self.uld_weight}.")
+        embedding_weights = {name: getattr(self, name) for name in SENTENCE_EMBEDDING_ONLY}
+        if min(embedding_weights.values()) < 0 or max(embedding_weights.values()) <= 0:
+            raise ValueError(
+                f"the embedding loss weights must be >= 0 with at least one > 0, got {embedding_weights}; "
+                "e.g. --embedding_mse_weight 1."
+            )
         if self.teacher_weighting not in TEACHER_WEIGHTINGS:
             raise ValueError(
                 f"teacher_weighting must be one of {TEACHER_WEIGHTINGS}, got {self.teacher_weighting!r}."

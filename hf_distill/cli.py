@@ -36,8 +36,16 @@ COMMANDS: dict[str, Command] = {
         "cache_teacher_logits",
         "cache teachers' top-k log-probabilities (LM, cross-tokenizer, several teachers, classifiers)",
     ),
-    "compress": Command("compress", "prune, distil, quantize a classifier in stages; report every stage"),
+    "compress": Command(
+        "compress",
+        "prune, distil, quantize a classifier, causal LM or translator in stages; report every stage",
+    ),
     "demo-bbc": Command("demo_bbc", "offline demo on BBC News: fine-tune a teacher, distil it, report"),
+    "online": Command("distill_online", "distil on a stream of chunks; the teacher refreshed every N"),
+    "embeddings": Command(
+        "distill_embeddings",
+        "distil a sentence-transformers teacher's embeddings (cut, pruned, INT8 students)",
+    ),
 }
 
 

@@ -18,11 +18,12 @@ from transformers import Seq2SeqTrainer, Trainer
 from transformers.utils import logging
 
 from hf_distill.alignment.collator import CROSS_TOKENIZER_COLUMNS, TEXT_COLUMN
-from hf_distill.args import DistillationTrainingArguments, checked_trainer_arguments
+from hf_distill.args import SENTENCE_EMBEDDING, DistillationTrainingArguments, checked_trainer_arguments
 from hf_distill.caches.format import CACHE_COLUMNS, check_cache_temperature
 from hf_distill.reporting import model_card as hub
 from hf_distill.sources.base import KDSource, StudentStep, logits_of
 from hf_distill.sources.choice import choose_kd_source
+from hf_distill.sources.embeddings import TEACHER_EMBEDDING_COLUMN
 from hf_distill.sources.ensemble import teacher_set, teacher_tokenizer_of
 from hf_distill.sources.logits import FusedLMHeadKD, LogitsKD, SpanKD
 from hf_distill.training import on_policy
@@ -50,8 +51,9 @@ from hf_distill.training.teacher import forward_inputs, prepare_teacher, unwrap_
 logger = logging.get_logger(__name__)
 
 LOSS_COMPONENTS = ("ce_loss", "kd_loss", "hidden_loss", "attention_loss")
-# Batch columns that are not model inputs: cached teacher logits, the teacher's own tokenization of the text.
-_READ_ELSEWHERE = frozenset((*CACHE_COLUMNS, *CROSS_TOKENIZER_COLUMNS))
+# Batch columns that are not model inputs: cached teacher logits, the teacher's own tokenization of the text, a
+# sentence embedder's cached targets.
+_READ_ELSEWHERE = frozenset((*CACHE_COLUMNS, *CROSS_TOKENIZER_COLUMNS, TEACHER_EMBEDDING_COLUMN))
 
 
 class DistillationTrainer(Trainer):
@@ -160,6 +162,7 @@ class DistillationTrainer(Trainer):
         # Keep the cached-teacher columns through `remove_unused_columns`: the student does not take them.
         super()._set_signature_columns_if_needed()
         kept = (*CACHE_COLUMNS, TEXT_COLUMN) if self.args.cross_tokenizer is not None else CACHE_COLUMNS
+        kept = (*kept, TEACHER_EMBEDDING_COLUMN)  # a sentence embedder's targets, computed once
         for column in kept:  # cross_tokenizer: CrossTokenizerCollator reads the raw text
             if column not in self._signature_columns:
                 self._signature_columns.append(column)
@@ -225,7 +228,8 @@ class DistillationTrainer(Trainer):
         flags = self._output_flags() if training else {}
         outputs = model(**model_inputs, **flags)
         positions = labels = mask = None
-        if self._task.kind != QUESTION_ANSWERING:
+        # Spans and sentence embeddings are read from the outputs by their sources: no rows of logits to align.
+        if self._task.kind not in (QUESTION_ANSWERING, SENTENCE_EMBEDDING):
             fused = isinstance(self.kd_source, FusedLMHeadKD) and training
             source = outputs.hidden_states[-1] if fused else logits_of(outputs)
             attention = (
@@ -237,6 +241,8 @@ class DistillationTrainer(Trainer):
         return StudentStep(model, inputs, model_inputs, outputs, positions, labels, mask)
 
     def _has_labels(self, inputs: dict[str, Any]) -> bool:
+        if self._task.kind == SENTENCE_EMBEDDING:
+            return False  # no hard-label loss (the source refuses labelled training data)
         if self._task.kind == QUESTION_ANSWERING:
             return inputs.get("start_positions") is not None and inputs.get("end_positions") is not None
         return inputs.get("labels") is not None

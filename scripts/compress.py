@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Compress a fine-tuned text classifier: prune, distil (through assistants where that helps), quantize, and
-report every stage against the teacher.
+"""Compress a fine-tuned text classifier, a causal LM or a translator: prune, distil (through assistants where that
+helps), quantize, and report every stage against the teacher.
 
     python scripts/compress.py --config configs/compress/bbc_minilm.yaml --output_dir outputs/compress
     python scripts/compress.py --teacher_model_name_or_path outputs/bbc/teacher \
@@ -8,6 +8,12 @@ report every stage against the teacher.
         --stage "prune:heads=0.5,ffn=0.5,hidden=192,layers=3,vocab=data" "distill:epochs=3,hidden_weight=1" \
                 "quantize:method=qat"
     accelerate launch scripts/compress.py --config ...      # training stages run on every process
+    python scripts/compress.py --config configs/compress/bbc_lm.yaml --output_dir out   # a causal LM, with drafts
+    python scripts/compress.py --config configs/compress/bbc_translation.yaml --output_dir out
+
+Generation recipes (`task: causal_lm` or `task: translation`, docs/GENERATION.md) deploy to CTranslate2
+(`pip install "hf-distill[generation]"`) and report perplexity or BLEU, decode tokens/s at batch 1 and 8 and
+assisted decoding by distilled drafts; they run in one process.
 
 The recipe (hf_distill/compression_recipe.py) lists the stages; flags override the YAML. Every stage writes its
 model into <output_dir>/stages/<name> (a killed run resumes at the stage it was in, and a training stage
@@ -50,7 +56,7 @@ from hf_distill.compression.recipe import (  # noqa: E402
     stage_reference,
 )
 from hf_distill.tasks import common  # noqa: E402
-from hf_distill.tasks.compression import stages  # noqa: E402
+from hf_distill.tasks.compression import generation_flow, stages  # noqa: E402
 
 logger = logging.get_logger("compress")
 
@@ -86,6 +92,13 @@ class CompressArguments:
     seed: int | None = field(default=None, metadata={"help": "Seed of training (overrides the recipe's)."})
     num_threads: int | None = field(default=None, metadata={"help": "CPU threads for training and timing."})
     check_only: bool = field(default=False, metadata={"help": "Check the recipe and the models, then stop."})
+    task: str | None = field(
+        default=None,
+        metadata={
+            "help": "classification (default), causal_lm or translation; overrides the recipe's `task` "
+            "(generation recipes: docs/GENERATION.md)."
+        },
+    )
 
 
 def build_recipe(args: CompressArguments) -> Recipe:
@@ -277,7 +290,7 @@ def measure(
     recipe: Recipe, data: stages.StageData, paths: dict[str, Path], output_dir: Path
 ) -> dict[str, Any]:
     """Evaluate and time every stage (and the teacher in the final stage's runtime), then write the report."""
-    from hf_distill.compression.deployed import size_on_disk
+    from hf_distill.compression.deployed import describe_graph, probe_u8s8_kernel, size_on_disk
     from hf_distill.compression.report import build_compression_report, write_compression_report
     from hf_distill.reporting.latency import time_alternately
     from hf_distill.reporting.machine import describe_cpu
@@ -336,7 +349,17 @@ def measure(
             "max_seq_length": data.max_seq_length,
             "threads": threads,
             "torch": torch.__version__,
-            "cpu": describe_cpu(),  # model, SIMD flags and the INT8 kernel they select
+            "cpu": describe_cpu(),  # model, SIMD flags (as CPUID tells this process) and the INT8 kernel they select
+            # The u8 x s8 kernel family ONNX Runtime really ran here, and how busy the machine was while timing.
+            **({"u8s8_probe": probe_u8s8_kernel()} if final_is_onnx else {}),
+            # How the final INT8 graph was built (the same file for every x86 CPU: docs/INT8_CPUS.md).
+            **({"int8_graph": describe_graph(paths[recipe.final_stage])} if final_is_onnx else {}),
+            "load_average": list(os.getloadavg()),
+            **(
+                {"cpu_view": os.environ["HF_DISTILL_CPU_VIEW"]}
+                if os.environ.get("HF_DISTILL_CPU_VIEW")
+                else {}
+            ),
         },
     )
     write_compression_report(report, output_dir)
@@ -346,8 +369,13 @@ def measure(
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from accelerate import PartialState
 
-    parser = common.RecipeArgumentParser([CompressArguments], description=f"{__doc__}\n{stage_reference()}")
+    from hf_distill.compression.generation_recipe import generation_stage_reference
+
+    description = f"{__doc__}\n{stage_reference()}\n{generation_stage_reference()}"
+    parser = common.RecipeArgumentParser([CompressArguments], description=description)
     (args,) = parser.parse_args_into_dataclasses(args=argv)
+    if generation_flow.recipe_task(args) != generation_flow.CLASSIFICATION:
+        return generation_flow.run(args)  # causal LMs and translators (tasks/compression/generation_flow.py)
     recipe = build_recipe(args)
     check_recipe(recipe)
     check_dependencies(recipe)

@@ -33,6 +33,8 @@ KEY_FLAGS = {
     "cache-logits": ["--teacher_model_name_or_path", "--cache_output_dir", "--top_k"],
     "compress": ["--config", "--output_dir", "--stage"],
     "demo-bbc": ["--output_dir", "--student_num_layers", "--temperature", "--alpha"],
+    "online": ["--teacher_model_name_or_path", "--stream_dir", "--refresh_every", "--output_dir"],
+    "embeddings": ["--config", "--teacher_model_name_or_path", "--pooling", "--student_hidden"],
 }
 
 

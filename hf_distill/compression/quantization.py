@@ -1,60 +1,45 @@
 """Post-training INT8 for CPU deployment: export to ONNX and static INT8 quantization for ONNX Runtime (loading and
 running the deployed folder is `hf_distill.compression.deployed`, re-exported here).
 
-Runtime: ONNX Runtime, chosen by measurement (benchmarks/bench_runtime.py and its README section: all-MiniLM-L6-v2
-with a 5-label head, 128 tokens, medians of alternating rounds on this project's shared 2-core CPU machine, with the
-dynamic INT8 this module deployed before, which runs at the speed of the scheme below). Speed-up over PyTorch fp32:
-
-                              1 thread: batch 1   batch 32   2 threads, one core busy elsewhere: b1   b32   weights
-    torchao int8 + torch.compile        2.15x      2.52x                                   0.73x  1.20x   58.7 MB
-    ONNX Runtime fp32                   1.19x      1.00x                                     22x  1.46x   91.0 MB
-    ONNX Runtime INT8 per-channel       2.62x      2.15x                                     58x  2.92x   23.1 MB
-
-ORT INT8 is the fastest at batch 1 and 15-20% behind torchao + torch.compile at batch 32, and wins on the rest: one
-model.onnx 3.9x smaller than fp32 that onnxruntime runs without torch or a compiler, no compile step, dynamic batch
-and sequence axes, and a busy machine barely slows it while PyTorch's OpenMP threads stall.
-
-Pipeline (each stage writes its own self-contained folder, atomically)::
-
     folder = export_onnx(model, tokenizer, "out/onnx")               # model.onnx (float32) + tokenizer + config.json
     folder = quantize_int8(folder, "out/int8", calibration=batches)   # batches: a few hundred tokenized training texts
     classifier = load_deployed(folder)                                # OnnxSequenceClassifier
     logits = classifier.predict_logits(tokenizer(texts, padding=True, return_tensors="np"))
 
+Runtime: ONNX Runtime, chosen by measurement over torchao (benchmarks/bench_runtime.py): one model.onnx that
+onnxruntime runs without torch or a compile step, with dynamic batch and sequence axes.
+
 The INT8 scheme (its arithmetic is `int8_scheme`, its graph `onnx_int8`; `qat.py` fake-quantizes the same): every
 Linear outside `keep_float` (default: the classifier) gets int8 symmetric weights in [-64, 64], per output channel,
 and a uint8 input with a *static* per-tensor range ([min, max] over the unpadded tokens of the calibration batches, or
 the range QAT trained with): ONNX QuantizeLinear, then ORT's MatMulIntegerToFloat with the bias folded in. Embedding
-tables are uint8 per tensor; attention matmuls, LayerNorm, softmax and GELU stay float32. Why:
+tables are uint8 per tensor; attention, LayerNorm, softmax and GELU stay float32. Why:
 
-- Every x86 CPU computes the same model. Without VNNI (AVX2: Haswell to Comet Lake, Zen 1-3; AVX-512 before Cascade
-  Lake) ORT multiplies uint8 x int8 with VPMADDUBSW, which adds pairs of products into a saturating int16: with
-  8-bit weights a pair reaches 2 * 255 * 127 = 64770 and clips, so the dynamic scheme used before deployed another
-  model there than QAT trained (on an emulated Haswell its logits moved by up to 0.16 on a fine-tuned 3-layer MiniLM).
-  With |w| <= 64 a pair stays <= 32640: exact, bit-identical on Haswell and on AVX-512 VNNI
-  (tests/test_quantization_avx2.py), and still the fast uint8 x int8 kernels (VPMADDUBSW, VPDPBUSD with VNNI, AMX);
-  uint8 weights would also be exact but take AVX2's int16-widening kernel at about half the throughput.
-- A prediction does not depend on the other texts in its batch, as a served model answers one request at a time:
-  with per-batch ranges 2 of 426 BBC answers changed between batch 1 and batch 64 (MiniLM-L6); now none, and
-  the logits are identical. No DynamicQuantizeLinear (a min/max pass over every Linear input) runs per call.
-- The cost, measured on 426 BBC test articles with 256 calibration articles: a 3-layer MiniLM kept 96.0% (fp32 95.8%,
-  dynamic 95.8%; mean |logit change| 0.019, dynamic 0.018), MiniLM-L6 96.5% (fp32 96.5%, dynamic 96.2%; 0.014 and
-  0.014). Per-tensor weights lose more with 7 bits (95.5%, 6-8 answers changed): keep `per_channel`. Speed on
-  AVX-512 VNNI: the dynamic scheme's (a 3-layer x 192 BERT, 128 tokens: 3.0 ms at batch 1, 110 ms at batch 32, 1.7x
-  ORT fp32). quantization.json records the scheme, the ranges and the CPU (`cpu_features`).
+- Every x86 CPU computes the same model. Without VNNI (AVX2, AVX-512 before Cascade Lake) ORT multiplies uint8 x int8
+  with VPMADDUBSW, which adds pairs of products into a saturating int16: with |w| <= 64 a pair stays <= 32,640, so
+  the product is exact there too (tests/compression/test_quantization_cpu_view.py runs those kernels natively,
+  test_quantization_avx2.py under an emulated Haswell), and the fast u8 x s8 kernels are kept.
+- A prediction does not depend on the other texts in its batch (static ranges): batch 1 and batch 64 give the same
+  logits, as a served model answers one request at a time.
+
+The graph around the scheme is made fast on every x86 CPU, one file for all (docs/INT8_CPUS.md: 2.1x and 1.95x
+faster at batch 32 with the AVX-512 VNNI and the AVX-512-without-VNNI kernels; AVX2 predicted, not measured):
+`export_onnx` fuses each layer's attention into one MultiHeadAttention node and each GELU into one Gelu node
+(`onnx_fusions`), `quantize_int8` makes the last layer compute only the token the classifier reads
+(`onnx_first_token`), and `deployed` sessions leave out ONNX Runtime's SkipLayerNorm fusion
+(`deployed.DISABLED_OPTIMIZERS`). Each rewrite is kept only if ONNX Runtime still gives the
+reference's logits; onnx_export.json and quantization.json record what was done and the CPU.
 
 onnx, onnxruntime and onnxscript (the `compress` extra) are imported only when a function here needs them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import inspect
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +49,7 @@ from torch import nn
 from transformers.utils import logging
 
 from hf_distill.compression.deployed import (  # noqa: F401 - re-exported: the deployment API is importable from here as before
+    DISABLED_OPTIMIZERS,
     ONNX_FILE,
     OnnxSequenceClassifier,
     _require_onnx,
@@ -72,7 +58,17 @@ from hf_distill.compression.deployed import (  # noqa: F401 - re-exported: the d
     size_on_disk,
 )
 from hf_distill.compression.int8_scheme import DEFAULT_KEEP_FLOAT, WEIGHT_QMAX, module_name_matches
-from hf_distill.compression.onnx_int8 import _NAME_SCOPES, calibrate, quantizable_nodes, rewrite
+from hf_distill.compression.onnx_export import (
+    _dummy_inputs,
+    _input_names,
+    _LogitsOnly,
+    _quiet_exporter,
+    _strip_export_metadata,
+    _weight_bytes,
+)
+from hf_distill.compression.onnx_first_token import first_token_checked
+from hf_distill.compression.onnx_fusions import fuse_checked
+from hf_distill.compression.onnx_int8 import calibrate, quantizable_nodes, rewrite
 from hf_distill.compression.qat import CONFIG_KEY as QAT_CONFIG_KEY
 from hf_distill.reporting.machine import describe_cpu
 from hf_distill.storage.atomic import atomic_directory
@@ -99,55 +95,9 @@ QUANTIZATION_INFO_FILE = "quantization.json"
 OPSET = 18
 # Above this many bytes of weights the ONNX file keeps them in a separate file (protobuf's 2 GiB limit).
 _EXTERNAL_DATA_BYTES = 1 << 30
-_INPUT_ORDER = ("input_ids", "attention_mask", "token_type_ids")
 
 
 # --------------------------------------------------------------------------------------------- export
-class _LogitsOnly(nn.Module):
-    """The model with the logits as its only output, whatever the config's output_* flags say."""
-
-    def __init__(self, model: nn.Module, input_names: Sequence[str]):
-        super().__init__()
-        self.model = model
-        self.input_names = tuple(input_names)
-
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
-        given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
-        return self.model(**{name: given[name] for name in self.input_names}, return_dict=True).logits
-
-
-def _input_names(model: nn.Module, tokenizer) -> list[str]:
-    accepted = set(inspect.signature(model.forward).parameters)
-    wanted = set(getattr(tokenizer, "model_input_names", None) or _INPUT_ORDER)
-    names = [name for name in _INPUT_ORDER if name in accepted and name in wanted]
-    if "input_ids" not in names:
-        raise ValueError(
-            f"export_onnx exports models that take input_ids; {type(model).__name__}.forward takes "
-            f"{sorted(accepted)} and the tokenizer gives {sorted(wanted)}."
-        )
-    return names
-
-
-def _dummy_inputs(config, input_names: Sequence[str], batch_size: int, length: int, seed: int) -> dict:
-    """Random token ids with a padded last row (so masking is exercised) and both token types."""
-    generator = torch.Generator().manual_seed(seed)
-    inputs = {"input_ids": torch.randint(0, config.vocab_size, (batch_size, length), generator=generator)}
-    if "attention_mask" in input_names:
-        mask = torch.ones(batch_size, length, dtype=torch.long)
-        mask[-1, max(1, length // 2) :] = 0
-        inputs["attention_mask"] = mask
-    if "token_type_ids" in input_names:
-        token_types = torch.zeros(batch_size, length, dtype=torch.long)
-        if getattr(config, "type_vocab_size", 1) > 1:
-            token_types[:, length // 3 :] = 1
-        inputs["token_type_ids"] = token_types
-    return inputs
-
-
-def _weight_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
 def export_onnx(
     model: nn.Module,
     tokenizer,
@@ -157,6 +107,7 @@ def export_onnx(
     opset: int = OPSET,
     atol: float = 1e-4,
     overwrite: bool = False,
+    fuse: bool = True,
 ) -> Path:
     """Export a sequence classifier to `output_dir/model.onnx` (float32) and return `output_dir`.
 
@@ -165,7 +116,9 @@ def export_onnx(
     folder also gets the tokenizer, config.json and onnx_export.json (inputs, opset, the check below), so it is
     self-contained. Exported with the dynamo exporter (`torch.onnx.export(dynamo=True)`): with transformers 5 BERT it
     matches PyTorch to ~1e-8, where the TorchScript exporter was off by up to 2e-2 on padded rows. Attention is
-    exported in its eager form (the model's attention implementation is restored afterwards).
+    exported in its eager form (the model's attention implementation is restored afterwards). With `fuse`
+    (default), each layer's attention core becomes one ONNX Runtime MultiHeadAttention node and each GELU one Gelu
+    node (`onnx_fusions`), kept only if the fused graph passes the check below; onnx_export.json says which.
 
     Checked before the folder appears: ONNX Runtime's logits equal PyTorch's within `atol` (absolute, plus 1e-3
     relative) on a (2, max_length) batch with a padded row and on a (3, max_length // 2 + 1) batch; otherwise
@@ -213,20 +166,36 @@ def export_onnx(
                     external_data=_weight_bytes(model) > _EXTERNAL_DATA_BYTES,
                 )
             _strip_export_metadata(onnx_path)
-            session = _session(onnx_path)
-            max_abs_diff = 0.0
-            for inputs in check_inputs:
-                with torch.no_grad():
-                    expected = wrapper(**inputs).numpy()
-                actual = session.run(["logits"], {name: tensor.numpy() for name, tensor in inputs.items()})[0]
-                max_abs_diff = max(max_abs_diff, float(np.abs(actual - expected).max()))
-                if actual.shape != expected.shape or not np.allclose(actual, expected, atol=atol, rtol=1e-3):
-                    raise RuntimeError(
-                        f"The ONNX export of {type(model).__name__} disagrees with PyTorch on a batch of shape "
-                        f"{tuple(inputs['input_ids'].shape)}: logits {actual.shape} vs {expected.shape}, max abs "
-                        f"difference {max_abs_diff:.3g} > atol {atol}. Try another opset (now {opset})."
+            with torch.no_grad():
+                expected_logits = [wrapper(**inputs).numpy() for inputs in check_inputs]
+
+            def difference_from_torch(path: Path, *, strict: bool) -> float:
+                session = _session(path)
+                largest = 0.0
+                for inputs, expected in zip(check_inputs, expected_logits):
+                    actual = session.run(
+                        ["logits"], {name: tensor.numpy() for name, tensor in inputs.items()}
+                    )[0]
+                    same = actual.shape == expected.shape and np.allclose(
+                        actual, expected, atol=atol, rtol=1e-3
                     )
-            del session
+                    largest = max(largest, float(np.abs(actual - expected).max()) if same else float("inf"))
+                    if not same and strict:
+                        raise RuntimeError(
+                            f"The ONNX export of {type(model).__name__} disagrees with PyTorch on a batch of shape "
+                            f"{tuple(inputs['input_ids'].shape)}: logits {actual.shape} vs {expected.shape}, max "
+                            f"abs difference above atol {atol}. Try another opset (now {opset})."
+                        )
+                return largest
+
+            fusion = {"fusions": "none", "reason": "fuse=False"}
+            if fuse and not _weight_bytes(model) > _EXTERNAL_DATA_BYTES:
+                fusion = fuse_checked(
+                    onnx_path,
+                    getattr(model.config, "num_attention_heads", None),
+                    lambda path: difference_from_torch(path, strict=False),
+                )
+            max_abs_diff = difference_from_torch(onnx_path, strict=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(temporary)
             model.config.save_pretrained(temporary)
@@ -236,6 +205,10 @@ def export_onnx(
                 "opset": opset,
                 "max_length": max_length,
                 "max_abs_diff_vs_torch": max_abs_diff,
+                **fusion,
+                # What load_deployed's sessions turn off (deployed.DISABLED_OPTIMIZERS); a plain InferenceSession
+                # should too, for the measured speed.
+                "session": {"disabled_optimizers": list(DISABLED_OPTIMIZERS)},
                 "torch_version": torch.__version__,
             }
             (temporary / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
@@ -247,29 +220,6 @@ def export_onnx(
         f"Exported {type(model).__name__} to {output_dir} (max |ONNX - PyTorch| = {max_abs_diff:.2e})"
     )
     return Path(output_dir)
-
-
-def _strip_export_metadata(onnx_path: Path) -> None:
-    """Drop the exporter's per-node debug metadata (stack traces with local paths, FX nodes: about half of a small
-    model's file) but keep the module name scopes, which `quantize_int8` reads to find the modules in keep_float."""
-    onnx, _ = _require_onnx()
-    model = onnx.load(str(onnx_path), load_external_data=False)  # external tensors keep their references
-    for node in model.graph.node:
-        kept = [(prop.key, prop.value) for prop in node.metadata_props if prop.key == _NAME_SCOPES]
-        del node.metadata_props[:]
-        for key, value in kept:
-            node.metadata_props.add(key=key, value=value)
-    onnx.save(model, str(onnx_path))
-
-
-@contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
-    """The dynamo exporter prints progress lines and warns about unused axis names; keep the log readable."""
-    import warnings
-
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 # --------------------------------------------------------------------------------------------- quantization
@@ -299,6 +249,7 @@ def quantize_int8(
     calibration: Iterable[Mapping[str, Any]] | None = None,
     activation_ranges: Mapping[str, Sequence[float]] | None = None,
     overwrite: bool = False,
+    first_token_only: bool = True,
 ) -> Path:
     """Static INT8 quantization of `onnx_dir/model.onnx` into `output_dir/model.onnx`; returns `output_dir`.
 
@@ -370,6 +321,9 @@ def quantize_int8(
         left_float = rewrite(model, chosen, ranges, per_channel)
         if left_float:
             logger.warning(f"Left float (not in a Linear's form): {left_float}")
+        graph = {"tokens": "every token through every layer", "reason": "first_token_only=False"}
+        if first_token_only and not large:
+            graph = first_token_checked(model, onnx_dir, temporary)
         onnx.save(
             model, str(temporary / ONNX_FILE), save_as_external_data=large, location=f"{ONNX_FILE}.data"
         )
@@ -401,6 +355,9 @@ def quantize_int8(
                 for node, module in linears
                 if node.name not in left_float
             },
+            "graph": graph,
+            # What load_deployed's sessions turn off; a plain InferenceSession should pass the same for that speed.
+            "session": {"disabled_optimizers": list(DISABLED_OPTIMIZERS)},
             "onnxruntime_version": ort.__version__,
             "cpu": describe_cpu(),
         }

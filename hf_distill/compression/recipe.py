@@ -254,6 +254,12 @@ def _stage_from_mapping(values: dict[str, Any], index: int) -> Stage:
 def recipe_from_mapping(values: dict[str, Any]) -> Recipe:
     """A Recipe from the YAML's mapping (see the module docstring for the keys)."""
     values = dict(values or {})
+    task = values.pop("task", None)
+    if task not in (None, "classification"):
+        raise ValueError(
+            f"task: {task!r}: this recipe reader is for classifiers; causal_lm and translation recipes are read by "
+            "hf_distill.compression.generation_recipe (scripts/compress.py chooses by `task`)."
+        )
     unknown = sorted(set(values) - {"data", "teacher", "training", "stages", "final", "targets"})
     if unknown:
         raise ValueError(

@@ -134,6 +134,7 @@ def compression_report_markdown(report: Mapping[str, Any]) -> str:
         lines += [f"- {'met' if met else 'MISSED'}: {name}" for name, met in report["targets"].items()]
     metadata = dict(report.get("metadata") or {})
     recipe = metadata.pop("recipe", None)
+    lines += machine_lines(metadata)  # pops what it shows
     if metadata:
         lines += ["", "## Run", ""] + [f"- {key}: {value}" for key, value in metadata.items()]
     if recipe is not None:
@@ -141,6 +142,39 @@ def compression_report_markdown(report: Mapping[str, Any]) -> str:
 
         lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).rstrip(), "```"]
     return "\n".join(lines) + "\n"
+
+
+def machine_lines(metadata: dict[str, Any]) -> list[str]:
+    """The "## Machine" section: the CPU, the SIMD extensions the libraries saw, the kernels they imply and the one
+    observed, the load while timing; removes those keys from `metadata`. Nothing if no CPU was recorded."""
+    cpu = metadata.pop("cpu", None)
+    probe = metadata.pop("u8s8_probe", None)
+    load = metadata.pop("load_average", None)
+    view = metadata.pop("cpu_view", None)
+    if not isinstance(cpu, Mapping):
+        return []
+    flags = [flag for flag, present in cpu.get("flags", {}).items() if present]
+    lines = [
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {cpu.get('model', 'unknown')} ({cpu.get('machine', '?')}); SIMD extensions the libraries see "
+        f"({cpu.get('flags_source', '/proc/cpuinfo')}): {', '.join(flags) or 'none of avx2, avx512, vnni, amx'}",
+        f"- INT8 kernel (ONNX Runtime MLAS, uint8 x int8): {cpu.get('u8s8_kernel', '?')} by these extensions"
+        + (f"; observed: {probe['family']}" if isinstance(probe, Mapping) else ""),
+        f"- float32 kernels (attention, LayerNorm, GELU, the PyTorch stages): {cpu.get('fp32_kernel', '?')}",
+    ]
+    hidden = [flag for flag, present in (cpu.get("cpuinfo_disagrees") or {}).items() if present]
+    if hidden or view:
+        lines.append(
+            f"- CPU view: {view or 'unnamed'}: /proc/cpuinfo also lists {', '.join(hidden) or 'nothing more'}, hidden "
+            "from the libraries (an emulator or benchmarks/_cpu_view.py): the kernels are those of the view"
+        )
+    if load is not None:
+        lines.append(
+            f"- load average (1, 5, 15 min) when timing: {', '.join(f'{value:.2f}' for value in load)}"
+        )
+    return lines
 
 
 def _plot(report: Mapping[str, Any]) -> bytes:

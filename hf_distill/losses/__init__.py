@@ -20,6 +20,8 @@ Layout, one idea per module:
                  (the weighted mixture of several teachers)
     sparse.py    sparse_distillation_loss and sparse_distillation_and_cross_entropy (cached teacher top-k)
     features.py  hidden_state_loss and attention_distillation_loss
+    incremental.py  lwf_distillation_loss: Learning without Forgetting, the previous model on the old classes
+    embeddings.py  embedding_distillation_loss: pooled sentence embeddings (MSE, cosine, in-batch similarities)
     cross_tokenizer.py  cross_tokenizer_distillation_loss: teacher and student with different vocabularies
     _inplace.py  the in-place per-chunk divergence and gradient shared by chunked.py and fused.py
     _common.py   valid kinds, argument checks, mask flattening, reductions, the JSD mixture
@@ -31,23 +33,28 @@ from hf_distill.losses._common import DIVERGENCE_KINDS, LOGIT_KINDS
 from hf_distill.losses.cross_tokenizer import CROSS_TOKENIZER_MODES, cross_tokenizer_distillation_loss
 from hf_distill.losses.cross_tokenizer_cached import cached_cross_tokenizer_distillation_loss
 from hf_distill.losses.dense import bernoulli_distillation_loss, logit_distillation_loss
+from hf_distill.losses.embeddings import EMBEDDING_TERMS, embedding_distillation_loss
 from hf_distill.losses.features import attention_distillation_loss, hidden_state_loss
 from hf_distill.losses.fused import fused_linear_distillation_loss
+from hf_distill.losses.incremental import lwf_distillation_loss
 from hf_distill.losses.mixture import logprob_distillation_loss, teacher_mixture_logprobs
 from hf_distill.losses.sparse import sparse_distillation_and_cross_entropy, sparse_distillation_loss
 
 __all__ = [
     "CROSS_TOKENIZER_MODES",
     "DIVERGENCE_KINDS",
+    "EMBEDDING_TERMS",
     "LOGIT_KINDS",
     "attention_distillation_loss",
     "bernoulli_distillation_loss",
     "cached_cross_tokenizer_distillation_loss",
     "cross_tokenizer_distillation_loss",
+    "embedding_distillation_loss",
     "fused_linear_distillation_loss",
     "hidden_state_loss",
     "logit_distillation_loss",
     "logprob_distillation_loss",
+    "lwf_distillation_loss",
     "sparse_distillation_and_cross_entropy",
     "sparse_distillation_loss",
     "teacher_mixture_logprobs",

@@ -181,7 +181,13 @@ def build_model_card(
     ]
 
     metadata = {k: v for k, v in (existing_metadata or {}).items() if k not in _COMPUTED_METADATA}
-    metadata["library_name"] = "peft" if peft_student is not None else "transformers"
+    # A student class may name the library that loads it and its Hub task as class attributes (SentenceEmbedder:
+    # sentence-transformers, sentence-similarity).
+    metadata["library_name"] = (
+        "peft" if peft_student is not None else getattr(type(student), "library_name", "transformers")
+    )
+    if getattr(type(student), "pipeline_tag", None):
+        metadata["pipeline_tag"] = type(student).pipeline_tag
     if base_model is not None:
         metadata["base_model"] = base_model
     if language is not None:

@@ -7,6 +7,7 @@
 - cached.py           a cache of the teacher's top-k log-probabilities (`CachedTopKKD`)
 - ensemble.py         several teachers' mixture (`EnsembleLogitsKD`, `teacher_set`)
 - cross_tokenizer.py  a teacher with another tokenizer, live or cached (`CrossTokenizerKD`, `CachedCrossTokenizerKD`)
+- embeddings.py       a live teacher's pooled sentence embeddings (`EmbeddingKD`, task type sentence_embedding)
 - choice.py           which source a configuration gets
 
 May import training/, caches/, alignment/, losses/ and args.py; trainer.py and mutual.py import it.
@@ -18,6 +19,7 @@ from hf_distill.sources.base import KDSource, StudentStep, head_loss_sum, logits
 from hf_distill.sources.cached import CachedTopKKD
 from hf_distill.sources.choice import choose_kd_source
 from hf_distill.sources.cross_tokenizer import CachedCrossTokenizerKD, CrossTokenizerKD
+from hf_distill.sources.embeddings import EmbeddingKD
 from hf_distill.sources.ensemble import EnsembleLogitsKD, teacher_set
 from hf_distill.sources.logits import FusedLMHeadKD, LogitsKD, SpanKD
 
@@ -25,6 +27,7 @@ __all__ = [
     "CachedCrossTokenizerKD",
     "CachedTopKKD",
     "CrossTokenizerKD",
+    "EmbeddingKD",
     "EnsembleLogitsKD",
     "FusedLMHeadKD",
     "KDSource",

@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from hf_distill.args import SENTENCE_EMBEDDING
 from hf_distill.caches.format import is_mixture, read_manifest
 from hf_distill.caches.mixture import check_cached_target
 from hf_distill.sources.base import KDSource
 from hf_distill.sources.cached import CachedTopKKD
 from hf_distill.sources.cross_tokenizer import CachedCrossTokenizerKD, CrossTokenizerKD
+from hf_distill.sources.embeddings import EmbeddingKD
 from hf_distill.sources.ensemble import TeacherSet, build_ensemble_source, check_ensemble_options
 from hf_distill.sources.logits import FusedLMHeadKD, LogitsKD, SpanKD
 from hf_distill.training.task_loss import QUESTION_ANSWERING
@@ -19,10 +21,13 @@ from hf_distill.training.teacher import unwrap_model
 def choose_kd_source(
     trainer: Any, fused: bool, teachers: TeacherSet | None, teacher_tokenizers: Any
 ) -> KDSource:
-    """In order: several teachers (their mixture), a teacher with another tokenizer (aligned positions; live, or
-    from a cross-tokenizer cache), no teacher in memory (the cache: one teacher's or several teachers' mixture),
-    the fused LM head, extractive QA's spans, else the teacher's logits."""
+    """In order: sentence embedders (a live teacher's pooled embeddings), several teachers (their mixture), a
+    teacher with another tokenizer (aligned positions; live, or from a cross-tokenizer cache), no teacher in memory
+    (the cache: one teacher's or several teachers' mixture), the fused LM head, extractive QA's spans, else the
+    teacher's logits."""
     args, task, pairing = trainer.args, trainer._task, trainer._pairing
+    if task.kind == SENTENCE_EMBEDDING:
+        return EmbeddingKD.build(trainer, fused, several_teachers=teachers is not None)
     if teachers is not None:
         check_ensemble_options(args, task, fused)
         return build_ensemble_source(

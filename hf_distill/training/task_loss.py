@@ -82,8 +82,9 @@ def _sequence_problem_type(config) -> str:
 def infer_task(model: torch.nn.Module, task_type: str | None = None) -> TaskKind:
     """What `model`'s outputs mean: `task_type` when given, else what the model is.
 
-    In order: the class hierarchy against transformers' auto-model mappings (by class name over the MRO, so
-    subclasses and trust_remote_code classes built on a head count), `config.is_encoder_decoder`, a
+    In order: the task a model class declares (`distillation_task_type`, a `TASK_TYPES` key), the class hierarchy
+    against transformers' auto-model mappings (by class name over the MRO, so subclasses and trust_remote_code
+    classes built on a head count), `config.is_encoder_decoder`, a
     sequence-level `config.problem_type`, and `can_generate()` (a decoder that generates is a causal LM). A model
     that none of these place raises: guessing from the shape of its logits once trained a causal LM on unshifted
     targets without a word.
@@ -95,6 +96,9 @@ def infer_task(model: torch.nn.Module, task_type: str | None = None) -> TaskKind
             raise ValueError(f"task_type must be one of {sorted(TASK_TYPES)}, got {task_type!r}.")
         kind, problem_type = TASK_TYPES[task_type]
         return TaskKind(kind, problem_type)
+    declared = getattr(type(model), "distillation_task_type", None)  # a model class that says what it is
+    if declared in TASK_TYPES:
+        return TaskKind(*TASK_TYPES[declared])
     hierarchy = {cls.__name__ for cls in type(model).__mro__}
     for kind, names in _HEADS:
         if hierarchy & names:

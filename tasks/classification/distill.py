@@ -17,7 +17,7 @@ from hf_distill.args import CAUSAL_LM_ONLY, SEQ2SEQ_ONLY
 from hf_distill.caches.mixture import label_names_of, load_sequence_cache
 from hf_distill.reporting.base_model import display_name
 from hf_distill.tasks import classification, common
-from hf_distill.tasks.classification import augmentation, quantization_aware, transfer
+from hf_distill.tasks.classification import augmentation, incremental, quantization_aware, transfer
 from hf_distill.tasks.classification import mutual as mutual_recipe
 
 logger = logging.get_logger("distill_glue")
@@ -44,6 +44,7 @@ class ModelCardArguments:
 ARGUMENT_TYPES = (
     classification.ClassificationModelArguments,
     classification.DataArguments,
+    incremental.IncrementalArguments,
     transfer.TransferArguments,
     classification.ClassificationReportArguments,
     quantization_aware.QuantizationAwareArguments,
@@ -144,11 +145,17 @@ def _augmented(
 
 def run(argv: list[str] | None = None, *, description: str | None = None) -> dict[str, Any]:
     """The recipe: parse the flags (`description` opens --help), check everything, train, evaluate, report."""
-    model_args, data_args, transfer_args, report_args, qat_args, card_args, training_args = common.parse_args(
+    parsed = common.parse_args(
         ARGUMENT_TYPES, argv, description=description, hidden=(*CAUSAL_LM_ONLY, *SEQ2SEQ_ONLY)
     )
+    model_args, data_args, incremental_args, *modes, card_args, training_args = parsed
+    transfer_args, report_args, qat_args = modes
     common.setup_logging(training_args)
     set_seed(training_args.seed)
+    others = {"transfer_args": transfer_args, "report_args": report_args, "qat_args": qat_args}
+    incremental.check_flags(model_args, data_args, incremental_args, training_args, **others)
+    if model_args.previous_model_name_or_path is not None:  # adding classes to a trained classifier
+        return incremental.run(model_args, data_args, incremental_args, training_args)
 
     # Everything that can be wrong with the flags, the data or the models fails here, before training.
     raw = classification.load_raw_datasets(data_args, model_args)

@@ -158,6 +158,14 @@ class ClassificationModelArguments(ModelArguments):
         default=None,
         metadata={"help": "The pretrained model the --peer_num_layers peers are cut from."},
     )
+    previous_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Add classes to this trained classifier (Learning without Forgetting, tasks/classification/"
+            "incremental.py): it teaches its own classes and, its head grown by the new ones, is the student. "
+            "Takes no teacher or student flags; see --new_labels and --exemplar_file."
+        },
+    )
 
     def __post_init__(self):
         if isinstance(self.teacher_model_name_or_path, str):  # one path from a YAML/JSON file or Python
@@ -166,6 +174,18 @@ class ClassificationModelArguments(ModelArguments):
             self.peer_model_name_or_path = [self.peer_model_name_or_path]
         if isinstance(self.peer_num_layers, int):
             self.peer_num_layers = [self.peer_num_layers]
+        if self.previous_model_name_or_path is not None:  # the student is the previous model, grown
+            flags = (
+                "teacher_model_name_or_path student_model_name_or_path student_num_layers student_layers "
+                "mutual_learning peer_model_name_or_path peer_num_layers peer_base_model_name_or_path"
+            ).split()
+            given = [f"--{flag}" for flag in flags if getattr(self, flag) not in (None, [], False)]
+            if given:
+                raise ValueError(
+                    f"--previous_model_name_or_path is both the teacher (of the old classes) and the student (grown by "
+                    f"the new ones); drop {', '.join(given)}."
+                )
+            return
         if self.mutual_learning:
             self._check_peers()
             return  # no teacher and no student: the student flags' checks do not apply

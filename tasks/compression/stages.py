@@ -316,9 +316,20 @@ def quantize(
             recipe, stage, data, source_dir, teacher_dir, model_dir, work_dir, state, quantization_aware=True
         )
     if state.is_main_process:
+        from hf_distill.compression.deployed import probe_u8s8_kernel
+
         onnx_dir = work_dir / stage.name / "onnx_fp32"
         _export_int8(model_dir, onnx_dir, folder, data, stage.per_channel, qat=stage.method == "qat")
-        _finish(folder, settings, started, quantized_from=str(model_dir), cpu=describe_cpu())
+        # The CPU it was built on and the u8 x s8 kernel family that ran there (the graph is the same for every
+        # x86 CPU: quantization.json's "graph"; benchmarks/bench_int8_profile.py times it on each kind).
+        _finish(
+            folder,
+            settings,
+            started,
+            quantized_from=str(model_dir),
+            cpu=describe_cpu(),
+            u8s8_probe=probe_u8s8_kernel(),
+        )
     state.wait_for_everyone()
 
 
@@ -348,7 +359,9 @@ def quantize_reference(teacher_dir: Path, work_dir: Path, data: StageData) -> No
     from hf_distill.compression.quantization import INT8_SCHEME
 
     info = work_dir / "int8" / "quantization.json"
-    if not info.is_file() or json.loads(info.read_text()).get("scheme") != INT8_SCHEME:
+    recorded = json.loads(info.read_text()) if info.is_file() else {}
+    # Rebuilt for another scheme, or when built before the graph was recorded (every token through every layer).
+    if recorded.get("scheme") != INT8_SCHEME or "graph" not in recorded:
         _export_int8(teacher_dir, work_dir / "onnx_fp32", work_dir / "int8", data, per_channel=True)
 
 
@@ -388,6 +401,11 @@ def load_stage(name: str, path: Path, max_length: int, num_threads: int | None) 
             logger.warning(
                 f"{path} was quantized by an older INT8 scheme ({info.get('method', info.get('scheme'))}): its "
                 "predictions depend on the rest of the batch and may saturate on CPUs without VNNI; rebuild it."
+            )
+        elif info is not None and "graph" not in info:
+            logger.warning(
+                f"{path} was built before fused attention and the one-token last layer (the same model, slower: "
+                "~2x at batch 32, benchmarks/bench_int8_profile.py); delete the folder to rebuild it."
             )
         config = json.loads((path / "config.json").read_text())
         labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
