@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hf_distill.args import KD_LOSSES
-from hf_distill.compression.recipe import TEACHER, TrainingDefaults, _build, _check_values
+from hf_distill.compression.recipe import TEACHER, StagedRecipe, TrainingDefaults, _build, _check_values
 
 __all__ = [
     "GENERATION_TASKS",
@@ -218,7 +218,7 @@ def generation_stage_reference() -> str:
 
 
 @dataclass(kw_only=True)
-class GenerationRecipe:
+class GenerationRecipe(StagedRecipe):
     task: str
     data: GenerationData
     teacher: GenerationTeacher
@@ -228,29 +228,13 @@ class GenerationRecipe:
     assisted: AssistedSpec = field(default_factory=AssistedSpec)
     targets: GenerationTargets = field(default_factory=GenerationTargets)
 
-    def stage(self, name: str) -> GenerationStage:
-        for stage in self.stages:
-            if stage.name == name:
-                return stage
-        raise KeyError(name)
-
-    @property
-    def final_stage(self) -> str:
-        return self.stages[-1].name if self.final is None else self.final
-
     def to_dict(self) -> dict[str, Any]:
-        def stage_dict(stage: GenerationStage) -> dict[str, Any]:
-            values = dataclasses.asdict(stage)
-            values["from"] = values.pop("source")
-            kind = next(key for key, cls in GENERATION_STAGE_TYPES.items() if isinstance(stage, cls))
-            return {"name": values.pop("name"), "type": kind, **values}
-
         return {
             "task": self.task,
             "data": dataclasses.asdict(self.data),
             "teacher": dataclasses.asdict(self.teacher),
             "training": dataclasses.asdict(self.training),
-            "stages": [stage_dict(stage) for stage in self.stages],
+            "stages": self.stage_dicts(GENERATION_STAGE_TYPES),
             "final": self.final_stage,
             "assisted": dataclasses.asdict(self.assisted),
             "targets": dataclasses.asdict(self.targets),

@@ -186,16 +186,14 @@ def stage_reference() -> str:
 Stage = PruneStage | DistillStage | QuantizeStage
 
 
-@dataclass(kw_only=True)
-class Recipe:
-    data: DataSpec
-    teacher: TeacherSpec
-    training: TrainingDefaults = field(default_factory=TrainingDefaults)
-    stages: list[Stage] = field(default_factory=list)
-    final: str | None = None  # the stage the report ends with (default: the last one)
-    targets: Targets = field(default_factory=Targets)
+class StagedRecipe:
+    """What every recipe of stages answers (classifier and generation recipes share it): a stage by name, the
+    stage the report ends with, and the stages as the YAML mappings they were read from."""
 
-    def stage(self, name: str) -> Stage:
+    stages: list[Any]
+    final: str | None
+
+    def stage(self, name: str) -> Any:
         for stage in self.stages:
             if stage.name == name:
                 return stage
@@ -205,18 +203,31 @@ class Recipe:
     def final_stage(self) -> str:
         return self.stages[-1].name if self.final is None else self.final
 
-    def to_dict(self) -> dict[str, Any]:
-        def stage_dict(stage: Stage) -> dict[str, Any]:
+    def stage_dicts(self, stage_types: dict[str, type]) -> list[dict[str, Any]]:
+        dicts = []
+        for stage in self.stages:
             values = dataclasses.asdict(stage)
             values["from"] = values.pop("source")
-            kind = next(key for key, value in STAGE_TYPES.items() if isinstance(stage, value))
-            return {"name": values.pop("name"), "type": kind, **values}
+            kind = next(key for key, cls in stage_types.items() if isinstance(stage, cls))
+            dicts.append({"name": values.pop("name"), "type": kind, **values})
+        return dicts
 
+
+@dataclass(kw_only=True)
+class Recipe(StagedRecipe):
+    data: DataSpec
+    teacher: TeacherSpec
+    training: TrainingDefaults = field(default_factory=TrainingDefaults)
+    stages: list[Stage] = field(default_factory=list)
+    final: str | None = None  # the stage the report ends with (default: the last one)
+    targets: Targets = field(default_factory=Targets)
+
+    def to_dict(self) -> dict[str, Any]:
         return {
             "data": dataclasses.asdict(self.data),
             "teacher": dataclasses.asdict(self.teacher),
             "training": dataclasses.asdict(self.training),
-            "stages": [stage_dict(stage) for stage in self.stages],
+            "stages": self.stage_dicts(STAGE_TYPES),
             "final": self.final_stage,
             "targets": dataclasses.asdict(self.targets),
         }

@@ -17,25 +17,30 @@ __all__ = ["PYTORCH", "TorchCausalLM", "TorchTranslator"]
 PYTORCH = "pytorch"
 
 
-class TorchCausalLM:
-    """The PyTorch reference with the same calls (float32, eval mode, KV cache on)."""
+class _TorchReference:
+    """A Hugging Face model in float32, eval mode, loaded from a folder (or given), with its parameter count."""
 
     runtime = PYTORCH
+    auto_class = "AutoModelForCausalLM"
 
     def __init__(self, folder_or_model: str | os.PathLike | Any, *, num_threads: int | None = None):
-        from transformers import AutoModelForCausalLM
+        import transformers
 
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         model = folder_or_model
         if isinstance(folder_or_model, (str, os.PathLike)):
             self.path = Path(folder_or_model)
-            model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32)
+            model = getattr(transformers, self.auto_class).from_pretrained(self.path, dtype=torch.float32)
         self.model = model.eval()
 
     @property
     def params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+
+class TorchCausalLM(_TorchReference):
+    """The PyTorch reference with the same calls (float32, eval mode, KV cache on)."""
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
@@ -62,11 +67,8 @@ class TorchCausalLM:
         total, count = 0.0, 0
         for start in range(0, len(blocks), batch_size):
             chunk = [list(block) for block in blocks[start : start + batch_size]]
-            for block in chunk:  # blocks of one length batch together; others one by one
-                if len(block) != len(chunk[0]):
-                    chunk = None
-                    break
-            rows = [chunk] if chunk is not None else [[list(b)] for b in blocks[start : start + batch_size]]
+            # blocks of one length batch together; others one by one
+            rows = [chunk] if len({len(block) for block in chunk}) == 1 else [[block] for block in chunk]
             for row in rows:
                 ids = torch.tensor(row, dtype=torch.long)
                 logits = self.model(input_ids=ids).logits[:, :-1].float()  # (batch, seq - 1, vocab)
@@ -76,25 +78,10 @@ class TorchCausalLM:
         return total, count
 
 
-class TorchTranslator:
+class TorchTranslator(_TorchReference):
     """The PyTorch reference translator (float32, eval mode) with `CTranslate2Translator`'s call."""
 
-    runtime = PYTORCH
-
-    def __init__(self, folder_or_model: str | os.PathLike | Any, *, num_threads: int | None = None):
-        from transformers import AutoModelForSeq2SeqLM
-
-        if num_threads is not None:
-            torch.set_num_threads(num_threads)
-        model = folder_or_model
-        if isinstance(folder_or_model, (str, os.PathLike)):
-            self.path = Path(folder_or_model)
-            model = AutoModelForSeq2SeqLM.from_pretrained(self.path, dtype=torch.float32)
-        self.model = model.eval()
-
-    @property
-    def params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+    auto_class = "AutoModelForSeq2SeqLM"
 
     @torch.inference_mode()
     def translate(
