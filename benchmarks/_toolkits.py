@@ -29,6 +29,7 @@ from __future__ import annotations
 import ast
 import inspect
 import math
+import resource
 import textwrap
 import time
 from collections.abc import Callable
@@ -121,6 +122,7 @@ class Probe:
     def __init__(self, teacher: nn.Module, seed: int):
         self.seed, self.first_teacher_logits, self.first_loss = seed, None, None
         self.step_ends: list[float] = []
+        self.step_faults: list[int] = []  # minor page faults of the process so far, at each step end
         self._handles = [
             teacher.register_forward_pre_hook(self._before_teacher),
             teacher.register_forward_hook(self._after_teacher),
@@ -136,6 +138,7 @@ class Probe:
 
     def step_end(self, *_: Any, **__: Any) -> None:
         self.step_ends.append(time.perf_counter())
+        self.step_faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
 
     def record_loss(self, loss: torch.Tensor) -> None:
         if self.first_loss is None:

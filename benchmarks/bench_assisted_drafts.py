@@ -43,11 +43,17 @@ from hf_distill.reporting.latency import time_alternately  # noqa: E402
 from hf_distill.reporting.machine import describe_cpu  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SETTINGS = (
-    (4, None),
-    (4, 0.0),
-    (8, 0.0),
-)  # (num_assistant_tokens, confidence_threshold; None = transformers')
+
+
+def parse_settings(text: str) -> list[tuple[int, float | None]]:
+    """ "4:default,4:0" -> [(4, None), (4, 0.0)]: (num_assistant_tokens, confidence_threshold; None = transformers')."""
+    settings = []
+    for item in text.split(","):
+        tokens, _, threshold = item.partition(":")
+        if not tokens.strip().isdigit() or not threshold:
+            raise SystemExit(f"--settings: {item!r} is not TOKENS:THRESHOLD (e.g. 4:0 or 4:default)")
+        settings.append((int(tokens), None if threshold.strip() == "default" else float(threshold)))
+    return settings
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -66,6 +72,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--results_dir", default=str(RESULTS))
+    parser.add_argument(
+        "--settings",
+        default="4:default,4:0,8:0",
+        help="comma-separated TOKENS:THRESHOLD pairs (THRESHOLD a number, or `default` for transformers' 0.4 rule)",
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.prompts, args.prompt_tokens, args.new_tokens, args.repeats = 2, 6, 8, 1
@@ -119,6 +130,7 @@ def _prompts(args: argparse.Namespace, teacher_dir: Path, vocab: int) -> list[to
 def measure(args: argparse.Namespace, teacher_dir: Path, drafts: dict[str, Path]) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
+    settings = parse_settings(args.settings)
     load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()  # noqa: E731
     teacher = load(teacher_dir)
     models = {name: load(path) for name, path in drafts.items()}
@@ -144,14 +156,14 @@ def measure(args: argparse.Namespace, teacher_dir: Path, drafts: dict[str, Path]
         runners[f"{name}/alone"] = lambda draft=draft: [
             assisted_generate(draft, None, ids, args.new_tokens) for ids in prompts
         ]
-        for tokens, threshold in SETTINGS:
+        for tokens, threshold in settings:
             runners[f"{name}/{tokens}/{threshold}"] = lambda d=draft, n=tokens, t=threshold: run(d, n, t)
     timings = time_alternately(runners, repeats=args.repeats, warmup=1)
     produced = len(prompts) * args.new_tokens
     teacher_rate = produced * 1000.0 / timings["teacher"].median_ms
     rows: dict[str, Any] = {}
     for name, draft in models.items():
-        for tokens, threshold in SETTINGS:
+        for tokens, threshold in settings:
             outputs = run(draft, tokens, threshold)
             counts = AcceptanceCounts()
             for _, more in outputs:

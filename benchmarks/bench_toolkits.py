@@ -260,12 +260,18 @@ def run_one(
         else probe.first_loss,
         "teacher_entropy_term": offset,
         "step_ms": [1000 * (later - earlier) for earlier, later in zip(ends, ends[1:])],
+        "page_faults_per_step": _per_step(probe.step_faults[args.warmup - 1 :]),
         "steps_seen": len(probe.step_ends),
         "peak_above_start_mib": peak - base if exact else None,
         "peak_rss_mib": peak,
         "test_accuracy": accuracy,
         **({"profile": profile} if args.profile else {}),
     }
+
+
+def _per_step(counts: list[int]) -> float | None:
+    """Minor page faults per step after the warm-up: memory the allocator took back from the OS and touched again."""
+    return (counts[-1] - counts[0]) / (len(counts) - 1) if len(counts) > 1 else None
 
 
 @contextlib.contextmanager
@@ -564,6 +570,8 @@ def main(argv: list[str] | None = None) -> dict:
             "threads": args.threads,
             "teacher_dir": str(teacher),
             "word_embeddings": "frozen",
+            "hf_distill_allocator": "DistillationTrainingArguments defaults: cpu_keep_freed_memory=True (glibc "
+            "mmap/trim thresholds raised in its run's process); the other toolkits' processes keep glibc's defaults",
         },  # fmt: skip
         "students": prepared["students"],
         "teacher_test_accuracy": teacher_acc,

@@ -251,6 +251,15 @@ class DistillationTrainingArguments(TrainingArguments):
         },
     )
 
+    cpu_keep_freed_memory: bool = field(
+        default=True,
+        metadata={
+            "help": "When training on CPU under glibc, keep freed memory in the process for the next step instead of "
+            "returning it to the OS and faulting it in again (raises malloc's mmap and trim thresholds for the "
+            "process; about 5% of a step in benchmarks/bench_toolkits.py). False leaves the allocator alone."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         if not self.temperature > 0:

@@ -30,6 +30,7 @@ from hf_distill.training import on_policy
 from hf_distill.training.accumulation import normalise_sum, window_token_counts
 from hf_distill.training.batches import model_inputs
 from hf_distill.training.checkpoints import resolve_resume
+from hf_distill.training.cpu_memory import keep_freed_memory
 from hf_distill.training.data_checks import check_training_data
 from hf_distill.training.evaluation import counted_once
 from hf_distill.training.logged_terms import LoggedTerms
@@ -455,6 +456,8 @@ class DistillationTrainer(Trainer):
         """`Trainer.train`; `resume_from_checkpoint=True` picks the newest *complete* checkpoint, so a run killed
         while writing a checkpoint resumes from the one before."""
         resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        if self.args.cpu_keep_freed_memory and self.args.device.type == "cpu":
+            keep_freed_memory()
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:

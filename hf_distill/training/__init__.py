@@ -12,6 +12,7 @@
 - processes.py     ending a multi-process run on every rank together
 - batches.py       what the models are called with (the batch without its targets)
 - logged_terms.py  the loss components logged beside `loss`
+- cpu_memory.py    on CPU, freed memory kept for the next step (glibc's malloc thresholds)
 
 May import losses/, storage/ and args.py; sources/, trainer.py and mutual.py import it.
 """

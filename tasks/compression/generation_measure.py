@@ -22,6 +22,9 @@ from hf_distill.tasks.compression.generation_data import GenerationData, ids_for
 logger = logging.get_logger(__name__)
 
 BATCHES = (1, 8)
+SPEED_BATCHES = (
+    4  # translation speed: this many consecutive batches of test sources, each translated to its end
+)
 
 
 def _tokenizer(path: Path) -> Any:
@@ -111,8 +114,9 @@ def measure_translation_stages(
     repeats: int,
     memory: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """name -> entry with BLEU (greedy, sacrebleu) on the first `eval_blocks` test pairs, and speed: translating a
-    batch of 1 and of 8 test sources greedily, generated tokens per second and sentences per second."""
+    """name -> entry with BLEU (greedy, sacrebleu) on the first `eval_blocks` test pairs, and speed: translating
+    SPEED_BATCHES consecutive batches of 1 and of 8 test sources greedily to their end, generated tokens per second
+    (time to first token apart) and sentences per second (everything included)."""
     pairs = data.pairs["test"][: data.eval_blocks]
     sources, references = [s for s, _ in pairs], [t for _, t in pairs]
     models, source_ids, entries = {}, {}, {}
@@ -137,23 +141,30 @@ def measure_translation_stages(
     for batch in BATCHES:
         runners, produced = {}, {}
         for name, model in models.items():
-            rows = source_ids[name][:batch]
+            sources = source_ids[name][: SPEED_BATCHES * batch]  # fewer where the test split is smaller
+            chunks = [sources[start : start + batch] for start in range(0, len(sources), batch)]
             produced[name] = sum(
-                len(out) for out in model.translate(rows, max_new_tokens=2 * data.block_size)
+                len(out)
+                for rows in chunks
+                for out in model.translate(rows, max_new_tokens=2 * data.block_size)
             )
-            runners[f"{name}/first"] = lambda model=model, rows=rows: model.translate(rows, max_new_tokens=1)
-            runners[f"{name}/all"] = lambda model=model, rows=rows: model.translate(
-                rows, max_new_tokens=2 * data.block_size
+            runners[f"{name}/first"] = lambda model=model, rows=chunks[0]: model.translate(
+                rows, max_new_tokens=1
             )
+            runners[f"{name}/all"] = lambda model=model, chunks=chunks: [
+                model.translate(rows, max_new_tokens=2 * data.block_size) for rows in chunks
+            ]
         timings = time_alternately(runners, repeats=repeats, warmup=1)
         for name in models:
             first, whole = timings[f"{name}/first"], timings[f"{name}/all"]
             source_tokens = sum(len(row) for row in source_ids[name][:batch])
+            sentences = min(SPEED_BATCHES * batch, len(source_ids[name]))
+            decode_ms = max(whole.median_ms - -(-sentences // batch) * first.median_ms, 1e-9)
             entries[name]["speed"][batch] = {
-                "batch": batch, "ttft_ms": first.median_ms, "generate_ms": whole.median_ms,
+                "batch": batch, "sentences": sentences, "ttft_ms": first.median_ms, "generate_ms": whole.median_ms,
                 "prefill_tokens_per_s": source_tokens * 1000.0 / first.median_ms,
-                "decode_tokens_per_s": max(produced[name] - batch, 1) * 1000.0 / max(whole.median_ms - first.median_ms, 1e-9),
-                "sentences_per_s": batch * 1000.0 / whole.median_ms, "wide": first.wide or whole.wide,
+                "decode_tokens_per_s": max(produced[name] - sentences, 1) * 1000.0 / decode_ms,
+                "sentences_per_s": sentences * 1000.0 / whole.median_ms, "wide": first.wide or whole.wide,
             }  # fmt: skip
     if memory:
         for name, entry in entries.items():

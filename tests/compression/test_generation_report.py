@@ -59,6 +59,20 @@ def test_ratios_and_targets(tmp_path):
     assert (tmp_path / "compression_report.png").stat().st_size > 0
 
 
+def test_translation_target_reads_sentences_per_second():
+    # decode tokens/s say 4x, whole sentences/s (encoder included) say 2.5x: the target is on sentences
+    teacher = _entry("teacher", "pytorch", 30.0, 4000, 20.0, 100.0)
+    final = _entry("fp32", "ctranslate2", 28.0, 3000, 80.0, 400.0)
+    for entry, (b1, b8) in ((teacher, (4.0, 20.0)), (final, (10.0, 50.0))):
+        entry["speed"][1]["sentences_per_s"], entry["speed"][8]["sentences_per_s"] = b1, b8
+    report = build_generation_report(
+        [teacher, final], metric="bleu", targets={"min_retained_pct": 90, "min_sentences_speedup": 3}
+    )
+    row = report["stages"][-1]
+    assert row["speedup_b8"] == pytest.approx(4.0) and row["sentences_speedup_b8"] == pytest.approx(2.5)
+    assert list(report["targets"].values()) == [True, False]  # 93.3% of the BLEU; 2.5x < 3x sentences/s
+
+
 class _FakeModel:
     """generate costs `prefill_ms` once plus `step_ms` per token after the first (a clock that advances by it)."""
 
