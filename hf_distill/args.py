@@ -256,7 +256,7 @@ class DistillationTrainingArguments(TrainingArguments):
         metadata={
             "help": "When training on CPU under glibc, keep freed memory in the process for the next step instead of "
             "returning it to the OS and faulting it in again (raises malloc's mmap and trim thresholds for the "
-            "process; about 5% of a step in benchmarks/bench_toolkits.py). False leaves the allocator alone."
+            "process; about 5 percent of a step in benchmarks/bench_toolkits.py). False leaves the allocator alone."
         },
     )
 
