@@ -4,7 +4,8 @@ proposes per teacher pass, and what each pass costs?
 Question: the teacher's greedy tokens/s at batch 1 alone and with each draft (`teacher.generate(...,
 assistant_model=draft)`), under transformers' default stopping rule for the draft (it stops proposing when its top
 token's probability falls below `assistant_confidence_threshold`, 0.4, re-tuned during generation when scikit-learn
-is installed) and with that rule off (threshold 0: always `num_assistant_tokens`), at 4 and 8 proposed tokens.
+is installed) and with that rule off (threshold 0: always `num_assistant_tokens`); by default at 4 and 8 proposed
+tokens, any others with `--settings 2:0,3:0,4:default,...`.
 Per setting: acceptance rate (accepted / drafted), drafted and accepted tokens per teacher pass, tokens/s, whether
 the tokens equal the teacher's own greedy tokens, and the per-token cost of the teacher and the draft alone. All
 settings and the teacher alone are timed in the same alternating rounds (`hf_distill.reporting.latency`).
