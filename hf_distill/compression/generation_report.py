@@ -162,7 +162,8 @@ def generation_report_markdown(report: Mapping[str, Any]) -> str:
             f"{_fmt(row['speedup_b1'])}x | {_fmt(row['speedup_b8'])}x | {_fmt(row.get('runtime_speedup_b1'))}x | "
             f"{_fmt(row['peak_memory_mib'], 0)} |"
         )
-    if any("sentences_per_s_b8" in row for row in rows):
+    translation = any("sentences_per_s_b8" in row for row in rows)
+    if translation:
         lines += [
             "",
             "| stage | sentences/s b1 | sentences/s b8 | x teacher b1 | x teacher b8 |",
@@ -181,7 +182,7 @@ def generation_report_markdown(report: Mapping[str, Any]) -> str:
         "mark of a fresh process that loads the model and generates at batch 8, above its size once the libraries "
         "are imported (the JSON's peak_rss_mib includes them).",
     ]
-    if any("sentences_per_s_b8" in row for row in rows):
+    if translation:
         lines.append(
             "\nSentences/s (translation): test sources translated greedily to their end of sentence, encoder and "
             "decoder, in consecutive batches of 1 or 8; the x teacher columns divide by the teacher in PyTorch fp32."

@@ -22,9 +22,8 @@ from hf_distill.tasks.compression.generation_data import GenerationData, ids_for
 logger = logging.get_logger(__name__)
 
 BATCHES = (1, 8)
-SPEED_BATCHES = (
-    4  # translation speed: this many consecutive batches of test sources, each translated to its end
-)
+# Translation speed: this many consecutive batches of test sources, each translated to its end.
+SPEED_BATCHES = 4
 
 
 def _tokenizer(path: Path) -> Any:
@@ -139,10 +138,11 @@ def measure_translation_stages(
             "chrf": scores["chrf"], "params": model.params, "size_bytes": deployed_size(path), "speed": {},
         }  # fmt: skip
     for batch in BATCHES:
-        runners, produced = {}, {}
+        runners, produced, timed = {}, {}, {}
         for name, model in models.items():
-            sources = source_ids[name][: SPEED_BATCHES * batch]  # fewer where the test split is smaller
-            chunks = [sources[start : start + batch] for start in range(0, len(sources), batch)]
+            timed_rows = source_ids[name][: SPEED_BATCHES * batch]  # fewer where the test split is smaller
+            chunks = [timed_rows[start : start + batch] for start in range(0, len(timed_rows), batch)]
+            timed[name] = (len(timed_rows), len(chunks))
             produced[name] = sum(
                 len(out)
                 for rows in chunks
@@ -158,8 +158,8 @@ def measure_translation_stages(
         for name in models:
             first, whole = timings[f"{name}/first"], timings[f"{name}/all"]
             source_tokens = sum(len(row) for row in source_ids[name][:batch])
-            sentences = min(SPEED_BATCHES * batch, len(source_ids[name]))
-            decode_ms = max(whole.median_ms - -(-sentences // batch) * first.median_ms, 1e-9)
+            sentences, calls = timed[name]
+            decode_ms = max(whole.median_ms - calls * first.median_ms, 1e-9)
             entries[name]["speed"][batch] = {
                 "batch": batch, "sentences": sentences, "ttft_ms": first.median_ms, "generate_ms": whole.median_ms,
                 "prefill_tokens_per_s": source_tokens * 1000.0 / first.median_ms,
