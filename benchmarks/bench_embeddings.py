@@ -24,6 +24,9 @@ the same start for the pruned pair (the same pruning and least-squares projectio
 
     python benchmarks/bench_embeddings.py                                   # trains every student
     python benchmarks/bench_embeddings.py --pruned_from outputs/embeddings_bbc   # reuses the demo's pruned student
+    python benchmarks/bench_embeddings.py --train_only --work_dir outputs/emb_students --epochs 6 --cut_layers 2
+    python benchmarks/bench_embeddings.py --epochs 6 --cut_layers 2 --pruned_from outputs/emb_students/ours_pruned \
+        --cut_from outputs/emb_students/ours_cut        # trains elsewhere, then measures on a quiet machine
     python benchmarks/bench_embeddings.py --smoke    # a tiny config-built teacher: checks the script only
 
 Writes benchmarks/results/bench_embeddings.{json,png} (--results_dir): the table, the machine, the load average at
@@ -81,10 +84,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "configs/embeddings/bbc_minilm.yaml (the settings this script trains with) instead of training it again",
     )
     parser.add_argument(
+        "--cut_from",
+        default=None,
+        help="reuse the cut student (student/, student_int8/) of a finished --train_only run of this script with "
+        "the same settings (its --work_dir's ours_cut) instead of training it again",
+    )
+    parser.add_argument(
+        "--train_only",
+        action="store_true",
+        help="train the distilled students into --work_dir and stop: a later run measures them with --pruned_from "
+        "WORK/ours_pruned --cut_from WORK/ours_cut (training needs no quiet machine, the timing does)",
+    )
+    parser.add_argument(
         "--model2vec_dims", default="64,128,256", help="PCA dimensions of the Model2Vec models"
     )
     parser.add_argument(
-        "--skip", default="", help="comma-separated parts to leave out: st, model2vec, teacher_int8, cut"
+        "--skip",
+        default="",
+        help="comma-separated parts to leave out: st, model2vec, teacher_int8, cut, pruned",
     )
     parser.add_argument("--latency_repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
@@ -284,21 +301,27 @@ def main(argv: list[str] | None = None) -> dict:
     texts = data.load_texts(data_args, str(work), tokenizer, seed=42)
     folders: dict[str, Path] = {}
 
-    pruned_dir = Path(args.pruned_from) if args.pruned_from else work / "ours_pruned"
-    if args.pruned_from is None:
-        clock = time.perf_counter()
-        pruned = SMOKE_PRUNED if args.smoke else PRUNED
-        flow.run(recipe_argv(args, teacher_folder, data_dir, pruned_dir, pruned, int8=True))
-        seconds["ours: pruned (teacher targets + train + INT8)"] = time.perf_counter() - clock
-    folders["ours: pruned"] = pruned_dir / "student"
-    folders["ours: pruned INT8"] = pruned_dir / "student_int8"
+    if "pruned" not in args.skip:
+        pruned_dir = Path(args.pruned_from) if args.pruned_from else work / "ours_pruned"
+        if args.pruned_from is None:
+            clock = time.perf_counter()
+            pruned = SMOKE_PRUNED if args.smoke else PRUNED
+            flow.run(recipe_argv(args, teacher_folder, data_dir, pruned_dir, pruned, int8=True))
+            seconds["ours: pruned (teacher targets + train + INT8)"] = time.perf_counter() - clock
+        folders["ours: pruned"] = pruned_dir / "student"
+        folders["ours: pruned INT8"] = pruned_dir / "student_int8"
     if "cut" not in args.skip:
-        clock = time.perf_counter()
-        cut = ["--student_num_layers", str(1 if args.smoke else args.cut_layers)]
-        flow.run(recipe_argv(args, teacher_folder, data_dir, work / "ours_cut", cut, int8=True))
-        seconds["ours: cut (teacher targets + train + INT8)"] = time.perf_counter() - clock
-        folders["ours: cut"] = work / "ours_cut" / "student"
-        folders["ours: cut INT8"] = work / "ours_cut" / "student_int8"
+        cut_dir = Path(args.cut_from) if args.cut_from else work / "ours_cut"
+        if args.cut_from is None:
+            clock = time.perf_counter()
+            cut = ["--student_num_layers", str(1 if args.smoke else args.cut_layers)]
+            flow.run(recipe_argv(args, teacher_folder, data_dir, cut_dir, cut, int8=True))
+            seconds["ours: cut (teacher targets + train + INT8)"] = time.perf_counter() - clock
+        folders["ours: cut"] = cut_dir / "student"
+        folders["ours: cut INT8"] = cut_dir / "student_int8"
+    if args.train_only:
+        print(f"students trained in {work} ({seconds}); measure them with --pruned_from and --cut_from")
+        return {"seconds": seconds}
     if "st" not in args.skip:
         folders["ST MSE: pruned"], seconds["ST MSE: pruned (teacher targets + train)"] = st_mse_baseline(
             args, teacher, tokenizer, texts, work
@@ -343,9 +366,11 @@ def main(argv: list[str] | None = None) -> dict:
         "data": texts.description,
         "settings": {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()},
         "models": rows,
-        "pruned_run": json.loads((pruned_dir / "run.json").read_text())
-        if (pruned_dir / "run.json").is_file()
-        else None,
+        "runs": {
+            name: json.loads((folder.parent / "run.json").read_text())
+            for name, folder in folders.items()
+            if name in ("ours: cut", "ours: pruned") and (folder.parent / "run.json").is_file()
+        },
         "seconds": seconds,
     }
     _evidence.write_json(_evidence.results_path(args.results_dir, NAME, args.smoke, "json"), results)

@@ -152,3 +152,44 @@ def grow_classifier(
         f"grow_classifier: {name} {old_count} -> {total} classes; kept {old_labels}, added {list(new_labels)}"
     )
     return grown
+
+
+@torch.no_grad()
+def align_new_class_weights(
+    model: nn.Module,
+    old_columns: Sequence[int] | torch.Tensor,
+    *,
+    head_name: str | None = None,
+    scale_bias: bool = True,
+) -> float:
+    """Weight aligning (Zhao et al., 2020), in place: scale the classification head's rows of the new classes so
+    that their mean L2 norm equals the old classes' rows' mean norm, and return the factor
+    `mean ||w_old|| / mean ||w_new||`.
+
+    A classifier that learnt new classes from their rows alone (plus at most a small memory of old ones) has grown
+    longer weight vectors for them, and its argmax over all classes leans towards the new ones; the rescaling
+    removes that bias without touching the features. `old_columns` are the head's rows of the old classes; every
+    other row is new. With `scale_bias` the new rows' biases are scaled by the same factor, so that every new
+    class's logit is multiplied by it (without, only the weight part is). Raises when no row is old or none is new.
+    """
+    _, layer = classifier_layer(model, head_name)
+    rows = layer.out_features
+    old = torch.as_tensor(old_columns, dtype=torch.long).flatten().tolist()
+    if not old or len(set(old)) != len(old) or min(old) < 0 or max(old) >= rows:
+        raise ValueError(
+            f"old_columns {old} must name distinct rows among the head's {rows} classes, at least one."
+        )
+    new = [row for row in range(rows) if row not in set(old)]
+    if not new:
+        raise ValueError(f"every one of the head's {rows} rows is old: there is no new class to align.")
+    norms = layer.weight.detach().float().norm(dim=1)
+    new_norm = float(norms[new].mean())
+    if new_norm == 0.0:
+        raise ValueError("the new classes' weight rows are all zero: train them before aligning.")
+    factor = float(norms[old].mean()) / new_norm
+    index = torch.tensor(new, device=layer.weight.device)
+    layer.weight[index] *= factor
+    if scale_bias and layer.bias is not None:
+        layer.bias[index] *= factor
+    logger.info(f"align_new_class_weights: new classes' rows {new} scaled by {factor:.4f}")
+    return factor

@@ -9,7 +9,9 @@ Hoiem, 2016):
 
 with LwF the previous model's softened distribution over its classes against the student's on the same classes
 (`hf_distill.losses.lwf_distillation_loss`, at `temperature`, times T**2). alpha = 0 is plain fine-tuning (the
-previous model is then never run). A row labelled -100 counts for LwF only. The previous model is a guest, as a
+previous model is then never run). A row labelled -100 counts for LwF only. With `weight_aligning=True` the new
+classes' head rows are rescaled once training ends (`hf_distill.heads.align_new_class_weights`, Zhao et al., 2020),
+so that the argmax over all classes leans less towards the classes just learnt. The previous model is a guest, as a
 teacher is: frozen, never in the optimizer, the checkpoints or the saved model. Old classes are matched with the
 student's by name, so the student may order them differently.
 
@@ -29,7 +31,7 @@ from transformers import Trainer
 from transformers.utils import logging
 
 from hf_distill.args import DistillationTrainingArguments
-from hf_distill.heads import label_names
+from hf_distill.heads import align_new_class_weights, label_names
 from hf_distill.losses.incremental import lwf_distillation_loss
 from hf_distill.sources.base import logits_of
 from hf_distill.training.checkpoints import resolve_resume
@@ -95,6 +97,8 @@ class IncrementalTrainer(Trainer):
         args: `DistillationTrainingArguments`; `alpha` (the LwF weight), `temperature` and `kd_loss` (forward_kl as
             in the paper, or mse on the old logits) are used; hidden/attention matching, caches and on-policy steps
             must stay off.
+        weight_aligning: when training ends, scale the new classes' head rows to the old rows' mean norm
+            (`align_new_class_weights`); the factor is kept in `weight_aligning_factor`.
         All other arguments are `Trainer`'s; evaluation reports the student's cross-entropy as `eval_loss`.
     """
 
@@ -104,6 +108,7 @@ class IncrementalTrainer(Trainer):
         previous_model: nn.Module,
         args: DistillationTrainingArguments,
         *trainer_args: Any,
+        weight_aligning: bool = False,
         **trainer_kwargs: Any,
     ):
         if not isinstance(args, DistillationTrainingArguments):
@@ -130,6 +135,8 @@ class IncrementalTrainer(Trainer):
             previous_model, self.accelerator, args.device, args.teacher_dtype
         )
         self._terms = LoggedTerms()
+        self.weight_aligning = weight_aligning
+        self.weight_aligning_factor: float | None = None
 
     def compute_loss(
         self,
@@ -179,9 +186,14 @@ class IncrementalTrainer(Trainer):
         super().log(logs, start_time)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
-        """`Trainer.train`; `resume_from_checkpoint=True` picks the newest complete checkpoint."""
+        """`Trainer.train`; `resume_from_checkpoint=True` picks the newest complete checkpoint. With
+        `weight_aligning` the trained model's new-class rows are then aligned (after any best-model reload)."""
         resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        if self.weight_aligning:
+            self.weight_aligning_factor = align_new_class_weights(unwrap_model(self.model), self.old_columns)
+            self.log({"weight_aligning_factor": self.weight_aligning_factor})
+        return output
 
 
 def _check_options(args: DistillationTrainingArguments) -> None:

@@ -9,7 +9,7 @@ The folder `save_pretrained` writes holds
 
     encoder/            an ordinary Hugging Face model folder: `AutoModel.from_pretrained(<folder>/encoder)` loads it
     heads.safetensors   every head's weight and bias, under `<task>.weight` / `<task>.bias`
-    multitask.json      the heads (name, kind, width, labels, pooling), written last
+    multitask.json      the heads (name, kind, width, labels, pooling, init), written last
 
 each written atomically (`hf_distill.storage.atomic`), and `MultiTaskModel.from_pretrained(folder)` loads it back.
 `task_model(name)` is a view of one task that is an ordinary sequence classifier (a `config` with the task's
@@ -37,6 +37,7 @@ from hf_distill.storage.atomic import atomic_directory, atomic_write_bytes, atom
 
 TASK_KINDS = ("classification", "embedding")
 POOLINGS = ("mean", "cls")
+HEAD_INITS = ("normal", "identity")
 ENCODER_FOLDER = "encoder"
 HEADS_FILE = "heads.safetensors"
 MULTITASK_FILE = "multitask.json"
@@ -47,13 +48,16 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 @dataclass(frozen=True)
 class TaskHead:
     """One task's head: `kind` (classification or embedding), `num_outputs` (classes, or the embedding's width),
-    `labels` (class names in output order; default LABEL_0, ...) and `pooling` (mean or cls)."""
+    `labels` (class names in output order; default LABEL_0, ...), `pooling` (mean or cls) and `init`: `normal`
+    (weights from N(0, initializer_range**2), bias 0) or `identity` (an embedding head as wide as the encoder
+    starts as the identity: the student's first embedding is its own pooled output, not a random projection)."""
 
     name: str
     kind: str
     num_outputs: int
     labels: tuple[str, ...] = field(default=())
     pooling: str = "mean"
+    init: str = "normal"
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not _NAME.match(self.name):
@@ -65,6 +69,13 @@ class TaskHead:
             raise ValueError(f"task {self.name!r}: kind must be one of {TASK_KINDS}, got {self.kind!r}.")
         if self.pooling not in POOLINGS:
             raise ValueError(f"task {self.name!r}: pooling must be one of {POOLINGS}, got {self.pooling!r}.")
+        if self.init not in HEAD_INITS:
+            raise ValueError(f"task {self.name!r}: init must be one of {HEAD_INITS}, got {self.init!r}.")
+        if self.init == "identity" and self.kind != "embedding":
+            raise ValueError(
+                f"task {self.name!r}: init='identity' is for embedding heads (a classification head maps the "
+                "pooled vector to classes); use init='normal'."
+            )
         smallest = 2 if self.kind == "classification" else 1
         if (
             isinstance(self.num_outputs, bool)
@@ -133,10 +144,20 @@ class MultiTaskModel(nn.Module):
         self.encoder = encoder
         self.task_heads = {head.name: head for head in heads}
         self.task_names = names
+        wrong = [head.name for head in heads if head.init == "identity" and head.num_outputs != hidden]
+        if wrong:
+            raise ValueError(
+                f"tasks {wrong} start their heads at the identity, which needs num_outputs equal to the encoder's "
+                f"hidden_size ({hidden}); use init='normal' where the widths differ."
+            )
         self.heads = nn.ModuleDict({head.name: nn.Linear(hidden, head.num_outputs) for head in heads})
         std = float(getattr(encoder.config, "initializer_range", 0.02) or 0.02)
-        for layer in self.heads.values():
-            nn.init.normal_(layer.weight, std=std)
+        for head in heads:
+            layer = self.heads[head.name]
+            if head.init == "identity":
+                nn.init.eye_(layer.weight)
+            else:
+                nn.init.normal_(layer.weight, std=std)
             nn.init.zeros_(layer.bias)
         dropout = getattr(encoder.config, "classifier_dropout", None)
         if dropout is None:

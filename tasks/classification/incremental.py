@@ -10,8 +10,11 @@ Everything is checked before a model is trained: a previous model without label 
 class's name, labels in any file that are neither old nor new, exemplar rows of classes the previous model lacks.
 
 Evaluation adds `accuracy_old_classes` and `accuracy_new_classes` (accuracy over the rows whose true class is old,
-resp. new) to the usual metrics. `incremental.json` in --output_dir records the old and new classes and the rows
-trained on.
+resp. new, argmax over every class) and their task-aware forms `accuracy_old_classes_task_aware` and
+`accuracy_new_classes_task_aware` (argmax over the old classes alone for old rows, over the new ones for new rows: the
+protocol of the LwF paper, where the model is told which group a row belongs to) to the usual metrics.
+`incremental.json` in --output_dir records the old and new classes, the rows trained on and any weight-aligning
+factor (`--weight_aligning`).
 """
 
 from __future__ import annotations
@@ -69,6 +72,13 @@ class IncrementalArguments:
             "with their labels beside the new classes: the exemplar memory of iCaRL-style methods."
         },
     )
+    weight_aligning: bool = field(
+        default=False,
+        metadata={
+            "help": "When training ends, scale the new classes' head rows to the old rows' mean norm (weight "
+            "aligning, Zhao et al. 2020): the argmax over all classes then leans less towards the new ones."
+        },
+    )
     exemplars_per_class: int | None = field(
         default=None,
         metadata={
@@ -90,7 +100,7 @@ class IncrementalArguments:
 
     @property
     def is_set(self) -> bool:
-        return bool(self.new_labels) or self.exemplar_file is not None
+        return bool(self.new_labels) or self.exemplar_file is not None or self.weight_aligning
 
 
 def check_flags(
@@ -116,7 +126,7 @@ def check_flags(
     if model_args.previous_model_name_or_path is None:
         if incremental_args.is_set:
             raise ValueError(
-                "--new_labels / --exemplar_file add classes to a trained classifier: pass it as "
+                "--new_labels / --exemplar_file / --weight_aligning add classes to a trained classifier: pass it as "
                 "--previous_model_name_or_path."
             )
         return
@@ -192,9 +202,17 @@ def _old_new_metrics(spec: TaskSpec, old_count: int):
             prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
         )
         predicted, references = np.argmax(logits, axis=-1), np.asarray(prediction.label_ids)
+        within = {
+            "old": np.argmax(logits[..., :old_count], axis=-1),
+            "new": old_count + np.argmax(logits[..., old_count:], axis=-1),
+        }
         for name, rows in (("old", references < old_count), ("new", references >= old_count)):
             if rows.any():
                 metrics[f"accuracy_{name}_classes"] = float((predicted[rows] == references[rows]).mean())
+                if logits.shape[-1] > old_count:
+                    metrics[f"accuracy_{name}_classes_task_aware"] = float(
+                        (within[name][rows] == references[rows]).mean()
+                    )
         return metrics
 
     return compute_metrics
@@ -269,6 +287,7 @@ def run(
         processing_class=tokenizer,
         data_collator=data_collator(tokenizer, data_args, fp16=training_args.fp16),
         compute_metrics=_old_new_metrics(spec, len(old)),
+        weight_aligning=incremental_args.weight_aligning,
     )
     summary = {
         "previous_model": previous_path,
@@ -278,11 +297,14 @@ def run(
         "exemplar_rows": exemplars,
         "alpha": training_args.alpha,
         "temperature": training_args.temperature,
+        "weight_aligning": incremental_args.weight_aligning,
     }
     logger.info(f"Adding classes {new} to {old}; {exemplars} exemplar rows of old classes")
     results: dict[str, Any] = train_evaluate_predict(
         trainer, tokenized, spec, training_args, resume_from_checkpoint=resume_checkpoint(training_args)
     )
+    if trainer.weight_aligning_factor is not None:
+        summary["weight_aligning_factor"] = trainer.weight_aligning_factor
     if trainer.is_world_process_zero():
         from hf_distill.storage.atomic import atomic_write_text
 

@@ -29,6 +29,7 @@ from transformers import (
 )
 
 from hf_distill import DistillationTrainingArguments, IncrementalTrainer, grow_classifier
+from hf_distill.heads import align_new_class_weights
 from hf_distill.incremental import select_exemplars
 from hf_distill.losses import lwf_distillation_loss
 
@@ -195,12 +196,13 @@ def _args(tmp_path, **overrides):
     return DistillationTrainingArguments(**values)
 
 
-def _trainer(tmp_path, tokenizer, previous, student, **overrides):
+def _trainer(tmp_path, tokenizer, previous, student, weight_aligning=False, **overrides):
     rows = dict(tokenizer(["vote in the election", "the game was good", "a phone"]))
     rows["labels"] = [2, 0, -100]  # a new-class row, an exemplar of an old class, an unlabelled row
     return IncrementalTrainer(
         student, previous, _args(tmp_path, **overrides), train_dataset=Dataset.from_dict(rows),
         processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
+        weight_aligning=weight_aligning,
     )  # fmt: skip
 
 
@@ -327,6 +329,16 @@ def test_recipe_adds_a_class_and_reports_old_and_new_class_accuracy(tmp_path, be
         float((predicted[new] == truth[new]).mean())
     )
     assert results["eval"]["eval_accuracy"] == pytest.approx(float((predicted == truth).mean()))
+    # task-aware: argmax over the old columns for old rows, over the new ones for new rows
+    with torch.no_grad():
+        logits = model(**encoded).logits.numpy()
+    within_old, within_new = logits[:, :2].argmax(-1), 2 + logits[:, 2:].argmax(-1)
+    assert results["eval"]["eval_accuracy_old_classes_task_aware"] == pytest.approx(
+        float((within_old[old] == truth[old]).mean())
+    )
+    assert results["eval"]["eval_accuracy_new_classes_task_aware"] == pytest.approx(
+        float((within_new[new] == truth[new]).mean())
+    )
 
 
 @pytest.fixture
@@ -370,9 +382,63 @@ def test_recipe_data_and_model_errors_come_before_training(tmp_path, bert_tokeni
     with pytest.raises(ValueError, match=r"labels have no names.*cannot be matched by name"):
         distill_glue.main(_flags({**files, "previous": str(tmp_path / "unnamed")}, tmp_path / "c"))
     with pytest.raises(
-        ValueError, match=r"--new_labels / --exemplar_file add classes to a trained classifier"
+        ValueError,
+        match=r"--new_labels / --exemplar_file / --weight_aligning add classes to a trained classifier",
     ):
         distill_glue.main(
             ["--teacher_model_name_or_path", files["previous"], "--student_num_layers", "1", "--train_file",
              files["train"], "--output_dir", str(tmp_path / "d"), "--new_labels", "politics"]
         )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------- weight aligning
+def test_weight_aligning_equals_the_float64_rescaling(bert_tokenizer):
+    model = bert(bert_tokenizer, labels={0: "sport", 1: "tech", 2: "politics", 3: "weather"}, seed=3)
+    head = model.classifier
+    with torch.no_grad():  # new rows (1 and 3 here) longer than the old ones, non-zero biases
+        head.weight[[1, 3]] *= 3.0
+        head.bias.copy_(torch.tensor([0.1, -0.2, 0.3, 0.4]))
+    weight, bias = head.weight.detach().double().clone(), head.bias.detach().double().clone()
+    norms = weight.norm(dim=1)
+    expected_factor = float(norms[[0, 2]].mean() / norms[[1, 3]].mean())
+    inputs = batch(bert_tokenizer)
+    model.eval()
+    with torch.no_grad():
+        before = model(**inputs).logits.double()
+    factor = align_new_class_weights(model, [0, 2])
+    assert factor == pytest.approx(expected_factor, rel=1e-6)
+    torch.testing.assert_close(head.weight.double()[[0, 2]], weight[[0, 2]])
+    torch.testing.assert_close(head.bias.double()[[0, 2]], bias[[0, 2]])
+    torch.testing.assert_close(
+        head.weight.double()[[1, 3]], expected_factor * weight[[1, 3]], rtol=1e-6, atol=1e-7
+    )
+    new_norm = head.weight.detach().double().norm(dim=1)[[1, 3]].mean()
+    torch.testing.assert_close(new_norm, norms[[0, 2]].mean(), rtol=1e-6, atol=1e-7)
+    with torch.no_grad():  # old classes' logits unchanged, new classes' multiplied by the factor
+        after = model(**inputs).logits.double()
+    torch.testing.assert_close(after[:, [0, 2]], before[:, [0, 2]], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(after[:, [1, 3]], expected_factor * before[:, [1, 3]], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("columns", "message"),
+    [([0, 0], "distinct rows"), ([5], "distinct rows"), ([0, 1, 2], "no new class to align")],
+)
+def test_weight_aligning_names_bad_columns(bert_tokenizer, columns, message):
+    model = bert(bert_tokenizer, labels={0: "sport", 1: "tech", 2: "politics"})
+    with pytest.raises(ValueError, match=message):
+        align_new_class_weights(model, columns)
+
+
+def test_trainer_aligns_the_trained_weights_once_training_ends(tmp_path, bert_tokenizer):
+    previous = bert(bert_tokenizer, seed=0)
+    plain, aligned = (grow_classifier(previous, ["politics"], seed=0) for _ in range(2))
+    _trainer(tmp_path / "plain", bert_tokenizer, previous, plain).train()
+    trainer = _trainer(tmp_path / "aligned", bert_tokenizer, previous, aligned, weight_aligning=True)
+    trainer.train()
+    # the same training (same seed and data), then the rescaling applied here to the unaligned copy
+    factor = align_new_class_weights(plain, [0, 1])
+    assert trainer.weight_aligning_factor == pytest.approx(factor, rel=1e-6)
+    for (name, value), other in zip(aligned.state_dict().items(), plain.state_dict().values()):
+        torch.testing.assert_close(value, other, rtol=1e-5, atol=1e-6, msg=name)
+    assert any("weight_aligning_factor" in entry for entry in trainer.state.log_history)

@@ -286,3 +286,26 @@ def test_tasks_and_teachers_that_cannot_pair_are_refused(tmp_path, bert_tokenize
     with pytest.raises(ValueError, match=r"a batch must hold rows of one task"):
         model = student(bert_tokenizer, HEADS)
         model(**_batch(bert_tokenizer, data(bert_tokenizer, None)), task_id=torch.tensor([0, 1, 0, 0]))
+
+
+def test_an_identity_embedding_head_starts_at_the_pooled_output_and_saves_its_init(tmp_path, bert_tokenizer):
+    heads = [
+        TaskHead("topic", "classification", 3, TOPIC),
+        TaskHead("embedding", "embedding", 32, init="identity"),
+    ]
+    model = student(bert_tokenizer, heads).eval()
+    batch = _batch(bert_tokenizer, data(bert_tokenizer, None), task_id=1)
+    features = {key: value for key, value in batch.items() if key not in ("task_id", "labels")}
+    with torch.no_grad():
+        hidden = model.encoder(**features).last_hidden_state.double()
+        mask = features["attention_mask"].double().unsqueeze(-1)
+        expected = (hidden * mask).sum(1) / mask.sum(1)  # mean pooling in float64, no projection
+        torch.testing.assert_close(model(**batch).logits.double(), expected, rtol=1e-5, atol=1e-6)
+    model.save_pretrained(tmp_path / "saved")
+    assert MultiTaskModel.from_pretrained(tmp_path / "saved").task_heads["embedding"].init == "identity"
+    with pytest.raises(ValueError, match=r"init='identity' is for embedding heads"):
+        TaskHead("topic", "classification", 3, TOPIC, init="identity")
+    with pytest.raises(ValueError, match=r"init must be one of"):
+        TaskHead("embedding", "embedding", 32, init="zeros")
+    with pytest.raises(ValueError, match=r"needs num_outputs equal to the encoder's hidden_size \(32\)"):
+        student(bert_tokenizer, [TaskHead("embedding", "embedding", 16, init="identity")])
