@@ -179,7 +179,8 @@ def align_new_class_weights(
         raise ValueError(
             f"old_columns {old} must name distinct rows among the head's {rows} classes, at least one."
         )
-    new = [row for row in range(rows) if row not in set(old)]
+    kept = set(old)
+    new = [row for row in range(rows) if row not in kept]
     if not new:
         raise ValueError(f"every one of the head's {rows} rows is old: there is no new class to align.")
     norms = layer.weight.detach().float().norm(dim=1)
