@@ -202,16 +202,20 @@ def _old_new_metrics(spec: TaskSpec, old_count: int):
             prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
         )
         predicted, references = np.argmax(logits, axis=-1), np.asarray(prediction.label_ids)
-        within = {
-            "old": np.argmax(logits[..., :old_count], axis=-1),
-            "new": old_count + np.argmax(logits[..., old_count:], axis=-1),
-        }
+        # task-aware: argmax within the row's own group of classes (only when the model has both groups)
+        groups = (
+            {"old": slice(0, old_count), "new": slice(old_count, None)}
+            if logits.shape[-1] > old_count
+            else {}
+        )
         for name, rows in (("old", references < old_count), ("new", references >= old_count)):
             if rows.any():
                 metrics[f"accuracy_{name}_classes"] = float((predicted[rows] == references[rows]).mean())
-                if logits.shape[-1] > old_count:
+                if name in groups:
+                    group = groups[name]
+                    within = (group.start or 0) + np.argmax(logits[rows][..., group], axis=-1)
                     metrics[f"accuracy_{name}_classes_task_aware"] = float(
-                        (within[name][rows] == references[rows]).mean()
+                        (within == references[rows]).mean()
                     )
         return metrics
 
