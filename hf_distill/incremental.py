@@ -11,7 +11,11 @@ with LwF the previous model's softened distribution over its classes against the
 (`hf_distill.losses.lwf_distillation_loss`, at `temperature`, times T**2). alpha = 0 is plain fine-tuning (the
 previous model is then never run). A row labelled -100 counts for LwF only. With `weight_aligning=True` the new
 classes' head rows are rescaled once training ends (`hf_distill.heads.align_new_class_weights`, Zhao et al., 2020),
-so that the argmax over all classes leans less towards the classes just learnt. The previous model is a guest, as a
+so that the argmax over all classes leans less towards the classes just learnt. With `task_aware_loss=True` the
+cross-entropy of each labelled row is taken over its own group of classes only (a new-class row over the new
+classes, an old-class exemplar over the old ones): LwF's own setting, one head per task, where the new task's loss
+never has to push the old classes down; such a model is meant for task-aware prediction (the argmax within a
+group), and its argmax over all classes is not calibrated between the groups. The previous model is a guest, as a
 teacher is: frozen, never in the optimizer, the checkpoints or the saved model. Old classes are matched with the
 student's by name, so the student may order them differently.
 
@@ -99,6 +103,7 @@ class IncrementalTrainer(Trainer):
             must stay off.
         weight_aligning: when training ends, scale the new classes' head rows to the old rows' mean norm
             (`align_new_class_weights`); the factor is kept in `weight_aligning_factor`.
+        task_aware_loss: the cross-entropy of each row over its own group of classes (module docstring).
         All other arguments are `Trainer`'s; evaluation reports the student's cross-entropy as `eval_loss`.
     """
 
@@ -109,6 +114,7 @@ class IncrementalTrainer(Trainer):
         args: DistillationTrainingArguments,
         *trainer_args: Any,
         weight_aligning: bool = False,
+        task_aware_loss: bool = False,
         **trainer_kwargs: Any,
     ):
         if not isinstance(args, DistillationTrainingArguments):
@@ -128,6 +134,9 @@ class IncrementalTrainer(Trainer):
                 f"{task.kind} model ({task.problem_type})."
             )
         self.old_columns = old_class_columns(unwrap_model(previous_model).config, student.config)
+        self.task_aware_loss = task_aware_loss
+        self._old_mask = torch.zeros(student.config.num_labels, dtype=torch.bool)
+        self._old_mask[self.old_columns] = True
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         # compute_loss returns per-micro-batch means; the Trainer divides them by the accumulation steps.
         self.model_accepts_loss_kwargs = False
@@ -153,7 +162,8 @@ class IncrementalTrainer(Trainer):
         loss = torch.zeros((), dtype=torch.float32, device=logits.device)
         ce = None
         if labels is not None:
-            total, count = hard_label_loss(SEQUENCE, "single_label_classification", logits, labels)
+            scored = within_own_group(logits, labels, self._old_mask) if self.task_aware_loss else logits
+            total, count = hard_label_loss(SEQUENCE, "single_label_classification", scored, labels)
             ce = total / count.clamp(min=1)
         if not model.training:
             loss = ce if ce is not None else loss
@@ -194,6 +204,16 @@ class IncrementalTrainer(Trainer):
             self.weight_aligning_factor = align_new_class_weights(unwrap_model(self.model), self.old_columns)
             self.log({"weight_aligning_factor": self.weight_aligning_factor})
         return output
+
+
+def within_own_group(logits: torch.Tensor, labels: torch.Tensor, old_mask: torch.Tensor) -> torch.Tensor:
+    """`logits` (B, C) with every column outside each row's group of classes set to -1e9 (no gradient flows to
+    them): the old classes for a row labelled with an old class, the new classes otherwise (unlabelled rows
+    too). A softmax over the result is the softmax over the row's own group."""
+    old_mask = old_mask.to(logits.device)
+    row_is_old = old_mask[labels.clamp(min=0)] & labels.ne(-100)  # (B,)
+    allowed = torch.where(row_is_old[:, None], old_mask[None, :], ~old_mask[None, :])  # (B, C)
+    return torch.where(allowed, logits, logits.new_tensor(-1e9))
 
 
 def _check_options(args: DistillationTrainingArguments) -> None:

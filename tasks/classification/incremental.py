@@ -79,6 +79,14 @@ class IncrementalArguments:
             "aligning, Zhao et al. 2020): the argmax over all classes then leans less towards the new ones."
         },
     )
+    task_aware_loss: bool = field(
+        default=False,
+        metadata={
+            "help": "Take each row's cross-entropy over its own group of classes (new rows over the new classes, "
+            "exemplars over the old): LwF's one-head-per-task setting, for task-aware prediction (the metrics' "
+            "accuracy_*_classes_task_aware); the argmax over all classes is then not calibrated between groups."
+        },
+    )
     exemplars_per_class: int | None = field(
         default=None,
         metadata={
@@ -100,7 +108,12 @@ class IncrementalArguments:
 
     @property
     def is_set(self) -> bool:
-        return bool(self.new_labels) or self.exemplar_file is not None or self.weight_aligning
+        return (
+            bool(self.new_labels)
+            or self.exemplar_file is not None
+            or self.weight_aligning
+            or self.task_aware_loss
+        )
 
 
 def check_flags(
@@ -126,7 +139,8 @@ def check_flags(
     if model_args.previous_model_name_or_path is None:
         if incremental_args.is_set:
             raise ValueError(
-                "--new_labels / --exemplar_file / --weight_aligning add classes to a trained classifier: pass it as "
+                "--new_labels / --exemplar_file / --weight_aligning / --task_aware_loss add classes to a trained "
+                "classifier: pass it as "
                 "--previous_model_name_or_path."
             )
         return
@@ -292,6 +306,7 @@ def run(
         data_collator=data_collator(tokenizer, data_args, fp16=training_args.fp16),
         compute_metrics=_old_new_metrics(spec, len(old)),
         weight_aligning=incremental_args.weight_aligning,
+        task_aware_loss=incremental_args.task_aware_loss,
     )
     summary = {
         "previous_model": previous_path,
@@ -302,6 +317,7 @@ def run(
         "alpha": training_args.alpha,
         "temperature": training_args.temperature,
         "weight_aligning": incremental_args.weight_aligning,
+        "task_aware_loss": incremental_args.task_aware_loss,
     }
     logger.info(f"Adding classes {new} to {old}; {exemplars} exemplar rows of old classes")
     results: dict[str, Any] = train_evaluate_predict(

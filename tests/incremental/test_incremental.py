@@ -196,13 +196,15 @@ def _args(tmp_path, **overrides):
     return DistillationTrainingArguments(**values)
 
 
-def _trainer(tmp_path, tokenizer, previous, student, weight_aligning=False, **overrides):
+def _trainer(
+    tmp_path, tokenizer, previous, student, weight_aligning=False, task_aware_loss=False, **overrides
+):
     rows = dict(tokenizer(["vote in the election", "the game was good", "a phone"]))
     rows["labels"] = [2, 0, -100]  # a new-class row, an exemplar of an old class, an unlabelled row
     return IncrementalTrainer(
         student, previous, _args(tmp_path, **overrides), train_dataset=Dataset.from_dict(rows),
         processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
-        weight_aligning=weight_aligning,
+        weight_aligning=weight_aligning, task_aware_loss=task_aware_loss,
     )  # fmt: skip
 
 
@@ -383,7 +385,7 @@ def test_recipe_data_and_model_errors_come_before_training(tmp_path, bert_tokeni
         distill_glue.main(_flags({**files, "previous": str(tmp_path / "unnamed")}, tmp_path / "c"))
     with pytest.raises(
         ValueError,
-        match=r"--new_labels / --exemplar_file / --weight_aligning add classes to a trained classifier",
+        match=r"--weight_aligning / --task_aware_loss add classes to a trained classifier",
     ):
         distill_glue.main(
             ["--teacher_model_name_or_path", files["previous"], "--student_num_layers", "1", "--train_file",
@@ -442,3 +444,27 @@ def test_trainer_aligns_the_trained_weights_once_training_ends(tmp_path, bert_to
     for (name, value), other in zip(aligned.state_dict().items(), plain.state_dict().values()):
         torch.testing.assert_close(value, other, rtol=1e-5, atol=1e-6, msg=name)
     assert any("weight_aligning_factor" in entry for entry in trainer.state.log_history)
+
+
+# --------------------------------------------------------------------------------------------- task-aware loss
+def test_task_aware_loss_is_the_cross_entropy_within_each_rows_group(tmp_path, bert_tokenizer):
+    """Reference: float64 cross-entropy over the columns of each row's group alone (old classes {sport, tech} for
+    the exemplar row, new {politics, business} for the new-class row; the unlabelled row counts for LwF only)."""
+    previous = bert(bert_tokenizer, seed=0)
+    student = bert(bert_tokenizer, labels={0: "tech", 1: "sport", 2: "politics", 3: "business"}, seed=1)
+    trainer = _trainer(tmp_path, bert_tokenizer, previous, student, alpha=0.3, task_aware_loss=True)
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    student.train()
+    loss = trainer.compute_loss(student, inputs)
+    with torch.no_grad():
+        features = {key: value for key, value in inputs.items() if key != "labels"}
+        student_logits, previous_logits = student(**features).logits.double(), previous(**features).logits
+    groups = {2: [2, 3], 0: [0, 1]}  # the row labelled 2 (politics, new) and the one labelled 0 (tech, old)
+    terms = []
+    for row, label in enumerate(inputs["labels"].tolist()):
+        if label in groups:
+            columns = groups[label]
+            terms.append(-torch.log_softmax(student_logits[row, columns], -1)[columns.index(label)])
+    ce = torch.stack(terms).mean()
+    lwf = reference_lwf(student_logits.float(), previous_logits, 2.0, [1, 0]).mean()  # sport -> 1, tech -> 0
+    torch.testing.assert_close(loss.double(), 0.7 * ce + 0.3 * lwf, rtol=1e-5, atol=1e-6)
