@@ -207,13 +207,14 @@ class IncrementalTrainer(Trainer):
 
 
 def within_own_group(logits: torch.Tensor, labels: torch.Tensor, old_mask: torch.Tensor) -> torch.Tensor:
-    """`logits` (B, C) with every column outside each row's group of classes set to -1e9 (no gradient flows to
-    them): the old classes for a row labelled with an old class, the new classes otherwise (unlabelled rows
-    too). A softmax over the result is the softmax over the row's own group."""
+    """`logits` (B, C) with every column outside each row's group of classes set to the dtype's lowest finite value
+    (no gradient flows to them; finite, so a row with no column left stays finite in float16 too): the old classes
+    for a row labelled with an old class, the new classes otherwise (unlabelled rows too). A softmax over the result
+    is the softmax over the row's own group."""
     old_mask = old_mask.to(logits.device)
     row_is_old = old_mask[labels.clamp(min=0)] & labels.ne(-100)  # (B,)
     allowed = torch.where(row_is_old[:, None], old_mask[None, :], ~old_mask[None, :])  # (B, C)
-    return torch.where(allowed, logits, logits.new_tensor(-1e9))
+    return torch.where(allowed, logits, logits.new_tensor(torch.finfo(logits.dtype).min))
 
 
 def _check_options(args: DistillationTrainingArguments) -> None:

@@ -140,8 +140,7 @@ def check_flags(
         if incremental_args.is_set:
             raise ValueError(
                 "--new_labels / --exemplar_file / --weight_aligning / --task_aware_loss add classes to a trained "
-                "classifier: pass it as "
-                "--previous_model_name_or_path."
+                "classifier: pass it as --previous_model_name_or_path."
             )
         return
     if data_args.task_name is not None:

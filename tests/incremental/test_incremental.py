@@ -468,3 +468,19 @@ def test_task_aware_loss_is_the_cross_entropy_within_each_rows_group(tmp_path, b
     ce = torch.stack(terms).mean()
     lwf = reference_lwf(student_logits.float(), previous_logits, 2.0, [1, 0]).mean()  # sport -> 1, tech -> 0
     torch.testing.assert_close(loss.double(), 0.7 * ce + 0.3 * lwf, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_group_mask_gives_each_groups_softmax_and_stays_finite(dtype):
+    from hf_distill.incremental import within_own_group
+
+    logits = torch.tensor([[1.0, -2.0, 0.5, 3.0], [0.2, 0.1, -1.0, 2.0], [4.0, 1.0, 0.0, 0.0]], dtype=dtype)
+    old = torch.tensor([True, False, True, False])  # columns 0 and 2 old
+    masked = within_own_group(logits, torch.tensor([2, 3, -100]), old)
+    assert torch.isfinite(masked).all()
+    probabilities = torch.softmax(masked.double(), -1)
+    expected_old = torch.softmax(logits[0, [0, 2]].double(), -1)
+    expected_new = torch.softmax(logits[1, [1, 3]].double(), -1)
+    torch.testing.assert_close(probabilities[0, [0, 2]], expected_old, rtol=0, atol=1e-12)
+    torch.testing.assert_close(probabilities[1, [1, 3]], expected_new, rtol=0, atol=1e-12)
+    assert probabilities[0, [1, 3]].max() == 0 and probabilities[1, [0, 2]].max() == 0
