@@ -88,8 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--reuse_runs",
         action="store_true",
-        help="keep the work folder's finished runs (a saved model) and only measure them: seeds trained by "
-        "separate processes (--seed_list), then measured together",
+        help="keep the work folder's finished runs (a saved model trained with the same flags) and only measure "
+        "them: seeds trained by separate processes (--seed_list), then measured together",
     )
     parser.add_argument("--old_topics", default="business,entertainment,politics")
     parser.add_argument("--base_steps", type=int, default=100, help="steps on the old topics (batch 16)")
@@ -201,21 +201,25 @@ def main() -> dict:
     machine = _evidence.machine() | {"cpu_flags": describe_cpu()}
     clock = _bbc.Clock()
     work = Path(args.work_dir) / ("smoke" if args.smoke else "real")
+    chosen = [name.strip() for name in args.methods.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in METHODS]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; choose among {list(METHODS)}")
     if not args.reuse_runs:
         shutil.rmtree(work / "runs", ignore_errors=True)
     seeds = [int(s) for s in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
     args.seeds = len(seeds)
 
     def train(script, output: Path, flags: list[str]) -> None:
-        finished = (output / "config.json").is_file() and (output / "model.safetensors").is_file()
-        if not (args.reuse_runs and finished):
-            script.main(flags)
+        """Run `script` with `flags`, unless --reuse_runs finds a finished run of exactly these flags."""
+        record = output / "bench_flags.json"
+        finished = (output / "model.safetensors").is_file() and record.is_file()
+        if args.reuse_runs and finished and json.loads(record.read_text()) == flags:
+            return
+        script.main(flags)
+        atomic_write_text(record, json.dumps(flags) + "\n")
 
     old = [topic.strip() for topic in args.old_topics.split(",")]
-    chosen = [name.strip() for name in args.methods.split(",") if name.strip()]
-    unknown = [name for name in chosen if name not in METHODS]
-    if unknown:
-        raise SystemExit(f"--methods: unknown {unknown}; choose among {list(METHODS)}")
     files = _data(work, old, args.smoke)
     new = sorted({label for _, label in _read(files["train_new"])})
     base_model = _cut_minilm(Path(args.work_dir), [int(layer) for layer in args.layers.split(",")])
