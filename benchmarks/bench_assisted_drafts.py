@@ -5,7 +5,8 @@ Question: the teacher's greedy tokens/s at batch 1 alone and with each draft (`t
 assistant_model=draft)`), under transformers' default stopping rule for the draft (it stops proposing when its top
 token's probability falls below `assistant_confidence_threshold`, 0.4, re-tuned during generation when scikit-learn
 is installed) and with that rule off (threshold 0: always `num_assistant_tokens`); by default at 4 and 8 proposed
-tokens, any others with `--settings 2:0,3:0,4:default,...`.
+tokens, any others with `--settings 2:0,3:0,4:default,...`; `--quantize_drafts` adds each draft with its Linear layers
+in dynamic INT8 (`hf_distill.compression.assisted.load_draft(folder, "dynamic_int8")`) as NAME_int8.
 Per setting: acceptance rate (accepted / drafted), drafted and accepted tokens per teacher pass, tokens/s, whether
 the tokens equal the teacher's own greedy tokens, and the per-token cost of the teacher and the draft alone. All
 settings and the teacher alone are timed in the same alternating rounds (`hf_distill.reporting.latency`).
@@ -39,7 +40,12 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hf_distill.compression.assisted import AcceptanceCounts, assisted_generate  # noqa: E402
+from hf_distill.compression.assisted import (  # noqa: E402
+    DYNAMIC_INT8,
+    AcceptanceCounts,
+    assisted_generate,
+    load_draft,
+)
 from hf_distill.reporting.latency import time_alternately  # noqa: E402
 from hf_distill.reporting.machine import describe_cpu  # noqa: E402
 
@@ -77,6 +83,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--settings",
         default="4:default,4:0,8:0",
         help="comma-separated TOKENS:THRESHOLD pairs (THRESHOLD a number, or `default` for transformers' 0.4 rule)",
+    )
+    parser.add_argument(
+        "--quantize_drafts",
+        action="store_true",
+        help="also time each draft with its Linear layers in dynamic INT8 (NAME_int8; assisted.load_draft)",
     )
     args = parser.parse_args(argv)
     if args.smoke:
@@ -135,6 +146,8 @@ def measure(args: argparse.Namespace, teacher_dir: Path, drafts: dict[str, Path]
     load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()  # noqa: E731
     teacher = load(teacher_dir)
     models = {name: load(path) for name, path in drafts.items()}
+    if args.quantize_drafts:
+        models.update({f"{name}_int8": load_draft(path, DYNAMIC_INT8) for name, path in drafts.items()})
     prompts = _prompts(args, teacher_dir, teacher.config.vocab_size)
     reference = [assisted_generate(teacher, None, ids, args.new_tokens)[0] for ids in prompts]
 
@@ -183,6 +196,7 @@ def measure(args: argparse.Namespace, teacher_dir: Path, drafts: dict[str, Path]
         rows[f"{name}/alone"] = {"draft_ms_per_token": timings[f"{name}/alone"].median_ms / produced}
     return {
         "teacher": str(teacher_dir), "drafts": {k: str(v) for k, v in drafts.items()},
+        "quantize_drafts": args.quantize_drafts,
         "teacher_tokens_per_s": teacher_rate, "teacher_ms_per_token": timings["teacher"].median_ms / produced,
         "prompts": len(prompts), "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "rows": rows,
     }  # fmt: skip

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hf_distill.args import KD_LOSSES
+from hf_distill.compression.assisted import DRAFT_QUANTIZATIONS
 from hf_distill.compression.recipe import TEACHER, StagedRecipe, TrainingDefaults, _build, _check_values
 
 __all__ = [
@@ -163,6 +164,8 @@ class AssistedSpec:
     new_tokens: int | None = None  # default: data.new_tokens
     # the draft stops proposing below this top-token probability; None: transformers' default (0.4, then tuned)
     confidence_threshold: float | None = None
+    # both drafts' Linear layers quantized at load time: dynamic_int8 (assisted.quantize_draft); None: float32
+    draft_quantization: str | None = None
 
 
 @dataclass(kw_only=True)
@@ -440,6 +443,11 @@ def _check_assisted(recipe: GenerationRecipe, kinds: dict[str, str]) -> None:
     if threshold is not None and not 0.0 <= threshold < 1.0:
         raise ValueError(
             f"assisted: confidence_threshold: {threshold!r} must be in [0, 1) (0: never stop early)."
+        )
+    if assisted.draft_quantization not in DRAFT_QUANTIZATIONS:
+        raise ValueError(
+            f"assisted: draft_quantization: {assisted.draft_quantization!r}; use dynamic_int8 or leave it out "
+            "(float32)."
         )
     for key in ("draft", "labels_only"):
         name = getattr(assisted, key)

@@ -312,11 +312,12 @@ class CTranslate2CausalLM:
         return self.info.get("params")
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-        """Greedy continuation of each prompt (ids), exactly `max_new_tokens` new ids per row."""
+        """Greedy continuation of each prompt (ids), exactly `max_new_tokens` new ids per row: the end token is
+        turned off (decoded like any other token), as in the PyTorch reference."""
         results = self.generator.generate_batch(
             [self.vocabulary.to_tokens(prompt) for prompt in prompts],
             max_length=max_new_tokens,
-            min_length=max_new_tokens,
+            end_token=[],
             sampling_topk=1,
             beam_size=1,
             include_prompt_in_result=False,

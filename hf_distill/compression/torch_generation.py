@@ -1,6 +1,7 @@
 """The PyTorch references of the generation runtime's interface (`generation_runtime.py`): a Hugging Face causal
 LM or translator in float32, eval mode, KV cache on, with the same calls as the deployed runners:
-`generate(prompts, max_new_tokens)` (greedy, exactly that many new tokens), `log_likelihood(blocks)` and
+`generate(prompts, max_new_tokens)` (greedy, exactly that many new tokens: the end token is turned off, decoded like
+any other token), `log_likelihood(blocks)` and
 `translate(sources, ...)`. The report times the teacher and every PyTorch stage through these."""
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class TorchCausalLM(_TorchReference):
             do_sample=False,
             num_beams=1,
             max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens,
+            eos_token_id=[],  # no end token: exactly max_new_tokens, with no logits processor added to force it
             pad_token_id=config.pad_token_id if config.pad_token_id is not None else config.eos_token_id,
         )
         return output[:, input_ids.shape[1] :].tolist()

@@ -235,6 +235,7 @@ def measure(recipe: GenerationRecipe, data: GenerationData, paths: dict[str, Pat
             num_assistant_tokens=spec.num_assistant_tokens,
             schedule=spec.schedule,
             confidence_threshold=spec.confidence_threshold,
+            draft_quantization=spec.draft_quantization,
             repeats=recipe.training.latency_repeats,
         )
     report = build_generation_report(

@@ -187,12 +187,19 @@ def measure_assisted(
     schedule: str,
     repeats: int,
     confidence_threshold: float | None = None,
+    draft_quantization: str | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """For each draft: acceptance rate, the teacher's greedy tokens/s (batch 1, PyTorch) with and without it timed
-    in the same rounds, whether the tokens are identical, and the per-token costs of teacher and draft alone."""
+    """For each draft (quantized at load time as `draft_quantization` says): acceptance rate, the teacher's greedy
+    tokens/s (batch 1, PyTorch) with and without it timed in the same rounds, whether the tokens are identical, and
+    the per-token costs of teacher and draft alone."""
     from transformers import AutoModelForCausalLM
 
-    from hf_distill.compression.assisted import UNIVERSAL, assisted_generate, check_assistable
+    from hf_distill.compression.assisted import (
+        UNIVERSAL,
+        assisted_generate,
+        check_assistable,
+        load_draft,
+    )
 
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
     teacher_tokenizer = _tokenizer(teacher_dir)
@@ -200,7 +207,7 @@ def measure_assisted(
     reference = [assisted_generate(teacher, None, ids, new_tokens)[0] for ids in inputs]
     loaded, modes = {}, {}
     for name, path in drafts.items():
-        draft = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        draft = load_draft(path, draft_quantization)
         draft_tokenizer = _tokenizer(path)
         modes[name] = check_assistable(teacher.config, teacher_tokenizer, draft.config, draft_tokenizer)
         extra = {}
@@ -253,6 +260,7 @@ def measure_assisted(
             "teacher_ms_per_token": timings["teacher"].median_ms / tokens,
             "draft_ms_per_token": timings[f"draft/{name}"].median_ms / tokens,
             "num_assistant_tokens": num_assistant_tokens,
+            "draft_quantization": draft_quantization,
             "schedule": schedule,
             "confidence_threshold": confidence_threshold,
             "prompts": len(prompts),

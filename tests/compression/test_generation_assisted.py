@@ -13,7 +13,7 @@ import torch
 from conftest import make_lm_tokenizer, make_seq2seq_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM, MarianConfig
 
-from hf_distill.compression.assisted import UNIVERSAL, assisted_generate, check_assistable
+from hf_distill.compression.assisted import UNIVERSAL, assisted_generate, check_assistable, load_draft
 from hf_distill.compression.pruning import Importance, PruningSpec, measure_importance, prune_model
 from hf_distill.tasks.compression.lm_stages import kept_by_importance
 
@@ -35,7 +35,7 @@ PROMPT = torch.tensor([[2, 10, 11, 12, 40, 41, 7]])
 def test_assisted_decoding_returns_the_teachers_greedy_tokens():
     teacher, _ = _llama(layers=3, seed=0)
     draft, _ = _llama(layers=1, hidden=32, seed=1)  # an unrelated draft: many rejections, same tokens
-    expected = teacher.generate(PROMPT, max_new_tokens=20, min_new_tokens=20, do_sample=False)[
+    expected = teacher.generate(PROMPT, max_new_tokens=20, eos_token_id=[], do_sample=False)[
         :, PROMPT.shape[1] :
     ]
     tokens, counts = assisted_generate(
@@ -45,6 +45,56 @@ def test_assisted_decoding_returns_the_teachers_greedy_tokens():
     assert counts.verifications >= 1 and 0 <= counts.accepted <= counts.drafted
     assert counts.drafted == sum(drafted for drafted, _ in counts.per_call)
     assert "_get_candidate_generator" not in teacher.__dict__
+
+
+def test_fixed_length_assisted_decoding_goes_on_past_the_end_token():
+    """The report's fixed lengths turn the end token off for teacher and draft alike: where the teacher's greedy path
+    reaches its end token, assisted decoding still returns every one of the tokens transformers' generate makes with
+    no end token, and with it on, the same token ends transformers' own decoding there."""
+    teacher, _ = _llama(layers=3, seed=0)
+    draft, _ = _llama(layers=1, hidden=32, seed=1)
+    free = teacher.generate(PROMPT, max_new_tokens=20, eos_token_id=[], do_sample=False)[0, PROMPT.shape[1] :]
+    end = int(free[5])
+    first = free.tolist().index(end)
+    for model in (teacher, draft):
+        model.config.eos_token_id = model.generation_config.eos_token_id = end
+    stopped = teacher.generate(PROMPT, max_new_tokens=20, do_sample=False)[0, PROMPT.shape[1] :]
+    assert stopped.tolist() == free[: first + 1].tolist()
+    tokens, counts = assisted_generate(
+        teacher, draft, PROMPT, 20, num_assistant_tokens=3, confidence_threshold=0.0
+    )
+    assert tokens[0].tolist() == free.tolist() and counts.verifications >= 1
+    alone, _ = assisted_generate(teacher, None, PROMPT, 20)
+    assert alone[0].tolist() == free.tolist()
+
+
+def test_a_dynamic_int8_draft_assists_with_the_teachers_tokens_and_leaves_its_folder_float32(tmp_path):
+    """load_draft(..., "dynamic_int8") turns every Linear of the draft into PyTorch's dynamically quantized Linear
+    (int8 weights) and nothing else; the teacher still checks every token, so assisted decoding returns exactly its
+    greedy tokens; the saved folder is not touched."""
+    teacher, tokenizer = _llama(layers=3, seed=0)
+    draft, _ = _llama(layers=1, hidden=32, seed=1)
+    draft.save_pretrained(tmp_path / "draft")
+    tokenizer.save_pretrained(tmp_path / "draft")
+    saved = (tmp_path / "draft" / "model.safetensors").read_bytes()
+    quantized = load_draft(tmp_path / "draft", "dynamic_int8")
+    linears = [name for name, module in draft.named_modules() if isinstance(module, torch.nn.Linear)]
+    modules = dict(quantized.named_modules())
+    assert linears and all(
+        isinstance(modules[name], torch.ao.nn.quantized.dynamic.Linear) for name in linears
+    )
+    assert not any(isinstance(module, torch.nn.Linear) for module in quantized.modules())
+    assert modules[linears[0]].weight().dtype == torch.qint8
+    expected = teacher.generate(PROMPT, max_new_tokens=20, eos_token_id=[], do_sample=False)[
+        :, PROMPT.shape[1] :
+    ]
+    tokens, counts = assisted_generate(
+        teacher, quantized, PROMPT, 20, num_assistant_tokens=4, confidence_threshold=0.0
+    )
+    assert torch.equal(tokens, expected) and counts.drafted > 0
+    assert (tmp_path / "draft" / "model.safetensors").read_bytes() == saved
+    with pytest.raises(ValueError, match="use dynamic_int8"):
+        load_draft(tmp_path / "draft", "int4")
 
 
 def test_confidence_threshold_zero_always_drafts_the_full_run():

@@ -71,7 +71,7 @@ def _prompts(tokenizer, count=8, length=6, seed=0):
 
 def _greedy_margin(model, prompts, new_tokens):
     """The smallest top-1 minus top-2 logit along PyTorch's greedy paths (float64 check of how clear each choice is)."""
-    out = model.generate(torch.tensor(prompts), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+    out = model.generate(torch.tensor(prompts), max_new_tokens=new_tokens, eos_token_id=[],
                          do_sample=False, output_logits=True, return_dict_in_generate=True)  # fmt: skip
     logits = torch.stack(out.logits, 1).double()  # (batch, new, vocab)
     top = logits.topk(2, dim=-1).values
@@ -99,6 +99,38 @@ def test_float32_export_matches_pytorch_logits_likelihood_and_tokens(tmp_path):
     torch_tokens = TorchCausalLM(model).generate(prompts, 12)
     assert runtime.generate(prompts, 12) == torch_tokens
     assert all(len(row) == 12 for row in torch_tokens)
+
+
+def test_fixed_length_decoding_goes_on_past_the_end_token(tmp_path):
+    """The report's fixed lengths turn the end token off rather than forbid it: where greedy decoding reaches the end
+    token, PyTorch and the deployed runtime both decode it and go on, as transformers' generate does with no end
+    token; by default the same token ends decoding in both (so the deployed model does know it as its end)."""
+    model, tokenizer, _ = _llama(tmp_path)
+    prompts = _prompts(tokenizer)
+    free = model.generate(torch.tensor(prompts), max_new_tokens=12, eos_token_id=[], do_sample=False)[:, 6:]
+    end = int(free[0, 3])  # the token row 0 reaches at its 4th step becomes the end token
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(end)
+    model.config.eos_token_id = model.generation_config.eos_token_id = end
+    folder = tmp_path / "llama_end"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    stopped = model.generate(torch.tensor(prompts[:1]), max_new_tokens=12, do_sample=False)[0, 6:]
+    assert (
+        stopped.tolist()[:4] == free[0, :4].tolist() and len(stopped) == 4
+    )  # transformers stops at it by default
+    assert _greedy_margin(model, prompts, 12) > 1e-2
+    runtime = CTranslate2CausalLM(
+        export_ctranslate2(folder, tmp_path / "ct2", quantization="float32"), num_threads=1
+    )
+    start = runtime.vocabulary.to_tokens(prompts[0])
+    default = runtime.generator.generate_batch(
+        [start], max_length=12, sampling_topk=1, include_prompt_in_result=False
+    )
+    assert (
+        default[0].sequences_ids[0] == free[0, :3].tolist()
+    )  # ctranslate2 ends on it by default (not returned)
+    assert TorchCausalLM(model).generate(prompts, 12) == free.tolist()
+    assert runtime.generate(prompts, 12) == free.tolist()
 
 
 def test_int8_export_keeps_most_greedy_tokens_and_a_quarter_of_the_size(tmp_path):

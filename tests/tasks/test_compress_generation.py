@@ -150,6 +150,10 @@ def _llama_teacher(tmp_path: Path, heads: int = 4) -> Path:
             {"stages": [{"type": "prune", "layers": 1}], "assisted": {"confidence_threshold": 1.5}},
             "in \\[0, 1\\)",
         ),
+        (
+            {"stages": [{"type": "prune", "layers": 1}], "assisted": {"draft_quantization": "int4"}},
+            "draft_quantization: 'int4'; use dynamic_int8",
+        ),
     ],
 )
 def test_check_only_refuses_what_cannot_work(tmp_path, change, message):
