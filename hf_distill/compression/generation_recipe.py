@@ -84,6 +84,10 @@ class GenerationData:
     prompt_tokens: int = 32
     new_tokens: int = 64
     measure_memory: bool = True  # peak memory per model, each in a fresh process (a few seconds each)
+    # CPU threads for the report's timings (default: training.num_threads). The report keeps every model loaded in
+    # one process to time them in alternating rounds; with 2+ threads, PyTorch's and CTranslate2's thread pools
+    # slow each other there (docs/GENERATION.md, "Threads"), so the demos time at 1 thread, every model alike.
+    timing_threads: int | None = None
 
 
 @dataclass(kw_only=True)
@@ -295,7 +299,7 @@ def generation_recipe_from_mapping(values: dict[str, Any]) -> GenerationRecipe:
 _POSITIVE = (
     "block_size", "eval_blocks", "calibration_blocks", "max_articles", "prompts", "prompt_tokens", "vocab_size", "heads", "kv_heads",
     "intermediate", "max_steps", "cache_top_k", "num_assistant_tokens", "max_train_blocks", "encoder_layers",
-    "decoder_layers",
+    "decoder_layers", "timing_threads",
 )  # fmt: skip
 
 

@@ -207,7 +207,7 @@ def measure(recipe: GenerationRecipe, data: GenerationData, paths: dict[str, Pat
         measure_translation_stages,
     )
 
-    threads = recipe.training.num_threads or torch.get_num_threads()
+    threads = recipe.data.timing_threads or recipe.training.num_threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     order = [TEACHER] + [s.name for s in recipe.stages if s.name != recipe.final_stage] + [recipe.final_stage]
     reference = reference_path(recipe, paths, output_dir)

@@ -77,9 +77,14 @@ def _lm_recipe(tmp_path: Path, **changes) -> Path:
 @pytest.mark.slow
 def test_causal_lm_recipe_end_to_end_with_drafts_and_resume(tmp_path):
     out = tmp_path / "out"
-    report = compress.main(["--config", str(_lm_recipe(tmp_path)), "--output_dir", str(out)])
+    recipe = _lm_recipe(tmp_path)
+    values = yaml.safe_load(recipe.read_text())
+    values["data"]["timing_threads"] = 2  # training at 1 thread (the recipe's num_threads), timing at 2
+    recipe.write_text(yaml.safe_dump(values))
+    report = compress.main(["--config", str(recipe), "--output_dir", str(out)])
     saved = json.loads((out / "compression_report.json").read_text())
     assert saved["stages"] == report["stages"]
+    assert saved["metadata"]["threads"] == 2
     names = [row["name"] for row in saved["stages"]]
     assert names[0] == "teacher" and names[-1] == "int8"
     for row in saved["stages"]:
@@ -164,6 +169,19 @@ def test_check_only_refuses_what_cannot_work(tmp_path, change, message):
     with pytest.raises(ValueError, match=message):
         compress.main(["--config", str(recipe), "--output_dir", str(tmp_path / "out"), "--check_only"])
     assert not (tmp_path / "out" / "stages").exists()
+
+
+def test_check_only_refuses_zero_timing_threads(tmp_path):
+    teacher = _llama_teacher(tmp_path)
+    path = _lm_recipe(
+        tmp_path, teacher={"model_name_or_path": str(teacher)}, assisted={}, final=None,
+        stages=[{"type": "prune", "layers": 1}],
+    )  # fmt: skip
+    values = yaml.safe_load(path.read_text())
+    values["data"]["timing_threads"] = 0
+    path.write_text(yaml.safe_dump(values))
+    with pytest.raises(ValueError, match="timing_threads: 0 must be >= 1"):
+        compress.main(["--config", str(path), "--output_dir", str(tmp_path / "out"), "--check_only"])
 
 
 def test_check_only_names_the_extra_of_a_missing_runtime(tmp_path, monkeypatch):
