@@ -194,10 +194,11 @@ def assisted_generate(
 ) -> tuple[torch.Tensor, AcceptanceCounts]:
     """Greedy generation of exactly `max_new_tokens` tokens (batch 1) by `teacher`, assisted by `draft` (None: the
     teacher alone); the end token is turned off (`eos_token_id=[]`) rather than forbidden (`min_new_tokens`, a logits
-    processor on every position the teacher verifies and the draft proposes, which ordinary generation has not). Pass both tokenizers when they differ (universal assisted decoding). confidence_threshold: the
-    draft stops proposing when its top token's probability falls below it (transformers' default 0.4, which it
-    re-tunes during generation when scikit-learn is installed; 0 always proposes `num_assistant_tokens`; None
-    leaves the draft's generation config as it is). Returns (new ids (1, max_new_tokens), counts)."""
+    processor on every position the teacher verifies and the draft proposes, which ordinary generation has not).
+    Pass both tokenizers when they differ (universal assisted decoding). confidence_threshold: the draft stops
+    proposing when its top token's probability falls below it (transformers' default 0.4, which it re-tunes during
+    generation when scikit-learn is installed; 0 always proposes `num_assistant_tokens`; None leaves the draft's
+    generation config as it is). Returns (new ids (1, max_new_tokens), counts)."""
     if input_ids.shape[0] != 1:
         raise ValueError(f"assisted decoding runs one prompt at a time; got a batch of {input_ids.shape[0]}.")
     counts = AcceptanceCounts()

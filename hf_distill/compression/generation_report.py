@@ -201,8 +201,8 @@ def generation_report_markdown(report: Mapping[str, Any]) -> str:
                 f"- tokens identical to the teacher's greedy tokens: {section['identical']}",
                 f"- per call: teacher forward {_fmt(section.get('teacher_ms_per_token'), 2)} ms/token alone, draft "
                 f"forward {_fmt(section.get('draft_ms_per_token'), 2)} ms/token alone",
-                f"- up to {section.get('num_assistant_tokens')} proposed tokens per teacher pass; the draft's Linear layers: "
-                f"{section.get('draft_quantization') or 'float32'}",
+                f"- up to {section.get('num_assistant_tokens')} proposed tokens per teacher pass; the draft's "
+                f"Linear layers: {section.get('draft_quantization') or 'float32'}",
             ]
     if report.get("targets"):
         lines += ["", "## Targets", ""]
