@@ -40,12 +40,13 @@ DYNAMIC_INT8 = "dynamic_int8"
 DRAFT_QUANTIZATIONS = (None, DYNAMIC_INT8)  # None: the draft as saved (float32)
 
 
-def check_draft_quantization(quantization: str | None) -> None:
-    """A ValueError naming the choices for a draft quantization this module does not know."""
+def check_draft_quantization(quantization: str | None, where: str = "draft quantization") -> None:
+    """A ValueError naming the choices for a draft quantization this module does not know (`where`: what the
+    message names, e.g. the recipe key)."""
     if quantization not in DRAFT_QUANTIZATIONS:
         raise ValueError(
-            f"draft quantization {quantization!r} is not known; use {DYNAMIC_INT8} (INT8 Linear layers at load "
-            "time) or leave it out (float32)."
+            f"{where}: {quantization!r}; use {DYNAMIC_INT8} (INT8 Linear layers at load time) or leave it out "
+            "(float32)."
         )
 
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hf_distill.args import KD_LOSSES
-from hf_distill.compression.assisted import DRAFT_QUANTIZATIONS
+from hf_distill.compression.assisted import check_draft_quantization
 from hf_distill.compression.recipe import TEACHER, StagedRecipe, TrainingDefaults, _build, _check_values
 
 __all__ = [
@@ -448,11 +448,7 @@ def _check_assisted(recipe: GenerationRecipe, kinds: dict[str, str]) -> None:
         raise ValueError(
             f"assisted: confidence_threshold: {threshold!r} must be in [0, 1) (0: never stop early)."
         )
-    if assisted.draft_quantization not in DRAFT_QUANTIZATIONS:
-        raise ValueError(
-            f"assisted: draft_quantization: {assisted.draft_quantization!r}; use dynamic_int8 or leave it out "
-            "(float32)."
-        )
+    check_draft_quantization(assisted.draft_quantization, "assisted: draft_quantization")
     for key in ("draft", "labels_only"):
         name = getattr(assisted, key)
         if name is None:

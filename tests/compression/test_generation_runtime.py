@@ -115,9 +115,8 @@ def test_fixed_length_decoding_goes_on_past_the_end_token(tmp_path):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     stopped = model.generate(torch.tensor(prompts[:1]), max_new_tokens=12, do_sample=False)[0, 6:]
-    assert (
-        stopped.tolist()[:4] == free[0, :4].tolist() and len(stopped) == 4
-    )  # transformers stops at it by default
+    # transformers stops at it by default
+    assert stopped.tolist()[:4] == free[0, :4].tolist() and len(stopped) == 4
     assert _greedy_margin(model, prompts, 12) > 1e-2
     runtime = CTranslate2CausalLM(
         export_ctranslate2(folder, tmp_path / "ct2", quantization="float32"), num_threads=1
@@ -126,9 +125,8 @@ def test_fixed_length_decoding_goes_on_past_the_end_token(tmp_path):
     default = runtime.generator.generate_batch(
         [start], max_length=12, sampling_topk=1, include_prompt_in_result=False
     )
-    assert (
-        default[0].sequences_ids[0] == free[0, :3].tolist()
-    )  # ctranslate2 ends on it by default (not returned)
+    # ctranslate2 ends on it by default (and does not return it)
+    assert default[0].sequences_ids[0] == free[0, :3].tolist()
     assert TorchCausalLM(model).generate(prompts, 12) == free.tolist()
     assert runtime.generate(prompts, 12) == free.tolist()
 
